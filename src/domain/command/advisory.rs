@@ -1,0 +1,133 @@
+//! `advisory`: append a reference to an advisory (explanation, note, ...) and store its body as
+//! its own object. Idempotent by advisory id.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Context, Decision, EventKind, NewBlob, live, typed};
+use crate::domain::artifact::{
+    AdvisoryInputRef, AdvisoryKind, BlobRef, ExplanationStatus, SCHEMA_VERSION, Sha256Hex,
+    StoredRecord,
+};
+use crate::domain::error::Rejection;
+use crate::domain::hashing::{canonical_json, sha256_bytes, sha256_json};
+use crate::domain::ids::{AdvisoryId, RunId};
+
+use super::create::JSON_MEDIA_TYPE;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvisoryPayload {
+    run_id: RunId,
+    #[serde(default)]
+    advisory_id: Option<AdvisoryId>,
+    #[serde(default)]
+    kind: AdvisoryKind,
+    #[serde(default)]
+    engine_id: Option<String>,
+    #[serde(default)]
+    engine_version: Option<String>,
+    body: Value,
+    #[serde(default)]
+    explanation_status: Option<ExplanationStatus>,
+    #[serde(default)]
+    explanation_summary: Option<String>,
+}
+
+/// A decoded advisory command.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttachAdvisory {
+    /// The run.
+    pub run_id: RunId,
+    /// The advisory id (given, or derived from the message).
+    pub advisory_id: AdvisoryId,
+    /// What it is.
+    pub kind: AdvisoryKind,
+    /// Producing engine.
+    pub engine_id: Option<String>,
+    /// Producing engine version.
+    pub engine_version: Option<String>,
+    /// The body's canonical JSON bytes, stored as a blob.
+    pub body_canonical: Vec<u8>,
+    /// New explanation status for the run, if any.
+    pub explanation_status: Option<ExplanationStatus>,
+    /// New explanation summary for the run, if any.
+    pub explanation_summary: Option<String>,
+}
+
+impl AttachAdvisory {
+    /// Builds the command from a JSON object; derives the advisory id from `message_id` or the
+    /// content when the publisher gives none.
+    pub fn from_value(raw: Value, message_id: Option<&str>) -> Result<Self, Rejection> {
+        let source = sha256_json(&raw);
+        let p: AdvisoryPayload = typed(raw)?;
+        let advisory_id = match p.advisory_id {
+            Some(id) => id,
+            None => match message_id {
+                Some(m) => AdvisoryId::derive(format!("msg:{m}").as_bytes()),
+                None => AdvisoryId::derive(format!("sha:{source}").as_bytes()),
+            },
+        };
+        Ok(Self {
+            run_id: p.run_id,
+            advisory_id,
+            kind: p.kind,
+            engine_id: p.engine_id,
+            engine_version: p.engine_version,
+            body_canonical: canonical_json(&p.body),
+            explanation_status: p.explanation_status,
+            explanation_summary: p.explanation_summary,
+        })
+    }
+
+    /// Decides the attachment against what is stored.
+    pub fn decide(
+        &self,
+        current: Option<&StoredRecord>,
+        ctx: &Context,
+    ) -> Result<Decision, Rejection> {
+        let artifact = live(current, &self.run_id)?;
+        if artifact
+            .advisory_inputs
+            .iter()
+            .any(|a| a.advisory_id == self.advisory_id)
+        {
+            return Ok(Decision::Unchanged {
+                event: EventKind::AdvisoryAttached,
+            });
+        }
+        let sha = Sha256Hex::from_computed(sha256_bytes(&self.body_canonical));
+        let mut next = artifact.clone();
+        next.advisory_inputs.push(AdvisoryInputRef {
+            advisory_id: self.advisory_id.clone(),
+            kind: self.kind,
+            created_at_utc: ctx.now,
+            request_id: Some(ctx.request_id.to_string()),
+            engine_id: self.engine_id.clone(),
+            engine_version: self.engine_version.clone(),
+            body: Some(BlobRef {
+                sha256: sha.clone(),
+                size_bytes: self.body_canonical.len() as u64,
+                media_type: JSON_MEDIA_TYPE.to_owned(),
+            }),
+        });
+        if let Some(s) = self.explanation_status {
+            next.explanation_status = s;
+        }
+        if let Some(s) = &self.explanation_summary {
+            next.explanation_summary = Some(s.clone());
+        }
+        next.revision += 1;
+        next.updated_at_utc = Some(ctx.now);
+        next.schema_version = SCHEMA_VERSION;
+        Ok(Decision::Write {
+            record: StoredRecord::Live(Box::new(next)),
+            blobs: vec![NewBlob {
+                sha256: sha,
+                bytes: self.body_canonical.clone(),
+            }],
+            event: EventKind::AdvisoryAttached,
+            released: Vec::new(),
+        })
+    }
+}

@@ -1,0 +1,269 @@
+//! Commands: one file per command, each with its payload type and the function that turns the
+//! current stored record into the next one, or into a rejection. Pure: no I/O, no clock.
+
+pub mod advisory;
+pub mod create;
+pub mod delete;
+pub mod patch_meta;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::artifact::{Sha256Hex, StoredRecord};
+use super::error::Rejection;
+use super::hashing::sha256_json;
+use super::ids::{CommandId, RequestId, RunId};
+
+pub use advisory::AttachAdvisory;
+pub use create::CreateRun;
+pub use delete::DeleteRun;
+pub use patch_meta::{PatchMeta, merge_patch};
+
+use super::artifact::Timestamp;
+
+/// Which command a message carries; the subject suffix names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandKind {
+    /// `<prefix>.create`
+    Create,
+    /// `<prefix>.patch_meta`
+    PatchMeta,
+    /// `<prefix>.advisory`
+    Advisory,
+    /// `<prefix>.delete`
+    Delete,
+}
+
+impl CommandKind {
+    /// Every command, in protocol order.
+    pub const ALL: [CommandKind; 4] = [
+        CommandKind::Create,
+        CommandKind::PatchMeta,
+        CommandKind::Advisory,
+        CommandKind::Delete,
+    ];
+
+    /// The subject suffix (`create`, `patch_meta`, `advisory`, `delete`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            CommandKind::Create => "create",
+            CommandKind::PatchMeta => "patch_meta",
+            CommandKind::Advisory => "advisory",
+            CommandKind::Delete => "delete",
+        }
+    }
+
+    /// The command for a subject suffix.
+    pub fn from_suffix(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.suffix() == s)
+    }
+}
+
+/// A decoded, valid command.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Record a new run.
+    Create(Box<CreateRun>),
+    /// Merge-patch a run's `meta`.
+    PatchMeta(PatchMeta),
+    /// Attach an advisory.
+    Advisory(Box<AttachAdvisory>),
+    /// Delete a run, leaving a tombstone.
+    Delete(DeleteRun),
+}
+
+impl Command {
+    /// Decodes a message body. `message_id` (`Nats-Msg-Id`), when present, seeds the ids the
+    /// worker derives, otherwise they come from the content, so a redelivery of the same
+    /// message always maps to the same run and advisory.
+    pub fn decode(
+        kind: CommandKind,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<Command, Rejection> {
+        let raw: Value = serde_json::from_slice(body)
+            .map_err(|e| Rejection::invalid(format!("payload is not valid JSON: {e}")))?;
+        if !raw.is_object() {
+            return Err(Rejection::invalid(
+                "payload must be a JSON object".to_string(),
+            ));
+        }
+        Ok(match kind {
+            CommandKind::Create => Command::Create(Box::new(CreateRun::from_value(raw, message_id)?)),
+            CommandKind::PatchMeta => Command::PatchMeta(typed(raw)?),
+            CommandKind::Advisory => {
+                Command::Advisory(Box::new(AttachAdvisory::from_value(raw, message_id)?))
+            }
+            CommandKind::Delete => Command::Delete(typed(raw)?),
+        })
+    }
+
+    /// The command's kind.
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Command::Create(_) => CommandKind::Create,
+            Command::PatchMeta(_) => CommandKind::PatchMeta,
+            Command::Advisory(_) => CommandKind::Advisory,
+            Command::Delete(_) => CommandKind::Delete,
+        }
+    }
+
+    /// The run the command is about.
+    pub fn run_id(&self) -> &RunId {
+        match self {
+            Command::Create(c) => &c.run_id,
+            Command::PatchMeta(c) => &c.run_id,
+            Command::Advisory(c) => &c.run_id,
+            Command::Delete(c) => &c.run_id,
+        }
+    }
+
+    /// Decides what the command does to the current record.
+    pub fn decide(
+        &self,
+        current: Option<&StoredRecord>,
+        ctx: &Context,
+    ) -> Result<Decision, Rejection> {
+        match self {
+            Command::Create(c) => c.decide(current, ctx),
+            Command::PatchMeta(c) => c.decide(current, ctx),
+            Command::Advisory(c) => c.decide(current, ctx),
+            Command::Delete(c) => c.decide(current, ctx),
+        }
+    }
+}
+
+/// Decodes a strict payload type, turning serde's message into a rejection.
+pub(crate) fn typed<T: DeserializeOwned>(raw: Value) -> Result<T, Rejection> {
+    serde_json::from_value(raw).map_err(|e| Rejection::invalid(format!("schema violation: {e}")))
+}
+
+/// Limits the domain applies while deciding.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Bodies larger than this many bytes are stored as their own blob.
+    pub blob_threshold: usize,
+    /// How many recent command ids a run remembers for redelivery detection.
+    pub remembered_commands: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            blob_threshold: 64 * 1024,
+            remembered_commands: 1000,
+        }
+    }
+}
+
+/// Everything a decision needs from outside the command: the time, the ids, the limits.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The time to stamp on the change.
+    pub now: Timestamp,
+    /// The correlation id (from `X-Request-Id`, or generated).
+    pub request_id: RequestId,
+    /// The identity of the message, for redelivery detection of patches.
+    pub command_id: Option<CommandId>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Context {
+    /// A context stamped now with a fresh request id and default limits.
+    pub fn now() -> Self {
+        Self {
+            now: Timestamp::now(),
+            request_id: RequestId::generate(),
+            command_id: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A body to be stored as its own object before the record that references it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewBlob {
+    /// SHA-256 of `bytes`: the object's name.
+    pub sha256: Sha256Hex,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The event a command produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A run was recorded.
+    Created,
+    /// A run's meta was patched.
+    MetaPatched,
+    /// An advisory was attached.
+    AdvisoryAttached,
+    /// A run was deleted.
+    Deleted,
+}
+
+impl EventKind {
+    /// The protocol's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Created => "created",
+            EventKind::MetaPatched => "meta_patched",
+            EventKind::AdvisoryAttached => "advisory_attached",
+            EventKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// What a command does to a run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// Store `record` (after `blobs`), announce `event`; `released` blobs may then be removed
+    /// when no other run references them.
+    Write {
+        /// The next record.
+        record: StoredRecord,
+        /// Blobs to store first.
+        blobs: Vec<NewBlob>,
+        /// The event to announce.
+        event: EventKind,
+        /// Blobs the run no longer references.
+        released: Vec<Sha256Hex>,
+    },
+    /// The command was already applied (a redelivery): nothing changes.
+    Unchanged {
+        /// The event the original application announced.
+        event: EventKind,
+    },
+}
+
+/// RFC 8785 SHA-256 of a serializable value.
+pub(crate) fn hash_of<T: serde::Serialize>(value: &T) -> Sha256Hex {
+    let v = serde_json::to_value(value).unwrap_or(Value::Null);
+    Sha256Hex::from_computed(sha256_json(&v))
+}
+
+/// Remembers `id` in a bounded, oldest-first list.
+pub(crate) fn remember(list: &mut Vec<CommandId>, id: &CommandId, cap: usize) {
+    list.push(id.clone());
+    if list.len() > cap {
+        let excess = list.len() - cap;
+        list.drain(..excess);
+    }
+}
+
+/// The live artifact, or the reason there is none.
+pub(crate) fn live<'a>(
+    current: Option<&'a StoredRecord>,
+    run_id: &RunId,
+) -> Result<&'a super::artifact::RunArtifact, Rejection> {
+    match current {
+        Some(StoredRecord::Live(a)) => Ok(a),
+        Some(StoredRecord::Deleted(t)) => Err(Rejection::not_found(format!(
+            "run {run_id} was deleted at {} ({})",
+            t.deleted_at_utc, t.reason
+        ))),
+        None => Err(Rejection::not_found(format!("run {run_id} does not exist"))),
+    }
+}

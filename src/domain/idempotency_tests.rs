@@ -1,0 +1,93 @@
+//! Property: redelivering any command of a sequence (any number of times, anywhere later in
+//! the sequence) leaves the final record exactly as the sequence without redeliveries.
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::artifact::{StoredRecord, Timestamp};
+use super::command::{Command, CommandKind, Context, Decision, Limits};
+use super::ids::{CommandId, RequestId};
+
+#[derive(Clone, Debug)]
+enum Step {
+    Patch(u8, Option<i32>),
+    Advisory(u8),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        (0u8..4, prop::option::of(any::<i32>())).prop_map(|(k, v)| Step::Patch(k, v)),
+        (0u8..3).prop_map(Step::Advisory),
+    ]
+}
+
+const RUN: &str = "run_00000000abcd";
+
+fn command(i: usize, s: &Step) -> (Command, CommandId) {
+    let (kind, body) = match s {
+        Step::Patch(k, v) => (
+            CommandKind::PatchMeta,
+            json!({"run_id": RUN, "meta_updates": {format!("k{k}"): v}}),
+        ),
+        Step::Advisory(a) => (
+            CommandKind::Advisory,
+            json!({"run_id": RUN, "advisory_id": format!("adv_00000000000{a}"),
+                   "kind": "note", "body": {"n": a}}),
+        ),
+    };
+    let id = CommandId::parse(&format!("msg-{i}")).unwrap();
+    let cmd = Command::decode(kind, body.to_string().as_bytes(), Some(id.as_str())).unwrap();
+    (cmd, id)
+}
+
+fn apply(current: Option<StoredRecord>, cmd: &Command, id: &CommandId) -> Option<StoredRecord> {
+    let ctx = Context {
+        now: Timestamp::parse("2026-01-01T00:00:00Z").unwrap(),
+        request_id: RequestId::parse("req-1").unwrap(),
+        command_id: Some(id.clone()),
+        limits: Limits::default(),
+    };
+    match cmd.decide(current.as_ref(), &ctx) {
+        Ok(Decision::Write { record, .. }) => Some(record),
+        Ok(Decision::Unchanged { .. }) => current,
+        Err(e) => panic!("unexpected rejection {e}"),
+    }
+}
+
+proptest! {
+    #[test]
+    fn redelivery_changes_nothing(
+        steps in prop::collection::vec(step(), 1..12),
+        dups in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..8),
+    ) {
+        let create = Command::decode(
+            CommandKind::Create,
+            json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": RUN}).to_string().as_bytes(),
+            None,
+        ).unwrap();
+        let create_id = CommandId::parse("create").unwrap();
+        let cmds: Vec<(Command, CommandId)> =
+            steps.iter().enumerate().map(|(i, s)| command(i, s)).collect();
+
+        // Without redeliveries.
+        let mut clean = apply(None, &create, &create_id);
+        for (c, id) in &cmds {
+            clean = apply(clean, c, id);
+        }
+
+        // With redeliveries: after position p, redeliver an earlier (or the same) command.
+        let mut order: Vec<usize> = (0..cmds.len()).collect();
+        for (at, which) in &dups {
+            let p = at.index(order.len());
+            let original = order[which.index(p + 1)];
+            order.insert(p + 1, original);
+        }
+        let mut dirty = apply(None, &create, &create_id);
+        dirty = apply(dirty, &create, &create_id);
+        for i in order {
+            let (c, id) = &cmds[i];
+            dirty = apply(dirty, c, id);
+        }
+        prop_assert_eq!(clean, dirty);
+    }
+}

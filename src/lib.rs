@@ -1,0 +1,7 @@
+//! rmos-runs: the persistent, tamper-evident record of CNC manufacturing runs.
+//!
+//! Three layers, kept apart (see `DESIGN.md`): [`domain`] (pure rules), [`store`] (object
+//! storage with conditional puts) and [`transport`] (NATS). The binary only wires them.
+
+pub mod domain;
+pub mod store;
