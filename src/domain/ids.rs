@@ -150,6 +150,13 @@ macro_rules! bounded_text {
             }
         }
 
+        impl std::str::FromStr for $name {
+            type Err = Rejection;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)

@@ -6,6 +6,7 @@ pub mod command;
 pub mod error;
 pub mod hashing;
 pub mod ids;
+pub mod verify;
 
 #[cfg(test)]
 mod idempotency_tests;

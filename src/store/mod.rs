@@ -1,1 +1,661 @@
+//! The store layer: [`RunStore`] over any `object_store` backend.
+//!
+//! Layout under the store's prefix (a seed data directory is readable as it is):
+//!
+//! ```text
+//! <run_id>.json                 the run (or its tombstone)
+//! blobs/<sha256>                bodies over the blob threshold, content-addressed
+//! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
+//! _probe/<random>               short-lived objects of the start-up probe
+//! ```
+//!
+//! Every change is a conditional put: create-if-absent for a new run, update-if-unchanged
+//! (ETag) for an existing one. A lost race reloads, re-decides and retries with jittered
+//! exponential backoff, a bounded number of times.
 
+pub mod error;
+pub mod local;
+pub mod url;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::artifact::{
+    ExplanationStatus, RiskLevel, RunArtifact, RunStatus, Sha256Hex, StoredRecord, Timestamp,
+};
+use crate::domain::command::{Command, Context, Decision, EventKind, NewBlob};
+use crate::domain::hashing::sha256_json;
+use crate::domain::ids::{Mode, RunId, ToolId};
+use crate::domain::verify::{BlobContents, VerifyReport, verify};
+
+pub use error::StoreError;
+pub use url::{OpenOptions, StoreUrl};
+
+/// A record together with the version it was read at (for the conditional update).
+#[derive(Clone, Debug)]
+pub struct Versioned<T> {
+    /// The value.
+    pub value: T,
+    /// ETag / version of the object it came from.
+    pub version: UpdateVersion,
+}
+
+/// How hard a change fights for a contended run before reporting `conflict`.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts in all (the first included).
+    pub max_attempts: u32,
+    /// First backoff delay.
+    pub min_delay: Duration,
+    /// Cap on a single delay.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 100,
+            min_delay: Duration::from_millis(2),
+            max_delay: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What a command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Outcome {
+    /// The run.
+    pub run_id: RunId,
+    /// Its revision after the command.
+    pub revision: u64,
+    /// The event to announce.
+    pub event: EventKind,
+    /// False when the command had already been applied (redelivery).
+    pub changed: bool,
+    /// RFC 8785 SHA-256 of the stored record after the command.
+    pub artifact_sha256: String,
+    /// How many races were lost (and retried) on the way.
+    pub conflicts: u32,
+}
+
+/// Filters and position of a listing.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Page size (1 to [`MAX_PAGE`], default [`DEFAULT_PAGE`]).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Continue after this run id (the previous page's `next_cursor`).
+    #[serde(default)]
+    pub cursor: Option<RunId>,
+    /// Only this mode.
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Only this tool.
+    #[serde(default)]
+    pub tool_id: Option<ToolId>,
+    /// Only this status.
+    #[serde(default)]
+    pub status: Option<RunStatus>,
+    /// Only runs created at or after this instant.
+    #[serde(default)]
+    pub since: Option<Timestamp>,
+    /// Only runs created before this instant.
+    #[serde(default)]
+    pub until: Option<Timestamp>,
+}
+
+/// Default page size.
+pub const DEFAULT_PAGE: usize = 50;
+/// Largest page size.
+pub const MAX_PAGE: usize = 1000;
+/// Objects a single page may read before it returns (possibly short) with a cursor.
+pub const SCAN_BUDGET: usize = 2000;
+
+/// One line of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Run id.
+    pub run_id: RunId,
+    /// Creation time.
+    pub created_at_utc: Timestamp,
+    /// Last change.
+    pub updated_at_utc: Option<Timestamp>,
+    /// Revision.
+    pub revision: u64,
+    /// Mode.
+    pub mode: Mode,
+    /// Tool.
+    pub tool_id: ToolId,
+    /// Status.
+    pub status: RunStatus,
+    /// Risk level.
+    pub risk_level: Option<RiskLevel>,
+    /// Explanation status.
+    pub explanation_status: ExplanationStatus,
+}
+
+impl From<&RunArtifact> for RunSummary {
+    fn from(a: &RunArtifact) -> Self {
+        Self {
+            run_id: a.run_id.clone(),
+            created_at_utc: a.created_at_utc,
+            updated_at_utc: a.updated_at_utc,
+            revision: a.revision,
+            mode: a.mode.clone(),
+            tool_id: a.tool_id.clone(),
+            status: a.status,
+            risk_level: a.decision.risk_level,
+            explanation_status: a.explanation_status,
+        }
+    }
+}
+
+/// A page of a listing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListPage {
+    /// Matching runs, in run id order.
+    pub runs: Vec<RunSummary>,
+    /// Pass as `cursor` to continue; `null` at the end.
+    pub next_cursor: Option<RunId>,
+    /// Objects that could not be decoded and were left out (see `verify`).
+    #[serde(default)]
+    pub skipped_corrupt: usize,
+}
+
+/// The run store.
+#[derive(Clone)]
+pub struct RunStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    sorted_listing: bool,
+    retry: RetryPolicy,
+    url: String,
+}
+
+impl std::fmt::Debug for RunStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunStore({})", self.url)
+    }
+}
+
+fn is_race(e: &object_store::Error) -> bool {
+    // object_store 0.14 can surface a lost If-Match race as AlreadyExists (HTTP 409).
+    matches!(
+        e,
+        object_store::Error::Precondition { .. } | object_store::Error::AlreadyExists { .. }
+    )
+}
+
+impl RunStore {
+    /// Opens the store behind `url`. Call [`RunStore::probe`] before trusting it with writes.
+    pub fn open(url: &StoreUrl, options: &OpenOptions) -> Result<Self, StoreError> {
+        let backend = url::open_backend(url, options)?;
+        Ok(Self {
+            store: backend.store,
+            prefix: backend.prefix,
+            sorted_listing: backend.sorted_listing,
+            retry: RetryPolicy::default(),
+            url: url.to_string(),
+        })
+    }
+
+    /// A store over an existing backend (tests, tools).
+    pub fn from_object_store(store: Arc<dyn ObjectStore>, prefix: Path, sorted_listing: bool) -> Self {
+        Self {
+            store,
+            prefix,
+            sorted_listing,
+            retry: RetryPolicy::default(),
+            url: "custom".to_owned(),
+        }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The URL this store was opened from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The underlying object store.
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    fn key(&self, tail: &str) -> Path {
+        let mut parts: Vec<object_store::path::PathPart<'_>> = self.prefix.parts().collect();
+        for seg in tail.split('/') {
+            parts.push(object_store::path::PathPart::from(seg));
+        }
+        Path::from_iter(parts)
+    }
+
+    /// The key of a run's record: `<prefix>/<run_id>.json`.
+    pub fn artifact_key(&self, id: &RunId) -> Path {
+        self.key(&format!("{id}.json"))
+    }
+
+    /// The key of a blob: `<prefix>/blobs/<sha256>`.
+    pub fn blob_key(&self, sha: &Sha256Hex) -> Path {
+        self.key(&format!("blobs/{sha}"))
+    }
+
+    fn blob_ref_key(&self, sha: &Sha256Hex, run: &RunId) -> Path {
+        self.key(&format!("blobrefs/{sha}/{run}"))
+    }
+
+    fn os_err(&self, e: object_store::Error, what: &str) -> StoreError {
+        StoreError::from_object_store(e, what)
+    }
+
+    /// Loads a run's record with its version; `None` when there is none.
+    pub async fn load(&self, id: &RunId) -> Result<Option<Versioned<StoredRecord>>, StoreError> {
+        let key = self.artifact_key(id);
+        let got = match self.store.get(&key).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.os_err(e, &format!("read {key}"))),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.os_err(e, &format!("read {key}")))?;
+        let value = StoredRecord::decode(&bytes).map_err(|reason| StoreError::Corrupt {
+            key: key.to_string(),
+            reason,
+        })?;
+        if value.run_id() != id {
+            return Err(StoreError::Corrupt {
+                key: key.to_string(),
+                reason: format!("holds run {} instead of {id}", value.run_id()),
+            });
+        }
+        Ok(Some(Versioned { value, version }))
+    }
+
+    /// The live artifact of a run (`NotFound` when missing or deleted).
+    pub async fn get(&self, id: &RunId) -> Result<RunArtifact, StoreError> {
+        match self.load(id).await? {
+            Some(Versioned {
+                value: StoredRecord::Live(a),
+                ..
+            }) => Ok(*a),
+            _ => Err(StoreError::NotFound(id.clone())),
+        }
+    }
+
+    /// Applies a command: load, decide, write conditionally, retry lost races.
+    pub async fn execute(&self, cmd: &Command, ctx: &Context) -> Result<Outcome, StoreError> {
+        let id = cmd.run_id();
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        let mut conflicts = 0u32;
+        loop {
+            let current = self.load(id).await?;
+            let decision = cmd.decide(current.as_ref().map(|v| &v.value), ctx)?;
+            let (record, blobs, event, released) = match decision {
+                Decision::Unchanged { event } => {
+                    let Some(cur) = current else {
+                        return Err(StoreError::NotFound(id.clone()));
+                    };
+                    return Ok(Outcome {
+                        run_id: id.clone(),
+                        revision: cur.value.revision(),
+                        event,
+                        changed: false,
+                        artifact_sha256: record_sha256(&cur.value),
+                        conflicts,
+                    });
+                }
+                Decision::Write {
+                    record,
+                    blobs,
+                    event,
+                    released,
+                } => (record, blobs, event, released),
+            };
+            for blob in &blobs {
+                self.put_blob(id, blob).await?;
+            }
+            let mode = match &current {
+                None => PutMode::Create,
+                Some(v) => PutMode::Update(v.version.clone()),
+            };
+            let key = self.artifact_key(id);
+            let payload = PutPayload::from(record.encode());
+            match self.store.put_opts(&key, payload, PutOptions::from(mode)).await {
+                Ok(_) => {
+                    for blob in &blobs {
+                        self.ensure_blob(blob).await?;
+                    }
+                    for sha in &released {
+                        self.release_blob(sha, id).await?;
+                    }
+                    return Ok(Outcome {
+                        run_id: id.clone(),
+                        revision: record.revision(),
+                        event,
+                        changed: true,
+                        artifact_sha256: record_sha256(&record),
+                        conflicts,
+                    });
+                }
+                Err(e) if is_race(&e) => {
+                    conflicts += 1;
+                    if conflicts >= self.retry.max_attempts {
+                        return Err(StoreError::Contention {
+                            run_id: id.clone(),
+                            attempts: conflicts,
+                        });
+                    }
+                    let delay = delays.next().unwrap_or(self.retry.max_delay);
+                    tracing::debug!(run_id = %id, conflicts, ?delay, "lost a write race; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
+            }
+        }
+    }
+
+    /// Stores a blob for `run` (marker first, so a concurrent release sees the reference).
+    async fn put_blob(&self, run: &RunId, blob: &NewBlob) -> Result<(), StoreError> {
+        let marker = self.blob_ref_key(&blob.sha256, run);
+        self.store
+            .put(&marker, PutPayload::new())
+            .await
+            .map_err(|e| self.os_err(e, &format!("write {marker}")))?;
+        self.put_blob_bytes(blob).await
+    }
+
+    async fn put_blob_bytes(&self, blob: &NewBlob) -> Result<(), StoreError> {
+        let key = self.blob_key(&blob.sha256);
+        let payload = PutPayload::from(Bytes::from(blob.bytes.clone()));
+        match self
+            .store
+            .put_opts(&key, payload, PutOptions::from(PutMode::Create))
+            .await
+        {
+            // Content-addressed: an existing object with this name has these bytes.
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(object_store::Error::Precondition { .. }) => Ok(()),
+            Err(e) => Err(self.os_err(e, &format!("write {key}"))),
+        }
+    }
+
+    /// Re-stores a blob that a concurrent release removed between our write and our record.
+    async fn ensure_blob(&self, blob: &NewBlob) -> Result<(), StoreError> {
+        let key = self.blob_key(&blob.sha256);
+        match self.store.head(&key).await {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => self.put_blob_bytes(blob).await,
+            Err(e) => Err(self.os_err(e, &format!("check {key}"))),
+        }
+    }
+
+    /// Drops `run`'s reference to a blob and removes the blob when no run references it.
+    async fn release_blob(&self, sha: &Sha256Hex, run: &RunId) -> Result<(), StoreError> {
+        let marker = self.blob_ref_key(sha, run);
+        match self.store.delete(&marker).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(self.os_err(e, &format!("delete {marker}"))),
+        }
+        let refs_prefix = self.key(&format!("blobrefs/{sha}"));
+        let others = self
+            .store
+            .list(Some(&refs_prefix))
+            .take(1)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| self.os_err(e, &format!("list {refs_prefix}")))?;
+        if others.is_empty() {
+            let key = self.blob_key(sha);
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.os_err(e, &format!("delete {key}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a blob; `None` when it does not exist.
+    pub async fn get_blob(&self, sha: &Sha256Hex) -> Result<Option<Bytes>, StoreError> {
+        let key = self.blob_key(sha);
+        match self.store.get(&key).await {
+            Ok(g) => g
+                .bytes()
+                .await
+                .map(Some)
+                .map_err(|e| self.os_err(e, &format!("read {key}"))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.os_err(e, &format!("read {key}"))),
+        }
+    }
+
+    /// Whether a blob exists (for tests and operators).
+    pub async fn blob_exists(&self, sha: &Sha256Hex) -> Result<bool, StoreError> {
+        Ok(self.get_blob(sha).await?.is_some())
+    }
+
+    /// The artifact with its outputs' bodies put back inline (for `include_outputs`).
+    pub async fn inline_outputs(&self, mut artifact: RunArtifact) -> Result<RunArtifact, StoreError> {
+        if let Some(r) = artifact.outputs.gcode_blob.clone()
+            && let Some(b) = self.get_blob(&r.sha256).await?
+        {
+            artifact.outputs.gcode_text = Some(String::from_utf8_lossy(&b).into_owned());
+        }
+        if let Some(r) = artifact.outputs.opplan_blob.clone()
+            && let Some(b) = self.get_blob(&r.sha256).await?
+        {
+            artifact.outputs.opplan_json = serde_json::from_slice(&b).ok();
+        }
+        Ok(artifact)
+    }
+
+    /// Recomputes every hash of a run, blobs included.
+    pub async fn verify(&self, id: &RunId) -> Result<VerifyReport, StoreError> {
+        let artifact = self.get(id).await?;
+        let mut blobs: BlobContents = HashMap::new();
+        for r in artifact.blob_refs() {
+            let b = self.get_blob(&r.sha256).await?;
+            blobs.insert(r.sha256.clone(), b.map(|b| b.to_vec()));
+        }
+        Ok(verify(&artifact, &blobs))
+    }
+
+    /// One page of runs matching `q`, in run id order. A page lists keys after the cursor and
+    /// reads candidate records until it is full or has read [`SCAN_BUDGET`] objects.
+    pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
+        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+        if limit == 0 || limit > MAX_PAGE {
+            return Err(StoreError::Rejected(crate::domain::error::Rejection::invalid(
+                format!("limit must be between 1 and {MAX_PAGE}, got {limit}"),
+            )));
+        }
+        // Run keys start with "run_", after "blobs/", "blobrefs/" and "_probe/" ('_' < 'r').
+        let offset = match &q.cursor {
+            Some(c) => self.artifact_key(c),
+            None => self.key("run_"),
+        };
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let depth = self.prefix.parts().count() + 1;
+        let to_id = |m: &object_store::ObjectMeta| -> Option<RunId> {
+            if m.location.parts().count() != depth {
+                return None;
+            }
+            let name = m.location.filename()?;
+            RunId::parse(name.strip_suffix(".json")?).ok()
+        };
+        let mut ids: Vec<RunId> = if self.sorted_listing {
+            // Key order: read only as far as needed.
+            self.store
+                .list_with_offset(prefix, &offset)
+                .try_filter_map(|m| futures::future::ready(Ok(to_id(&m))))
+                .take(SCAN_BUDGET + 1)
+                .try_collect()
+                .await
+                .map_err(|e| self.os_err(e, "list runs"))?
+        } else {
+            let mut all: Vec<RunId> = self
+                .store
+                .list_with_delimiter(prefix)
+                .await
+                .map_err(|e| self.os_err(e, "list runs"))?
+                .objects
+                .iter()
+                .filter(|m| m.location > offset)
+                .filter_map(to_id)
+                .collect();
+            all.sort();
+            all
+        };
+        ids.sort();
+        let mut page = ListPage {
+            runs: Vec::new(),
+            next_cursor: None,
+            skipped_corrupt: 0,
+        };
+        let mut scanned = 0usize;
+        let mut reads = futures::stream::iter(ids.iter().cloned())
+            .map(|id| async move { (id.clone(), self.load(&id).await) })
+            .buffered(16);
+        let mut last: Option<RunId> = None;
+        while let Some((id, loaded)) = reads.next().await {
+            scanned += 1;
+            last = Some(id.clone());
+            match loaded {
+                Ok(Some(Versioned {
+                    value: StoredRecord::Live(a),
+                    ..
+                })) => {
+                    if matches_query(&a, q) {
+                        page.runs.push(RunSummary::from(a.as_ref()));
+                    }
+                }
+                Ok(_) => {}
+                Err(StoreError::Corrupt { key, reason }) => {
+                    tracing::warn!(%key, %reason, "corrupt record left out of a listing");
+                    page.skipped_corrupt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+            if page.runs.len() >= limit || scanned >= SCAN_BUDGET {
+                break;
+            }
+        }
+        let more = scanned < ids.len();
+        if more {
+            page.next_cursor = last;
+        }
+        Ok(page)
+    }
+
+    /// Checks that the backend honours conditional writes: a second create-if-absent must fail
+    /// and an update with a stale version must fail. A store that ignores them would turn every
+    /// race into a lost update, so the worker refuses to start on it.
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let n: u64 = rand::random();
+        let key = self.key(&format!("_probe/{n:016x}"));
+        let create = || PutOptions::from(PutMode::Create);
+        let first = self
+            .store
+            .put_opts(&key, PutPayload::from_static(b"1"), create())
+            .await
+            .map_err(|e| match self.os_err(e, &format!("write probe {key}")) {
+                StoreError::Unavailable(m) => StoreError::Unusable(format!("not writable: {m}")),
+                other => other,
+            })?;
+        let cleanup = || async {
+            let _ = self.store.delete(&key).await;
+        };
+        match self
+            .store
+            .put_opts(&key, PutPayload::from_static(b"2"), create())
+            .await
+        {
+            Err(e) if is_race(&e) => {}
+            Ok(_) => {
+                cleanup().await;
+                return Err(StoreError::Unusable(format!(
+                    "{} ignores conditional writes (If-None-Match): a second create of {key} succeeded",
+                    self.url
+                )));
+            }
+            Err(e) => {
+                cleanup().await;
+                return Err(self.os_err(e, "probe create"));
+            }
+        }
+        let v1 = UpdateVersion::from(first);
+        let second = self
+            .store
+            .put_opts(
+                &key,
+                PutPayload::from_static(b"3"),
+                PutOptions::from(PutMode::Update(v1.clone())),
+            )
+            .await
+            .map_err(|e| StoreError::Unusable(format!("{} cannot update conditionally (If-Match): {e}", self.url)));
+        if let Err(e) = second {
+            cleanup().await;
+            return Err(e);
+        }
+        let stale = self
+            .store
+            .put_opts(
+                &key,
+                PutPayload::from_static(b"4"),
+                PutOptions::from(PutMode::Update(v1)),
+            )
+            .await;
+        cleanup().await;
+        match stale {
+            Err(e) if is_race(&e) => Ok(()),
+            Ok(_) => Err(StoreError::Unusable(format!(
+                "{} ignores conditional writes (If-Match): an update with a stale ETag succeeded",
+                self.url
+            ))),
+            Err(e) => Err(self.os_err(e, "probe update")),
+        }
+    }
+}
+
+fn matches_query(a: &RunArtifact, q: &ListQuery) -> bool {
+    q.mode.as_ref().is_none_or(|m| *m == a.mode)
+        && q.tool_id.as_ref().is_none_or(|t| *t == a.tool_id)
+        && q.status.is_none_or(|s| s == a.status)
+        && q.since.is_none_or(|s| a.created_at_utc >= s)
+        && q.until.is_none_or(|u| a.created_at_utc < u)
+}
+
+/// RFC 8785 SHA-256 of a stored record (the `artifact_sha256` of events).
+pub fn record_sha256(record: &StoredRecord) -> String {
+    let value = match record {
+        StoredRecord::Live(a) => serde_json::to_value(a),
+        StoredRecord::Deleted(t) => serde_json::to_value(t),
+    }
+    .unwrap_or(serde_json::Value::Null);
+    sha256_json(&value)
+}

@@ -1,0 +1,381 @@
+//! One conformance suite for `RunStore`, run against every backend: in-memory, the local
+//! filesystem, and a real S3-compatible server (moto, served single-threaded; see README).
+
+mod support;
+
+use std::sync::Arc;
+
+use object_store::{ObjectStoreExt, PutPayload};
+use rmos_runs::domain::artifact::StoredRecord;
+use rmos_runs::domain::command::{Command, CommandKind, Context, Limits};
+use rmos_runs::domain::error::RejectCode;
+use rmos_runs::domain::ids::{CommandId, RunId};
+use rmos_runs::domain::verify::CheckStatus;
+use rmos_runs::store::{ListQuery, OpenOptions, RunStore, StoreError, StoreUrl};
+use serde_json::{Value, json};
+
+/// Keeps whatever backs a store (temp dir, S3 server) alive for the test's duration.
+#[allow(dead_code)]
+enum Guard {
+    None,
+    Dir(tempfile::TempDir),
+    S3(support::S3Server),
+}
+
+async fn open(kind: &str) -> (RunStore, Guard) {
+    match kind {
+        "memory" => (
+            RunStore::open(&StoreUrl::Memory, &OpenOptions::default()).unwrap(),
+            Guard::None,
+        ),
+        "local" => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = StoreUrl::Local(dir.path().to_path_buf());
+            (RunStore::open(&url, &OpenOptions::default()).unwrap(), Guard::Dir(dir))
+        }
+        "s3" => {
+            let server = support::S3Server::start().await;
+            let bucket = support::unique_bucket();
+            server.create_bucket(&bucket).await;
+            let mut opts = OpenOptions::default();
+            for (k, v) in [
+                ("aws_endpoint", server.endpoint()),
+                ("aws_allow_http", "true".to_owned()),
+                ("aws_access_key_id", "test".to_owned()),
+                ("aws_secret_access_key", "test".to_owned()),
+                ("aws_region", "us-east-1".to_owned()),
+            ] {
+                opts.s3.insert(k.to_owned(), v);
+            }
+            let url = StoreUrl::S3 { bucket, prefix: "runs".to_owned() };
+            (RunStore::open(&url, &opts).unwrap(), Guard::S3(server))
+        }
+        other => panic!("unknown backend {other}"),
+    }
+}
+
+fn ctx() -> Context {
+    Context::now()
+}
+
+fn ctx_with_id(id: &str) -> Context {
+    Context {
+        command_id: Some(CommandId::parse(id).unwrap()),
+        ..Context::now()
+    }
+}
+
+fn cmd(kind: CommandKind, body: Value) -> Command {
+    Command::decode(kind, body.to_string().as_bytes(), None).unwrap()
+}
+
+fn create_body(run: &str, tool: &str) -> Value {
+    json!({"mode": "cam", "tool_id": tool, "status": "OK", "run_id": run,
+           "feasibility": {"ok": true}, "decision": {"risk_level": "GREEN", "score": 87.5},
+           "outputs": {"gcode_text": "G21\nG90\n"}})
+}
+
+fn run_id(n: u32) -> RunId {
+    RunId::parse(&format!("run_{n:012x}")).unwrap()
+}
+
+async fn create_then_get(store: RunStore) {
+    let id = run_id(1);
+    let out = store
+        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T102")), &ctx())
+        .await
+        .unwrap();
+    assert!(out.changed);
+    assert_eq!(out.revision, 1);
+    let a = store.get(&id).await.unwrap();
+    assert_eq!(a.tool_id.as_str(), "T102");
+    assert_eq!(a.revision, 1);
+    assert!(a.hashes.gcode_sha256.is_some());
+    assert!(store.verify(&id).await.unwrap().ok);
+}
+
+async fn create_is_idempotent(store: RunStore) {
+    let id = run_id(2);
+    let c = cmd(CommandKind::Create, create_body(id.as_str(), "T1"));
+    store.execute(&c, &ctx()).await.unwrap();
+    let again = store.execute(&c, &ctx()).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.revision, 1);
+    let other = cmd(CommandKind::Create, create_body(id.as_str(), "T2"));
+    match store.execute(&other, &ctx()).await {
+        Err(StoreError::Rejected(r)) => assert_eq!(r.code, RejectCode::Conflict),
+        other => panic!("expected conflict, got {other:?}"),
+    }
+}
+
+async fn missing_run(store: RunStore) {
+    let id = run_id(3);
+    assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
+    assert!(store.load(&id).await.unwrap().is_none());
+    let patch = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}));
+    match store.execute(&patch, &ctx()).await {
+        Err(StoreError::Rejected(r)) => assert_eq!(r.code, RejectCode::NotFound),
+        other => panic!("expected not_found, got {other:?}"),
+    }
+}
+
+async fn corrupt_object_is_reported_never_overwritten(store: RunStore) {
+    let id = run_id(4);
+    let key = store.artifact_key(&id);
+    store
+        .object_store()
+        .put(&key, PutPayload::from_static(b"{\"run_id\": \"run_000000000004\", trunc"))
+        .await
+        .unwrap();
+    assert!(matches!(store.get(&id).await, Err(StoreError::Corrupt { .. })));
+    let patch = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}));
+    assert!(matches!(store.execute(&patch, &ctx()).await, Err(StoreError::Corrupt { .. })));
+    let create = cmd(CommandKind::Create, create_body(id.as_str(), "T1"));
+    assert!(matches!(store.execute(&create, &ctx()).await, Err(StoreError::Corrupt { .. })));
+    let bytes = store.object_store().get(&key).await.unwrap().bytes().await.unwrap();
+    assert!(bytes.ends_with(b"trunc"), "corrupt object was overwritten");
+}
+
+async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32) {
+    let id = run_id(5);
+    store
+        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T1")), &ctx())
+        .await
+        .unwrap();
+    let store = Arc::new(store);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        let id = id.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_task {
+                let c = cmd(
+                    CommandKind::PatchMeta,
+                    json!({"run_id": id.as_str(), "meta_updates": {format!("t{t}_{i}"): i}}),
+                );
+                store.execute(&c, &ctx_with_id(&format!("c{t}-{i}"))).await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let a = store.get(&id).await.unwrap();
+    let total = tasks * per_task;
+    assert_eq!(a.revision, 1 + u64::from(total), "lost updates");
+    let patched = a.meta.keys().filter(|k| k.starts_with('t')).count();
+    assert_eq!(patched as u32, total);
+}
+
+async fn redelivered_patch_changes_nothing(store: RunStore) {
+    let id = run_id(6);
+    store
+        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T1")), &ctx())
+        .await
+        .unwrap();
+    let p = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"n": 1}}));
+    let first = store.execute(&p, &ctx_with_id("m-1")).await.unwrap();
+    let second = store.execute(&p, &ctx_with_id("m-1")).await.unwrap();
+    assert!(first.changed && !second.changed);
+    assert_eq!(second.revision, 2);
+    let stale = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"n": 2}, "expected_revision": 1}),
+    );
+    match store.execute(&stale, &ctx_with_id("m-2")).await {
+        Err(StoreError::Rejected(r)) => assert_eq!(r.code, RejectCode::Conflict),
+        other => panic!("expected conflict, got {other:?}"),
+    }
+}
+
+async fn blobs_are_stored_once_and_verified(store: RunStore) {
+    let id = run_id(7);
+    let gcode = "G1 X10 Y10 F1200\n".repeat(6000);
+    let body = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": id.as_str(),
+                      "outputs": {"gcode_text": gcode}});
+    let mut c = ctx();
+    c.limits = Limits::default();
+    store.execute(&cmd(CommandKind::Create, body), &c).await.unwrap();
+    let a = store.get(&id).await.unwrap();
+    assert!(a.outputs.gcode_text.is_none(), "large G-code kept inline");
+    let blob = a.outputs.gcode_blob.clone().unwrap();
+    assert_eq!(
+        store.get_blob(&blob.sha256).await.unwrap().unwrap().len() as u64,
+        blob.size_bytes
+    );
+    let inlined = store.inline_outputs(a.clone()).await.unwrap();
+    assert_eq!(inlined.outputs.gcode_text.as_deref(), Some(gcode.as_str()));
+    assert!(store.verify(&id).await.unwrap().ok);
+
+    // Advisory bodies are blobs too; attachment is idempotent by advisory id.
+    let adv = cmd(
+        CommandKind::Advisory,
+        json!({"run_id": id.as_str(), "advisory_id": "adv_0000000000aa", "kind": "explanation",
+               "body": {"text": "Feed rate reduced"}, "explanation_status": "READY"}),
+    );
+    assert!(store.execute(&adv, &ctx()).await.unwrap().changed);
+    assert!(!store.execute(&adv, &ctx()).await.unwrap().changed);
+    let a = store.get(&id).await.unwrap();
+    assert_eq!(a.advisory_inputs.len(), 1);
+
+    // A flipped byte in a stored body is caught.
+    let key = store.blob_key(&blob.sha256);
+    let mut bytes = store.object_store().get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    bytes[10] ^= 0x01;
+    store.object_store().put(&key, PutPayload::from(bytes)).await.unwrap();
+    let report = store.verify(&id).await.unwrap();
+    assert!(!report.ok);
+    let bad: Vec<_> = report.checks.iter().filter(|c| c.status == CheckStatus::Mismatch).collect();
+    assert!(bad.iter().any(|c| c.name.starts_with("blob:")), "{report:?}");
+    assert!(bad.iter().any(|c| c.name == "hashes.gcode_sha256"), "{report:?}");
+}
+
+async fn listing_pages_and_filters(store: RunStore) {
+    for n in 0..23u32 {
+        let tool = if n % 3 == 0 { "T3" } else { "T1" };
+        let mut body = create_body(&format!("run_{:012x}", 0x100 + n), tool);
+        if n % 2 == 0 {
+            body["status"] = json!("BLOCKED");
+        }
+        store.execute(&cmd(CommandKind::Create, body), &ctx()).await.unwrap();
+    }
+    // A non-run object and a deleted run must not show up.
+    store
+        .execute(
+            &cmd(CommandKind::Delete, json!({"run_id": "run_000000000100", "reason": "test"})),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut q = ListQuery { limit: Some(5), ..Default::default() };
+    loop {
+        let page = store.list(&q).await.unwrap();
+        assert!(page.runs.len() <= 5);
+        seen.extend(page.runs.iter().map(|r| r.run_id.clone()));
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 22);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "pages overlap or are out of order");
+
+    let t3 = store
+        .list(&ListQuery { limit: Some(100), tool_id: Some("T3".parse().unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(t3.runs.len(), 7); // n = 3,6,...,21 (0 deleted)
+    assert!(t3.runs.iter().all(|r| r.tool_id.as_str() == "T3"));
+    let blocked = store
+        .list(&ListQuery { limit: Some(100), status: Some("BLOCKED".parse().unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(blocked.runs.len(), 11);
+    let future = store
+        .list(&ListQuery { limit: Some(100), since: Some("2999-01-01T00:00:00Z".parse().unwrap()), ..Default::default() })
+        .await
+        .unwrap();
+    assert!(future.runs.is_empty());
+}
+
+async fn delete_leaves_tombstone_and_releases_blobs(store: RunStore) {
+    let id = run_id(9);
+    let gcode = "G0 X0\n".repeat(20_000);
+    let body = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": id.as_str(),
+                      "outputs": {"gcode_text": gcode}});
+    let create = cmd(CommandKind::Create, body);
+    store.execute(&create, &ctx()).await.unwrap();
+    // A second run shares the same G-code body.
+    let id2 = run_id(10);
+    let body2 = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": id2.as_str(),
+                       "outputs": {"gcode_text": "G0 X0\n".repeat(20_000)}});
+    store.execute(&cmd(CommandKind::Create, body2), &ctx()).await.unwrap();
+    let sha = store.get(&id).await.unwrap().outputs.gcode_blob.unwrap().sha256;
+
+    let del = cmd(CommandKind::Delete, json!({"run_id": id.as_str(), "reason": "retention"}));
+    let out = store.execute(&del, &ctx()).await.unwrap();
+    assert_eq!(out.revision, 2);
+    assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(store.load(&id).await.unwrap().unwrap().value, StoredRecord::Deleted(_)));
+    assert!(store.blob_exists(&sha).await.unwrap(), "blob still referenced by another run was removed");
+    // A late redelivery of the create does not bring the run back.
+    assert!(!store.execute(&create, &ctx()).await.unwrap().changed);
+    assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
+    // Deleting the last referencing run removes the blob.
+    let del2 = cmd(CommandKind::Delete, json!({"run_id": id2.as_str(), "reason": "retention"}));
+    store.execute(&del2, &ctx()).await.unwrap();
+    assert!(!store.blob_exists(&sha).await.unwrap(), "unreferenced blob left behind");
+    // Deleting again is a no-op.
+    assert!(!store.execute(&del2, &ctx()).await.unwrap().changed);
+}
+
+async fn probe_accepts_a_conditional_store(store: RunStore) {
+    store.probe().await.unwrap();
+}
+
+macro_rules! suite {
+    ($backend:ident, $tasks:expr, $per_task:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn create_then_get() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::create_then_get(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn create_is_idempotent() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::create_is_idempotent(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn missing_run() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::missing_run(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn corrupt_object_is_reported_never_overwritten() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::corrupt_object_is_reported_never_overwritten(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn concurrent_patches_all_apply() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::concurrent_patches_all_apply(s, $tasks, $per_task).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redelivered_patch_changes_nothing() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::redelivered_patch_changes_nothing(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn blobs_are_stored_once_and_verified() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::blobs_are_stored_once_and_verified(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn listing_pages_and_filters() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::listing_pages_and_filters(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn delete_leaves_tombstone_and_releases_blobs() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::delete_leaves_tombstone_and_releases_blobs(s).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn probe_accepts_a_conditional_store() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::probe_accepts_a_conditional_store(s).await;
+            }
+        }
+    };
+}
+
+suite!(memory, 16, 20);
+suite!(local, 16, 20);
+suite!(s3, 16, 5);
