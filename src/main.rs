@@ -1,1 +1,446 @@
-fn main() {}
+//! `rmos-runs`: the worker (`serve`) and the operator CLI (clients of the NATS API).
+//! This file only parses the command line and wires the layers together.
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use rmos_runs::config::{Config, IngestMode, Overrides};
+use rmos_runs::domain::command::{CommandKind, Limits};
+use rmos_runs::domain::ids::RequestId;
+use rmos_runs::store::{OpenOptions, RunStore};
+use rmos_runs::transport::api::Api;
+use rmos_runs::transport::ingest::{Ingest, IngestSettings};
+use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
+use tokio::sync::watch;
+
+#[derive(Parser)]
+#[command(name = "rmos-runs", version, about = "Persistent, tamper-evident record of CNC manufacturing runs")]
+struct Cli {
+    #[command(flatten)]
+    settings: Overrides,
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long a client command waits for its answer.
+    #[arg(long, global = true, default_value = "30s")]
+    timeout: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the worker.
+    Serve,
+    /// Print the effective configuration (secrets masked).
+    Config,
+    /// Show a run.
+    Get {
+        /// Run id.
+        run_id: String,
+        /// Put large outputs back inline.
+        #[arg(long)]
+        include_outputs: bool,
+    },
+    /// List runs.
+    List {
+        /// Page size.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Continue from a previous page's cursor.
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Only this mode.
+        #[arg(long)]
+        mode: Option<String>,
+        /// Only this tool.
+        #[arg(long)]
+        tool_id: Option<String>,
+        /// Only this status.
+        #[arg(long)]
+        status: Option<String>,
+        /// Created at or after (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Created before (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Recompute a run's hashes.
+    Verify {
+        /// Run id.
+        run_id: String,
+    },
+    /// Publish a create command (JSON from --file or stdin) and wait for its outcome.
+    Create(PayloadArgs),
+    /// Publish a patch_meta command and wait for its outcome.
+    PatchMeta(PayloadArgs),
+    /// Publish an advisory command and wait for its outcome.
+    AttachAdvisory(PayloadArgs),
+    /// Delete a run (leaves a tombstone).
+    Delete {
+        /// Run id.
+        run_id: String,
+        /// Why.
+        #[arg(long, default_value = "operator")]
+        reason: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct PayloadArgs {
+    /// JSON payload file ("-" or absent: stdin).
+    #[arg(long)]
+    file: Option<String>,
+    /// Publisher idempotency key (Nats-Msg-Id).
+    #[arg(long)]
+    msg_id: Option<String>,
+}
+
+/// Exit codes a script can tell apart.
+const EXIT_NOT_FOUND: u8 = 2;
+const EXIT_REJECTED: u8 = 3;
+const EXIT_UNREACHABLE: u8 = 4;
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            message: format!("{:#}", e.into()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("rmos-runs: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("rmos-runs: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let cfg = Config::resolve(&cli.settings)?;
+    let timeout = rmos_runs::config::parse_duration("timeout", &cli.timeout)?;
+    match cli.command {
+        Cmd::Serve => serve(cfg).await,
+        Cmd::Config => {
+            print_config(&cfg);
+            Ok(())
+        }
+        Cmd::Get { run_id, include_outputs } => {
+            let body = serde_json::json!({"run_id": run_id, "include_outputs": include_outputs});
+            request(&cfg, "get", body.to_string(), timeout, cli.json).await
+        }
+        Cmd::List { limit, cursor, mode, tool_id, status, since, until } => {
+            let mut q = serde_json::Map::new();
+            let mut put = |k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    q.insert(k.to_owned(), v);
+                }
+            };
+            put("limit", limit.map(Into::into));
+            put("cursor", cursor.map(Into::into));
+            put("mode", mode.map(Into::into));
+            put("tool_id", tool_id.map(Into::into));
+            put("status", status.map(Into::into));
+            put("since", since.map(Into::into));
+            put("until", until.map(Into::into));
+            request(&cfg, "list", serde_json::Value::Object(q).to_string(), timeout, cli.json).await
+        }
+        Cmd::Verify { run_id } => {
+            let body = serde_json::json!({"run_id": run_id});
+            request(&cfg, "verify", body.to_string(), timeout, cli.json).await
+        }
+        Cmd::Create(a) => publish(&cfg, CommandKind::Create, read_payload(&a)?, a.msg_id, timeout, cli.json).await,
+        Cmd::PatchMeta(a) => publish(&cfg, CommandKind::PatchMeta, read_payload(&a)?, a.msg_id, timeout, cli.json).await,
+        Cmd::AttachAdvisory(a) => {
+            publish(&cfg, CommandKind::Advisory, read_payload(&a)?, a.msg_id, timeout, cli.json).await
+        }
+        Cmd::Delete { run_id, reason } => {
+            let body = serde_json::json!({"run_id": run_id, "reason": reason}).to_string();
+            publish(&cfg, CommandKind::Delete, body.into_bytes(), None, timeout, cli.json).await
+        }
+    }
+}
+
+fn read_payload(a: &PayloadArgs) -> Result<Vec<u8>, Failure> {
+    let mut buf = Vec::new();
+    match a.file.as_deref() {
+        None | Some("-") => {
+            std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+        }
+        Some(path) => {
+            buf = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        }
+    }
+    Ok(buf)
+}
+
+fn print_config(cfg: &Config) {
+    let mask = |s: &Option<String>| s.as_ref().map(|_| "****".to_owned());
+    let v = serde_json::json!({
+        "nats_url": cfg.nats_urls.join(","),
+        "nats_user": cfg.nats_user,
+        "nats_password": mask(&cfg.nats_password),
+        "nats_token": mask(&cfg.nats_token),
+        "nats_creds": cfg.nats_creds,
+        "nats_nkey": cfg.nats_nkey,
+        "nats_ca": cfg.nats_ca, "nats_cert": cfg.nats_cert, "nats_key": cfg.nats_key,
+        "store_url": cfg.store_url.to_string(),
+        "subject_prefix": cfg.subject_prefix,
+        "ingest": match cfg.ingest { IngestMode::JetStream => "jetstream", IngestMode::Core => "core" },
+        "stream": cfg.stream, "consumer": cfg.consumer,
+        "concurrency": cfg.concurrency,
+        "stream_replicas": cfg.stream_replicas,
+        "stream_max_age_s": cfg.stream_max_age.as_secs(),
+        "ack_wait_s": cfg.ack_wait.as_secs(),
+        "max_deliver": cfg.max_deliver,
+        "blob_threshold": cfg.blob_threshold,
+        "fsync": cfg.fsync,
+        "connect_timeout_s": cfg.connect_timeout.as_secs(),
+        "aws_secret_access_key": std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(|_| "****"),
+    });
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+async fn serve(cfg: Config) -> Result<(), Failure> {
+    init_tracing(cfg.log_json);
+    let store = RunStore::open(
+        &cfg.store_url,
+        &OpenOptions { fsync: cfg.fsync, ..OpenOptions::default() },
+    )?;
+    store.probe().await.map_err(|e| anyhow!("store {}: {e}", cfg.store_url))?;
+    let client = connect::connect(&cfg, "rmos-runs worker").await.map_err(|e| Failure {
+        code: EXIT_UNREACHABLE,
+        message: e.to_string(),
+    })?;
+    let subjects = Subjects::new(cfg.subject_prefix.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let ingest = Ingest::new(
+        client.clone(),
+        store.clone(),
+        subjects.clone(),
+        IngestSettings {
+            stream: cfg.stream.clone(),
+            consumer: cfg.consumer.clone(),
+            concurrency: cfg.concurrency,
+            replicas: cfg.stream_replicas,
+            max_age: cfg.stream_max_age,
+            ack_wait: cfg.ack_wait,
+            max_deliver: cfg.max_deliver,
+            limits: Limits { blob_threshold: cfg.blob_threshold, ..Limits::default() },
+            not_found_retries: 6,
+        },
+    );
+    let consumer = match cfg.ingest {
+        IngestMode::JetStream => Some(ingest.ensure_stream().await?),
+        IngestMode::Core => None,
+    };
+    let api = Api::new(client.clone(), store.clone(), cfg.concurrency);
+    let service = api.serve(&subjects, stop_rx.clone()).await.map_err(|e| anyhow!("service: {e}"))?;
+    let worker = tokio::spawn({
+        let ingest = ingest.clone();
+        let stop = stop_rx.clone();
+        async move {
+            match consumer {
+                Some(c) => ingest.run_jetstream(c, stop).await,
+                None => ingest.run_core(stop).await,
+            }
+        }
+    });
+    tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix,
+        ingest = ?cfg.ingest, "rmos-runs worker ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight commands");
+    let _ = stop_tx.send(true);
+    match worker.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "ingest stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "ingest task failed"),
+    }
+    let _ = service.stop().await;
+    client.flush().await.ok();
+    client.drain().await.ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => futures::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = futures::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+async fn client_connect(cfg: &Config) -> Result<async_nats::Client, Failure> {
+    let mut cfg = cfg.clone();
+    cfg.connect_timeout = cfg.connect_timeout.min(Duration::from_secs(5));
+    connect::connect(&cfg, "rmos-runs cli").await.map_err(|e| Failure {
+        code: EXIT_UNREACHABLE,
+        message: e.to_string(),
+    })
+}
+
+fn code_for(status: &str) -> u8 {
+    if status == "404" { EXIT_NOT_FOUND } else { EXIT_REJECTED }
+}
+
+async fn request(cfg: &Config, endpoint: &str, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
+    let client = client_connect(cfg).await?;
+    let subjects = Subjects::new(cfg.subject_prefix.clone());
+    let rid = RequestId::generate();
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(REQUEST_ID_HEADER, rid.as_str());
+    let req = async_nats::Request::new().payload(body.into()).headers(h).timeout(Some(timeout));
+    let reply = client
+        .send_request(subjects.sub(endpoint), req)
+        .await
+        .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("{endpoint}: {e}") })?;
+    let text = String::from_utf8_lossy(&reply.payload).into_owned();
+    if let Some(status) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
+        let message = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        if json {
+            println!("{text}");
+        }
+        return Err(Failure { code: code_for(status.as_str()), message });
+    }
+    print_value(&text, json);
+    Ok(())
+}
+
+fn print_value(text: &str, json: bool) {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) if !json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        _ => println!("{text}"),
+    }
+}
+
+async fn publish(
+    cfg: &Config,
+    kind: CommandKind,
+    payload: Vec<u8>,
+    msg_id: Option<String>,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let client = client_connect(cfg).await?;
+    let subjects = Subjects::new(cfg.subject_prefix.clone());
+    let rid = RequestId::generate();
+    // Subscribe before publishing so the outcome cannot slip past.
+    let mut stored = client.subscribe(subjects.stored()).await.map_err(|e| anyhow!("subscribe: {e}"))?;
+    let mut rejected = client.subscribe(subjects.rejected()).await.map_err(|e| anyhow!("subscribe: {e}"))?;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(REQUEST_ID_HEADER, rid.as_str());
+    if let Some(m) = &msg_id {
+        h.insert(rmos_runs::transport::MSG_ID_HEADER, m.as_str());
+    }
+    let subject = subjects.command(kind);
+    match cfg.ingest {
+        IngestMode::JetStream => {
+            let js = async_nats::jetstream::new(client.clone());
+            let ack = js
+                .publish_with_headers(subject.clone(), h, payload.into())
+                .await
+                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+            tokio::time::timeout(timeout, ack)
+                .await
+                .map_err(|_| Failure { code: EXIT_UNREACHABLE, message: format!("no PubAck for {subject}: is the stream there?") })?
+                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+        }
+        IngestMode::Core => {
+            client
+                .publish_with_headers(subject.clone(), h, payload.into())
+                .await
+                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+        }
+    }
+    let mine = |m: &async_nats::Message| {
+        m.headers
+            .as_ref()
+            .and_then(|h| h.get(REQUEST_ID_HEADER))
+            .is_some_and(|v| v.as_str() == rid.as_str())
+    };
+    let wait = async {
+        loop {
+            tokio::select! {
+                Some(m) = stored.next() => if mine(&m) { return Ok(m) },
+                Some(m) = rejected.next() => if mine(&m) { return Err(m) },
+                else => return Err(async_nats::Message { subject: "".into(), reply: None, payload: bytes::Bytes::new(), headers: None, status: None, description: None, length: 0 }),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, wait).await {
+        Ok(Ok(m)) => {
+            print_value(&String::from_utf8_lossy(&m.payload), json);
+            Ok(())
+        }
+        Ok(Err(m)) => {
+            let text = String::from_utf8_lossy(&m.payload).into_owned();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            if json {
+                println!("{text}");
+            }
+            let code = v["code"].as_str().unwrap_or("rejected");
+            Err(Failure {
+                code: if code == "not_found" { EXIT_NOT_FOUND } else { EXIT_REJECTED },
+                message: format!("{code}: {}", v["message"].as_str().unwrap_or("")),
+            })
+        }
+        Err(_) => Err(Failure {
+            code: EXIT_UNREACHABLE,
+            message: format!("accepted by the broker (request id {rid}) but no outcome within {timeout:?}: is a worker running?"),
+        }),
+    }
+}

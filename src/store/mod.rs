@@ -7,6 +7,7 @@
 //! blobs/<sha256>                bodies over the blob threshold, content-addressed
 //! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
 //! _probe/<random>               short-lived objects of the start-up probe
+//! dead_letters/<date>/<id>.json  rejected commands, kept as received with the reason
 //! ```
 //!
 //! Every change is a conditional put: create-if-absent for a new run, update-if-unchanged
@@ -438,6 +439,18 @@ impl RunStore {
             }
         }
         Ok(())
+    }
+
+    /// Keeps a rejected command (dead letter) under `dead_letters/<date>/<name>.json`, so that
+    /// nothing sent is lost. Returns the key.
+    pub async fn put_dead_letter(&self, at: &Timestamp, name: &str, body: Vec<u8>) -> Result<String, StoreError> {
+        let date = at.0.format("%Y-%m-%d");
+        let key = self.key(&format!("dead_letters/{date}/{name}.json"));
+        self.store
+            .put(&key, PutPayload::from(body))
+            .await
+            .map_err(|e| self.os_err(e, &format!("write {key}")))?;
+        Ok(key.to_string())
     }
 
     /// Reads a blob; `None` when it does not exist.

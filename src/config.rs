@@ -1,0 +1,341 @@
+//! Configuration: a TOML file (`--config` / `RMOS_CONFIG`) < environment < flags, resolved
+//! once into [`Config`]. A bad value is a one-line error naming the key and what it accepts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::store::{StoreError, StoreUrl};
+
+/// How commands reach the worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IngestMode {
+    /// Durable JetStream pull consumer (default).
+    JetStream,
+    /// Core NATS queue subscriptions (no durability while no worker runs).
+    Core,
+}
+
+/// Settings given on the command line or in the environment (flags win over environment).
+#[derive(Args, Clone, Debug, Default)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long = "config", env = "RMOS_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// NATS URL(s), comma-separated.
+    #[arg(long, env = "NATS_URL", global = true)]
+    pub nats_url: Option<String>,
+    /// NATS user.
+    #[arg(long, env = "NATS_USER", global = true, hide_env_values = true)]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT + seed).
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS nkey seed file.
+    #[arg(long, env = "NATS_NKEY", global = true)]
+    pub nats_nkey: Option<PathBuf>,
+    /// CA bundle for the broker's TLS certificate.
+    #[arg(long, env = "NATS_CA", global = true)]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate for TLS.
+    #[arg(long, env = "NATS_CERT", global = true)]
+    pub nats_cert: Option<PathBuf>,
+    /// Client key for TLS.
+    #[arg(long, env = "NATS_KEY", global = true)]
+    pub nats_key: Option<PathBuf>,
+    /// Store URL: file:///abs/dir or s3://bucket[/prefix].
+    #[arg(long, env = "RMOS_STORE_URL", global = true)]
+    pub store_url: Option<String>,
+    /// Local directory used when no store URL is set.
+    #[arg(long, env = "RMOS_RUNS_DIR", global = true)]
+    pub runs_dir: Option<PathBuf>,
+    /// Subject prefix.
+    #[arg(long, env = "RMOS_SUBJECT_PREFIX", global = true)]
+    pub subject_prefix: Option<String>,
+    /// Ingest mode: jetstream or core.
+    #[arg(long, env = "RMOS_INGEST", global = true)]
+    pub ingest: Option<String>,
+    /// JetStream stream name.
+    #[arg(long, env = "RMOS_STREAM", global = true)]
+    pub stream: Option<String>,
+    /// Durable consumer name.
+    #[arg(long, env = "RMOS_CONSUMER", global = true)]
+    pub consumer: Option<String>,
+    /// Commands processed at once.
+    #[arg(long, env = "RMOS_CONCURRENCY", global = true)]
+    pub concurrency: Option<usize>,
+    /// Log format: pretty or json.
+    #[arg(long, env = "RMOS_LOG_FORMAT", global = true)]
+    pub log_format: Option<String>,
+}
+
+/// The TOML file's shape (every key optional; see `config/rmos-runs.toml`).
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    nats_url: Option<String>,
+    nats_user: Option<String>,
+    nats_password: Option<String>,
+    nats_token: Option<String>,
+    nats_creds: Option<PathBuf>,
+    nats_nkey: Option<PathBuf>,
+    nats_ca: Option<PathBuf>,
+    nats_cert: Option<PathBuf>,
+    nats_key: Option<PathBuf>,
+    store_url: Option<String>,
+    runs_dir: Option<PathBuf>,
+    subject_prefix: Option<String>,
+    ingest: Option<String>,
+    stream: Option<String>,
+    consumer: Option<String>,
+    concurrency: Option<usize>,
+    log_format: Option<String>,
+    stream_replicas: Option<usize>,
+    stream_max_age: Option<String>,
+    ack_wait: Option<String>,
+    max_deliver: Option<i64>,
+    blob_threshold: Option<usize>,
+    fsync: Option<bool>,
+    connect_timeout: Option<String>,
+}
+
+/// A configuration error: one line naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("config: {0}")]
+pub struct ConfigError(pub String);
+
+/// The effective configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Broker URLs.
+    pub nats_urls: Vec<String>,
+    /// Broker user.
+    pub nats_user: Option<String>,
+    /// Broker password.
+    pub nats_password: Option<String>,
+    /// Broker token.
+    pub nats_token: Option<String>,
+    /// Credentials file.
+    pub nats_creds: Option<PathBuf>,
+    /// Nkey seed file.
+    pub nats_nkey: Option<PathBuf>,
+    /// TLS CA bundle.
+    pub nats_ca: Option<PathBuf>,
+    /// TLS client certificate.
+    pub nats_cert: Option<PathBuf>,
+    /// TLS client key.
+    pub nats_key: Option<PathBuf>,
+    /// Where runs are stored.
+    pub store_url: StoreUrl,
+    /// Subject prefix (`rmos.runs`).
+    pub subject_prefix: String,
+    /// Ingest mode.
+    pub ingest: IngestMode,
+    /// Stream name.
+    pub stream: String,
+    /// Consumer name.
+    pub consumer: String,
+    /// Commands processed at once.
+    pub concurrency: usize,
+    /// `pretty` or `json`.
+    pub log_json: bool,
+    /// Stream replicas (1, or 3 on a cluster).
+    pub stream_replicas: usize,
+    /// Stream max age (zero: keep until acked).
+    pub stream_max_age: Duration,
+    /// How long a delivered command may stay unacked before redelivery.
+    pub ack_wait: Duration,
+    /// Deliveries before the broker gives up on a message (-1: never).
+    pub max_deliver: i64,
+    /// Bodies over this many bytes become blobs.
+    pub blob_threshold: usize,
+    /// fsync local writes.
+    pub fsync: bool,
+    /// How long to keep trying to reach the broker at start-up.
+    pub connect_timeout: Duration,
+}
+
+/// Parses `500ms`, `30s`, `2m`, `12h`, `90d` (a bare number is seconds).
+pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        ConfigError(format!("{key}: {s:?} is not a duration; use e.g. 500ms, 30s, 2m, 12h, 90d"))
+    })?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86_400),
+        _ => {
+            return Err(ConfigError(format!(
+                "{key}: unit {unit:?} not understood; use ms, s, m, h or d"
+            )));
+        }
+    };
+    Ok(d)
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| {
+        ConfigError(format!("{}: {}", path.display(), e.to_string().replace('\n', " ")))
+    })
+}
+
+fn check_token(key: &str, v: &str) -> Result<(), ConfigError> {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && !v.starts_with('.')
+        && !v.ends_with('.')
+    {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "{key}: {v:?} must be letters, digits, '_', '-' or '.'"
+        )))
+    }
+}
+
+impl Config {
+    /// Resolves the configuration from file, environment and flags.
+    pub fn resolve(o: &Overrides) -> Result<Config, ConfigError> {
+        let f = match &o.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        let nats_url = o
+            .nats_url
+            .clone()
+            .or(f.nats_url)
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned());
+        let nats_urls: Vec<String> = nats_url
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if nats_urls.is_empty() {
+            return Err(ConfigError("nats_url: no broker URL given".into()));
+        }
+        let store_url = match o.store_url.clone().or(f.store_url) {
+            Some(u) => StoreUrl::parse(&u).map_err(|e: StoreError| ConfigError(format!("store_url: {e}")))?,
+            None => {
+                let dir = o
+                    .runs_dir
+                    .clone()
+                    .or(f.runs_dir)
+                    .unwrap_or_else(|| PathBuf::from("data/rmos_runs"));
+                StoreUrl::from_dir(dir).map_err(|e| ConfigError(format!("runs_dir: {e}")))?
+            }
+        };
+        let subject_prefix = o
+            .subject_prefix
+            .clone()
+            .or(f.subject_prefix)
+            .unwrap_or_else(|| "rmos.runs".to_owned());
+        check_token("subject_prefix", &subject_prefix)?;
+        let ingest = match o.ingest.clone().or(f.ingest).as_deref() {
+            None | Some("jetstream") => IngestMode::JetStream,
+            Some("core") => IngestMode::Core,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "ingest: {other:?} is not one of jetstream, core"
+                )));
+            }
+        };
+        let stream = o.stream.clone().or(f.stream).unwrap_or_else(|| "RMOS_RUNS".to_owned());
+        check_token("stream", &stream)?;
+        let consumer = o
+            .consumer
+            .clone()
+            .or(f.consumer)
+            .unwrap_or_else(|| "rmos-runs-worker".to_owned());
+        check_token("consumer", &consumer)?;
+        let concurrency = o.concurrency.or(f.concurrency).unwrap_or(64);
+        if !(1..=4096).contains(&concurrency) {
+            return Err(ConfigError(format!(
+                "concurrency: {concurrency} must be between 1 and 4096"
+            )));
+        }
+        let log_json = match o.log_format.clone().or(f.log_format).as_deref() {
+            None | Some("pretty") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(ConfigError(format!(
+                    "log_format: {other:?} is not one of pretty, json"
+                )));
+            }
+        };
+        let stream_replicas = f.stream_replicas.unwrap_or(1);
+        if !(1..=5).contains(&stream_replicas) {
+            return Err(ConfigError("stream_replicas: must be between 1 and 5".into()));
+        }
+        let dur = |key: &str, v: Option<String>, default: Duration| match v {
+            Some(s) => parse_duration(key, &s),
+            None => Ok(default),
+        };
+        let max_deliver = f.max_deliver.unwrap_or(-1);
+        if max_deliver == 0 || max_deliver < -1 {
+            return Err(ConfigError("max_deliver: must be -1 (unlimited) or positive".into()));
+        }
+        Ok(Config {
+            nats_urls,
+            nats_user: o.nats_user.clone().or(f.nats_user),
+            nats_password: o.nats_password.clone().or(f.nats_password),
+            nats_token: o.nats_token.clone().or(f.nats_token),
+            nats_creds: o.nats_creds.clone().or(f.nats_creds),
+            nats_nkey: o.nats_nkey.clone().or(f.nats_nkey),
+            nats_ca: o.nats_ca.clone().or(f.nats_ca),
+            nats_cert: o.nats_cert.clone().or(f.nats_cert),
+            nats_key: o.nats_key.clone().or(f.nats_key),
+            store_url,
+            subject_prefix,
+            ingest,
+            stream,
+            consumer,
+            concurrency,
+            log_json,
+            stream_replicas,
+            stream_max_age: dur("stream_max_age", f.stream_max_age, Duration::ZERO)?,
+            ack_wait: dur("ack_wait", f.ack_wait, Duration::from_secs(30))?,
+            max_deliver,
+            blob_threshold: f.blob_threshold.unwrap_or(64 * 1024),
+            fsync: f.fsync.unwrap_or(true),
+            connect_timeout: dur("connect_timeout", f.connect_timeout, Duration::from_secs(30))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("k", "90d").unwrap(), Duration::from_secs(90 * 86_400));
+        assert_eq!(parse_duration("k", "250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("k", "3 weeks").unwrap_err().0.starts_with("k:"));
+    }
+
+    #[test]
+    fn defaults_and_bad_values() {
+        let c = Config::resolve(&Overrides::default()).unwrap();
+        assert_eq!(c.subject_prefix, "rmos.runs");
+        assert_eq!(c.stream, "RMOS_RUNS");
+        assert_eq!(c.ingest, IngestMode::JetStream);
+        let bad = Overrides { ingest: Some("kafka".into()), ..Default::default() };
+        assert!(Config::resolve(&bad).unwrap_err().0.contains("jetstream, core"));
+    }
+}

@@ -1,0 +1,201 @@
+//! Request-reply handlers (`get`, `list`, `verify`), registered with the NATS services API so
+//! `nats micro ls/info/stats` discover the worker, and served on a queue group so any number
+//! of workers answer.
+
+use std::sync::Arc;
+
+use async_nats::Client;
+use async_nats::service::{Request, Service, ServiceExt};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::events::{error_reply, ok_headers};
+use super::{Subjects, WireError, request_id};
+use crate::domain::error::Rejection;
+use crate::domain::ids::{RequestId, RunId};
+use crate::store::{ListQuery, RunStore};
+
+/// The service name in `nats micro ls`.
+pub const SERVICE_NAME: &str = "rmos-runs";
+/// Queue group of the request-reply endpoints.
+pub const QUEUE_GROUP: &str = "rmos-runs";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetRequest {
+    run_id: RunId,
+    #[serde(default)]
+    include_outputs: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    run_id: RunId,
+}
+
+/// Parses a body that is either a bare run id or a JSON object.
+fn parse_id_or_json<T: for<'de> Deserialize<'de>>(
+    body: &[u8],
+    from_id: impl FnOnce(RunId) -> T,
+) -> Result<T, Rejection> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| Rejection::invalid("request body is not UTF-8"))?
+        .trim();
+    if text.starts_with('{') {
+        serde_json::from_str(text).map_err(|e| Rejection::invalid(format!("schema violation: {e}")))
+    } else if text.is_empty() {
+        Err(Rejection::invalid("request body is empty: send a run id or {\"run_id\": ...}"))
+    } else {
+        RunId::parse(text).map(from_id)
+    }
+}
+
+/// The request-reply API.
+pub struct Api {
+    client: Client,
+    store: RunStore,
+    concurrency: usize,
+}
+
+impl Api {
+    /// An API over `store`.
+    pub fn new(client: Client, store: RunStore, concurrency: usize) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            store,
+            concurrency,
+        })
+    }
+
+    /// Registers the service and serves until `shutdown` turns true.
+    pub async fn serve(
+        self: Arc<Self>,
+        subjects: &Subjects,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Service, async_nats::Error> {
+        let service = self
+            .client
+            .service_builder()
+            .description("Persistent record of CNC manufacturing runs")
+            .queue_group(QUEUE_GROUP)
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await?;
+        for name in ["get", "list", "verify"] {
+            let endpoint = service
+                .endpoint_builder()
+                .name(name)
+                .add(subjects.sub(name))
+                .await?;
+            let this = self.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                let stop = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                endpoint
+                    .take_until(stop)
+                    .for_each_concurrent(this.concurrency, |req| {
+                        let this = this.clone();
+                        async move { this.answer(name, req).await }
+                    })
+                    .await;
+            });
+        }
+        Ok(service)
+    }
+
+    async fn answer(&self, name: &'static str, req: Request) {
+        let rid = request_id(req.message.headers.as_ref());
+        let span = tracing::info_span!("request", endpoint = name, request_id = %rid);
+        async {
+            let started = std::time::Instant::now();
+            let result = match name {
+                "get" => self.get(&req.message.payload).await,
+                "list" => self.list(&req.message.payload).await,
+                _ => self.verify(&req.message.payload).await,
+            };
+            let sent = match result {
+                Ok(body) => req.respond_with_headers(Ok(body), ok_headers(&rid)).await,
+                Err(err) => {
+                    tracing::info!(code = err.code, reason = %err.message, "request refused");
+                    self.reply_error(&req, &err, &rid).await
+                }
+            };
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "reply not sent");
+            }
+            tracing::debug!(us = started.elapsed().as_micros() as u64, "answered");
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn reply_error(
+        &self,
+        req: &Request,
+        err: &WireError,
+        rid: &RequestId,
+    ) -> Result<(), async_nats::PublishError> {
+        // The services helper sends error replies with an empty body; ours carry a JSON body
+        // too, so publish the reply directly.
+        let (h, body) = error_reply(err, rid);
+        match &req.message.reply {
+            Some(reply) => self.client.publish_with_headers(reply.clone(), h, body).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn get(&self, body: &[u8]) -> Result<Bytes, WireError> {
+        let q: GetRequest = parse_id_or_json(body, |run_id| GetRequest {
+            run_id,
+            include_outputs: false,
+        })
+        .map_err(|r| WireError::from(&r))?;
+        let mut artifact = self.store.get(&q.run_id).await.map_err(|e| WireError::from(&e))?;
+        if q.include_outputs {
+            artifact = self
+                .store
+                .inline_outputs(artifact)
+                .await
+                .map_err(|e| WireError::from(&e))?;
+        }
+        let bytes = serde_json::to_vec(&artifact).map_err(|e| WireError {
+            code: "internal",
+            status: 500,
+            message: e.to_string(),
+        })?;
+        let max = self.client.server_info().max_payload;
+        if bytes.len() > max {
+            return Err(WireError::from(&Rejection::too_large(format!(
+                "run {} is {} bytes with its outputs, over the broker's max_payload {max}; \
+                 ask without include_outputs",
+                q.run_id,
+                bytes.len()
+            ))));
+        }
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn list(&self, body: &[u8]) -> Result<Bytes, WireError> {
+        let text = std::str::from_utf8(body).unwrap_or("").trim();
+        let q: ListQuery = if text.is_empty() {
+            ListQuery::default()
+        } else {
+            serde_json::from_str(text)
+                .map_err(|e| WireError::invalid(format!("schema violation: {e}")))?
+        };
+        let page = self.store.list(&q).await.map_err(|e| WireError::from(&e))?;
+        Ok(Bytes::from(serde_json::to_vec(&page).unwrap_or_default()))
+    }
+
+    async fn verify(&self, body: &[u8]) -> Result<Bytes, WireError> {
+        let q: VerifyRequest =
+            parse_id_or_json(body, |run_id| VerifyRequest { run_id }).map_err(|r| WireError::from(&r))?;
+        let report = self.store.verify(&q.run_id).await.map_err(|e| WireError::from(&e))?;
+        Ok(Bytes::from(serde_json::to_vec(&report).unwrap_or_default()))
+    }
+}

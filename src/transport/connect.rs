@@ -1,0 +1,85 @@
+//! Connecting to the broker with the configured credentials and TLS, retrying at start-up
+//! within a time budget so a worker started before its broker comes up on its own.
+
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions};
+
+use crate::config::Config;
+
+/// Why the broker could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A credential or TLS file could not be used.
+    #[error("broker credentials: {0}")]
+    Credentials(String),
+    /// No broker answered within the budget.
+    #[error("broker unreachable at {urls} after {secs}s: {last}")]
+    Unreachable {
+        /// The URLs tried.
+        urls: String,
+        /// The budget.
+        secs: u64,
+        /// The last error.
+        last: String,
+    },
+}
+
+async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectError> {
+    let mut o = if let Some(creds) = &cfg.nats_creds {
+        ConnectOptions::with_credentials_file(creds.clone())
+            .await
+            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", creds.display())))?
+    } else if let Some(nkey) = &cfg.nats_nkey {
+        let seed = std::fs::read_to_string(nkey)
+            .map_err(|e| ConnectError::Credentials(format!("{}: {e}", nkey.display())))?;
+        ConnectOptions::with_nkey(seed.trim().to_owned())
+    } else if let Some(token) = &cfg.nats_token {
+        ConnectOptions::with_token(token.clone())
+    } else if let (Some(u), Some(p)) = (&cfg.nats_user, &cfg.nats_password) {
+        ConnectOptions::with_user_and_password(u.clone(), p.clone())
+    } else {
+        ConnectOptions::new()
+    };
+    if let Some(ca) = &cfg.nats_ca {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.nats_cert, &cfg.nats_key) {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(o
+        .name(name)
+        .connection_timeout(Duration::from_secs(5))
+        .max_reconnects(None))
+}
+
+/// Connects, retrying until `cfg.connect_timeout` has passed.
+pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
+    let urls = cfg.nats_urls.join(",");
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        // The first failure is reported (no retry_on_initial_connect), so this loop owns the
+        // start-up budget; after that the client reconnects on its own, forever.
+        let opts = options(cfg, name).await?;
+        match opts.connect(cfg.nats_urls.as_slice()).await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                let last = e.to_string();
+                if last.contains("authorization") || last.contains("Authorization") {
+                    return Err(ConnectError::Credentials(last));
+                }
+                if Instant::now() + delay > deadline {
+                    return Err(ConnectError::Unreachable {
+                        urls,
+                        secs: cfg.connect_timeout.as_secs(),
+                        last,
+                    });
+                }
+                tracing::warn!(%urls, error = %last, "broker not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

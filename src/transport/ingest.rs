@@ -1,0 +1,449 @@
+//! Command ingestion: a durable JetStream pull consumer (or core queue subscriptions),
+//! decode → store → event → ack, with bounded concurrency and per-run serialization.
+//!
+//! A message is acked only after its effect is stored and its `stored` event published.
+//! Store trouble is never turned into a rejection: the message is negatively acked with a
+//! growing delay and comes back. A command that can never succeed is kept as a dead letter,
+//! announced on `rejected`, and acked, so a poison message never stalls the consumer.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::{Mutex, watch};
+use tracing::Instrument;
+
+use super::events::{self, RejectedEvent, Source};
+use super::{Subjects, WireError, msg_id, request_id};
+use crate::domain::artifact::Timestamp;
+use crate::domain::command::{Command, CommandKind, Context, Limits};
+use crate::domain::error::RejectCode;
+use crate::domain::ids::{CommandId, RequestId, RunId};
+use crate::store::{Outcome, RunStore, StoreError};
+
+/// Ingestion settings.
+#[derive(Clone, Debug)]
+pub struct IngestSettings {
+    /// Stream name.
+    pub stream: String,
+    /// Durable consumer name.
+    pub consumer: String,
+    /// Commands in flight at once.
+    pub concurrency: usize,
+    /// Stream replicas.
+    pub replicas: usize,
+    /// Stream max age (zero: until acked).
+    pub max_age: Duration,
+    /// Ack wait.
+    pub ack_wait: Duration,
+    /// Max deliveries (-1: unlimited).
+    pub max_deliver: i64,
+    /// Domain limits.
+    pub limits: Limits,
+    /// Deliveries a patch/advisory for an unknown run is retried before it is rejected.
+    pub not_found_retries: i64,
+}
+
+/// Why ingestion could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The stream or consumer could not be set up.
+    #[error("jetstream setup: {0}")]
+    Setup(String),
+    /// A subscription failed.
+    #[error("subscribe: {0}")]
+    Subscribe(String),
+}
+
+/// Serializes commands for the same run inside one process, so a worker does not race itself
+/// (other processes are handled by the store's conditional writes).
+struct RunLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl RunLocks {
+    fn new() -> Self {
+        Self {
+            stripes: (0..1024).map(|_| Mutex::new(())).collect(),
+        }
+    }
+    fn for_run(&self, id: &RunId) -> &Mutex<()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        id.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % self.stripes.len()]
+    }
+}
+
+/// What became of a command.
+enum Verdict {
+    /// Stored (or already stored): announce and ack.
+    Done(Outcome),
+    /// Can never succeed: dead-letter, announce and ack.
+    Reject(WireError, Option<RunId>),
+    /// May succeed later: redeliver.
+    Retry(WireError),
+}
+
+#[derive(Serialize)]
+struct DeadLetter<'a> {
+    received_at: Timestamp,
+    subject: &'a str,
+    request_id: &'a RequestId,
+    code: &'static str,
+    message: &'a str,
+    headers: Vec<(String, String)>,
+    /// The payload as UTF-8 text when it is, else hex.
+    payload_text: Option<String>,
+    payload_hex: Option<String>,
+    source: &'a Source,
+}
+
+/// The command-processing worker.
+pub struct Ingest {
+    client: Client,
+    store: RunStore,
+    subjects: Subjects,
+    settings: IngestSettings,
+    locks: RunLocks,
+}
+
+impl Ingest {
+    /// A worker over `client` and `store`.
+    pub fn new(client: Client, store: RunStore, subjects: Subjects, settings: IngestSettings) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            store,
+            subjects,
+            settings,
+            locks: RunLocks::new(),
+        })
+    }
+
+    /// Ensures the stream and the durable consumer exist.
+    pub async fn ensure_stream(&self) -> Result<consumer::PullConsumer, IngestError> {
+        let js = jetstream::new(self.client.clone());
+        let s = &self.settings;
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: s.stream.clone(),
+                subjects: self.subjects.commands(),
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                num_replicas: s.replicas,
+                max_age: s.max_age,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| IngestError::Setup(format!("stream {}: {e}", s.stream)))?;
+        stream
+            .get_or_create_consumer(
+                &s.consumer,
+                consumer::pull::Config {
+                    durable_name: Some(s.consumer.clone()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: s.ack_wait,
+                    max_deliver: s.max_deliver,
+                    max_ack_pending: (s.concurrency * 4) as i64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| IngestError::Setup(format!("consumer {}: {e}", s.consumer)))
+    }
+
+    /// Consumes the stream until `shutdown` turns true, then finishes what it holds.
+    pub async fn run_jetstream(
+        self: Arc<Self>,
+        consumer: consumer::PullConsumer,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.settings.concurrency)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+            .map_err(|e| IngestError::Subscribe(e.to_string()))?;
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        messages
+            .take_until(stop)
+            .for_each_concurrent(self.settings.concurrency, |m| {
+                let this = self.clone();
+                async move {
+                    match m {
+                        Ok(msg) => this.process_jetstream(msg).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consumer stream error; continuing");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn process_jetstream(&self, msg: jetstream::Message) {
+        let (seq, delivered) = match msg.info() {
+            Ok(i) => (Some(i.stream_sequence), i.delivered),
+            Err(_) => (None, 1),
+        };
+        let mid = msg_id(msg.headers.as_ref());
+        let command_id = mid
+            .clone()
+            .or_else(|| seq.map(|s| format!("js:{}:{s}", self.settings.stream)));
+        let source = Source {
+            subject: msg.subject.to_string(),
+            stream_seq: seq,
+            msg_id: mid,
+            delivered: Some(delivered),
+        };
+        let rid = request_id(msg.headers.as_ref());
+        let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
+            stream_seq = seq, delivered, run_id = tracing::field::Empty, outcome = tracing::field::Empty);
+        async {
+            let started = std::time::Instant::now();
+            let verdict = self
+                .handle(&msg.subject, msg.headers.as_ref(), &msg.payload, command_id, &rid, delivered)
+                .await;
+            let ack = match verdict {
+                Verdict::Done(outcome) => {
+                    match events::publish_stored(&self.client, &self.subjects, &outcome, &rid, &source).await {
+                        Ok(()) => {
+                            tracing::Span::current().record("outcome", "stored");
+                            tracing::info!(revision = outcome.revision, changed = outcome.changed,
+                                conflicts = outcome.conflicts, ms = started.elapsed().as_millis() as u64, "stored");
+                            AckKind::Ack
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "stored event not published; redelivering");
+                            AckKind::Nak(Some(Duration::from_secs(1)))
+                        }
+                    }
+                }
+                Verdict::Reject(err, run_id) => {
+                    tracing::Span::current().record("outcome", "rejected");
+                    match self.reject(&msg.subject, msg.headers.as_ref(), &msg.payload, &rid, &err, run_id.as_ref(), &source).await {
+                        Ok(()) => AckKind::Ack,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "dead letter not stored; redelivering");
+                            AckKind::Nak(Some(backoff(delivered)))
+                        }
+                    }
+                }
+                Verdict::Retry(err) => {
+                    tracing::Span::current().record("outcome", "retry");
+                    let delay = backoff(delivered);
+                    tracing::warn!(code = err.code, error = %err.message, ?delay, "transient failure; redelivering");
+                    AckKind::Nak(Some(delay))
+                }
+            };
+            if let Err(e) = msg.ack_with(ack).await {
+                // The broker redelivers after ack_wait; the effect is idempotent.
+                tracing::warn!(error = %e, "ack failed; the command will be redelivered");
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Decodes and applies one command.
+    async fn handle(
+        &self,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        command_id: Option<String>,
+        rid: &RequestId,
+        delivered: i64,
+    ) -> Verdict {
+        let Some(kind) = self.subjects.kind_of(subject) else {
+            return Verdict::Reject(WireError::invalid(format!("{subject} is not a command subject")), None);
+        };
+        let mid = msg_id(headers);
+        let cmd = match Command::decode(kind, payload, mid.as_deref()) {
+            Ok(c) => c,
+            Err(r) => return Verdict::Reject(WireError::from(&r), None),
+        };
+        let ctx = Context {
+            now: Timestamp::now(),
+            request_id: rid.clone(),
+            command_id: command_id.and_then(|c| CommandId::parse(&c).ok()),
+            limits: self.settings.limits.clone(),
+        };
+        let run_id = cmd.run_id().clone();
+        tracing::Span::current().record("run_id", tracing::field::display(&run_id));
+        let result = {
+            let _guard = self.locks.for_run(&run_id).lock().await;
+            self.store.execute(&cmd, &ctx).await
+        };
+        match result {
+            Ok(outcome) => Verdict::Done(outcome),
+            Err(StoreError::Rejected(r))
+                if r.code == RejectCode::NotFound
+                    && matches!(kind, CommandKind::PatchMeta | CommandKind::Advisory)
+                    && !r.message.contains("deleted")
+                    && delivered < self.settings.not_found_retries =>
+            {
+                // The run's create may still be on its way.
+                Verdict::Retry(WireError::from(&r))
+            }
+            Err(e @ StoreError::Contention { .. }) => Verdict::Retry(WireError::from(&e)),
+            Err(e) if e.is_transient() || matches!(e, StoreError::Unusable(_)) => {
+                Verdict::Retry(WireError::from(&e))
+            }
+            Err(e) => Verdict::Reject(WireError::from(&e), Some(run_id)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn reject(
+        &self,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        payload: &Bytes,
+        rid: &RequestId,
+        err: &WireError,
+        run_id: Option<&RunId>,
+        source: &Source,
+    ) -> Result<(), String> {
+        let now = Timestamp::now();
+        let letter = DeadLetter {
+            received_at: now,
+            subject,
+            request_id: rid,
+            code: err.code,
+            message: &err.message,
+            headers: headers
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.to_string())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            payload_text: std::str::from_utf8(payload).ok().map(str::to_owned),
+            payload_hex: std::str::from_utf8(payload).is_err().then(|| hex::encode(payload)),
+            source,
+        };
+        let name = match source.stream_seq {
+            Some(seq) => format!("{}-seq{seq}", now.0.format("%H%M%S%3f")),
+            None => format!("{}-{}", now.0.format("%H%M%S%3f"), rid),
+        };
+        let body = serde_json::to_vec_pretty(&letter).map_err(|e| e.to_string())?;
+        let key = self
+            .store
+            .put_dead_letter(&now, &name, body)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected");
+        let ev = RejectedEvent {
+            code: err.code,
+            message: &err.message,
+            subject,
+            request_id: rid,
+            run_id,
+            dead_letter: Some(&key),
+            source,
+        };
+        events::publish_rejected(&self.client, &self.subjects, &ev)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Core mode: queue subscriptions on the command subjects; replies with the outcome.
+    pub async fn run_core(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
+        let mut subs = Vec::new();
+        for subject in self.subjects.commands() {
+            subs.push(
+                self.client
+                    .queue_subscribe(subject.clone(), "rmos-runs".to_owned())
+                    .await
+                    .map_err(|e| IngestError::Subscribe(format!("{subject}: {e}")))?,
+            );
+        }
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        futures::stream::select_all(subs)
+            .take_until(stop)
+            .for_each_concurrent(self.settings.concurrency, |msg| {
+                let this = self.clone();
+                async move { this.process_core(msg).await }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn process_core(&self, msg: async_nats::Message) {
+        let rid = request_id(msg.headers.as_ref());
+        let mid = msg_id(msg.headers.as_ref());
+        let command_id = mid
+            .clone()
+            .or_else(|| Some(format!("sha:{}", crate::domain::hashing::sha256_bytes(&msg.payload))));
+        let source = Source {
+            subject: msg.subject.to_string(),
+            stream_seq: None,
+            msg_id: mid,
+            delivered: None,
+        };
+        let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
+            run_id = tracing::field::Empty, outcome = tracing::field::Empty);
+        async {
+            let mut attempt = 1;
+            let verdict = loop {
+                let v = self
+                    .handle(&msg.subject, msg.headers.as_ref(), &msg.payload, command_id.clone(), &rid, attempt)
+                    .await;
+                match v {
+                    Verdict::Retry(_) if attempt < 6 => {
+                        tokio::time::sleep(backoff(attempt)).await;
+                        attempt += 1;
+                    }
+                    other => break other,
+                }
+            };
+            let reply: Result<Bytes, WireError> = match verdict {
+                Verdict::Done(outcome) => {
+                    let _ = events::publish_stored(&self.client, &self.subjects, &outcome, &rid, &source).await;
+                    Ok(events::stored_body(&outcome, &rid, &source))
+                }
+                Verdict::Reject(err, run_id) => {
+                    if let Err(e) = self.reject(&msg.subject, msg.headers.as_ref(), &msg.payload, &rid, &err, run_id.as_ref(), &source).await {
+                        tracing::error!(error = %e, "dead letter not stored");
+                    }
+                    Err(err)
+                }
+                Verdict::Retry(err) => Err(err),
+            };
+            if let Some(reply_to) = msg.reply.clone() {
+                let sent = match reply {
+                    Ok(body) => self.client.publish_with_headers(reply_to, events::ok_headers(&rid), body).await,
+                    Err(err) => {
+                        let (h, body) = events::error_reply(&err, &rid);
+                        self.client.publish_with_headers(reply_to, h, body).await
+                    }
+                };
+                if let Err(e) = sent {
+                    tracing::warn!(error = %e, "reply not sent");
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Redelivery delay after `delivered` attempts: 500 ms doubling, capped at 60 s.
+fn backoff(delivered: i64) -> Duration {
+    let exp = delivered.clamp(1, 8) as u32 - 1;
+    Duration::from_millis(500u64 << exp).min(Duration::from_secs(60))
+}

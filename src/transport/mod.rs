@@ -1,0 +1,140 @@
+//! The NATS transport: JetStream (or core) ingestion of commands, request-reply handlers and
+//! events. It decodes messages into domain commands and encodes results; it holds no rules.
+
+pub mod api;
+pub mod connect;
+pub mod events;
+pub mod ingest;
+
+use serde::Serialize;
+
+use crate::domain::command::CommandKind;
+use crate::domain::error::{RejectCode, Rejection};
+use crate::domain::ids::RequestId;
+use crate::store::StoreError;
+
+/// Header carrying the correlation id.
+pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
+/// Header carrying the publisher's idempotency key.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+
+/// Every subject, derived from one prefix.
+#[derive(Clone, Debug)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// Subjects under `prefix` (`rmos.runs`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// `<prefix>.<suffix>`.
+    pub fn sub(&self, suffix: &str) -> String {
+        format!("{}.{suffix}", self.prefix)
+    }
+    /// A command's subject.
+    pub fn command(&self, kind: CommandKind) -> String {
+        self.sub(kind.suffix())
+    }
+    /// All command subjects (what the stream captures).
+    pub fn commands(&self) -> Vec<String> {
+        CommandKind::ALL.iter().map(|k| self.command(*k)).collect()
+    }
+    /// The command a subject carries.
+    pub fn kind_of(&self, subject: &str) -> Option<CommandKind> {
+        subject
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('.')
+            .and_then(CommandKind::from_suffix)
+    }
+    /// `<prefix>.stored`.
+    pub fn stored(&self) -> String {
+        self.sub("stored")
+    }
+    /// `<prefix>.rejected`.
+    pub fn rejected(&self) -> String {
+        self.sub("rejected")
+    }
+}
+
+/// An error as it goes on the wire: protocol code, NATS-services status, message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WireError {
+    /// `not_found`, `conflict`, ...
+    pub code: &'static str,
+    /// 400, 404, 409, 413, 422, 503, 507 or 500.
+    #[serde(skip)]
+    pub status: u16,
+    /// Why.
+    pub message: String,
+}
+
+impl WireError {
+    /// An `invalid_request` (400).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::from(&Rejection::invalid(message))
+    }
+    /// Whether redelivering may succeed (store trouble), as opposed to a permanent refusal.
+    pub fn is_transient(&self) -> bool {
+        matches!(self.status, 503 | 507)
+    }
+}
+
+impl From<&Rejection> for WireError {
+    fn from(r: &Rejection) -> Self {
+        let (code, status) = match r.code {
+            RejectCode::InvalidRequest => ("invalid_request", 400),
+            RejectCode::NotFound => ("not_found", 404),
+            RejectCode::Conflict => ("conflict", 409),
+            RejectCode::TooLarge => ("too_large", 413),
+            RejectCode::CorruptArtifact => ("corrupt_artifact", 422),
+        };
+        Self {
+            code,
+            status,
+            message: r.message.clone(),
+        }
+    }
+}
+
+impl From<&StoreError> for WireError {
+    fn from(e: &StoreError) -> Self {
+        let (code, status) = match e {
+            StoreError::Rejected(r) => return WireError::from(r),
+            StoreError::NotFound(_) => ("not_found", 404),
+            StoreError::Corrupt { .. } => ("corrupt_artifact", 422),
+            StoreError::Contention { .. } => ("conflict", 409),
+            StoreError::TooLarge(_) => ("too_large", 413),
+            StoreError::Unavailable(_) | StoreError::Unusable(_) => ("storage_unavailable", 503),
+            StoreError::InsufficientStorage(_) => ("insufficient_storage", 507),
+        };
+        Self {
+            code,
+            status,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The request id of a message: its `X-Request-Id` when valid, else a fresh one.
+pub fn request_id(headers: Option<&async_nats::HeaderMap>) -> RequestId {
+    headers
+        .and_then(|h| h.get(REQUEST_ID_HEADER))
+        .and_then(|v| RequestId::parse(v.as_str()).ok())
+        .unwrap_or_else(RequestId::generate)
+}
+
+/// The message's `Nats-Msg-Id`, if any.
+pub fn msg_id(headers: Option<&async_nats::HeaderMap>) -> Option<String> {
+    headers
+        .and_then(|h| h.get(MSG_ID_HEADER))
+        .map(|v| v.as_str().to_owned())
+        .filter(|s| !s.is_empty())
+}

@@ -1,0 +1,715 @@
+//! Shared integration-test harness: real dependencies on free loopback ports, never mocks.
+//!
+//! Use from a test file with `mod support;`. Not every test file uses every item, hence the
+//! `#[allow(dead_code)]` on the public items.
+//!
+//! - [`NatsServer`]: a real `nats-server` with JetStream, a private store dir, stop/kill/restart.
+//! - [`S3Server`]: the moto S3 server (`scripts/s3_server.py`, venv from `scripts/install-deps.sh`),
+//!   with [`S3Server::create_bucket`] and [`unique_bucket`] so tests can share one process.
+//! - [`StripConditionalProxy`]: an HTTP/1.1 proxy that drops `If-Match` / `If-None-Match`,
+//!   simulating an S3-compatible store that silently ignores conditional writes.
+//! - [`free_port`], [`init_tracing`].
+//!
+//! Child processes are `std::process` children (no dependency on any tokio runtime for
+//! reaping, usable from sync and async tests). They are killed on Drop, and — as a safety net
+//! for a test binary that dies without unwinding (abort, SIGKILL from a CI timeout) — they are
+//! spawned with `PR_SET_PDEATHSIG = SIGKILL` from one helper thread that lives as long as the
+//! test process, so they never outlive it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// How long a dependency may take to come up before the test panics.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a graceful stop (SIGTERM) may take before we escalate to SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many fresh ports to try when a server exits at start-up (port grabbed in between).
+const START_ATTEMPTS: usize = 3;
+
+// ---------------------------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------------------------
+
+/// A currently free TCP port on 127.0.0.1 (bind port 0, read it, drop the listener).
+///
+/// Inherently racy (another process may take it before the server binds it); the servers below
+/// detect a start-up exit and retry on a new port.
+pub fn free_port() -> u16 {
+    let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Install a tracing subscriber for tests once per process (later calls are no-ops).
+///
+/// Honours `RUST_LOG` (default `info`), writes through the libtest capture (shown for failing
+/// tests, or with `--nocapture`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Root of the crate (where `scripts/` and `.tools/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Random lowercase hex, `2 * bytes` characters.
+fn random_hex(bytes: usize) -> String {
+    let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+    hex::encode(raw)
+}
+
+/// A fresh, valid S3 bucket name (`rmos-test-<16 hex>`), so tests can share one [`S3Server`].
+pub fn unique_bucket() -> String {
+    format!("rmos-test-{}", random_hex(8))
+}
+
+/// Can we open a TCP connection to 127.0.0.1:port right now?
+fn port_accepts(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    StdTcpStream::connect_timeout(&addr, Duration::from_millis(250)).is_ok()
+}
+
+fn read_log(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => log_tail(&bytes),
+        Err(e) => format!("<could not read {}: {e}>", path.display()),
+    }
+}
+
+/// Whole content of an (anonymous) log file, read without moving any shared file offset.
+fn read_log_file(file: &std::fs::File) -> String {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match file.read_at(&mut chunk, bytes.len() as u64) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(e) => return format!("<could not read log: {e}>"),
+        }
+    }
+    log_tail(&bytes)
+}
+
+/// Keep panic messages readable: the last 60 lines are what matter.
+fn log_tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(60);
+    lines[start..].join("\n")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child-process plumbing
+// ---------------------------------------------------------------------------------------------
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawn `cmd` with PR_SET_PDEATHSIG=SIGKILL.
+///
+/// The death signal fires when the *thread* that forked the child exits, not the process, so all
+/// spawns go through one helper thread that is never joined and lives until the test process
+/// exits. Test threads (and tokio blocking-pool threads) come and go; this one does not.
+fn spawn_guarded(mut cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("test-support-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // All senders gone is impossible (the sender lives in a static): park forever
+                // anyway so the thread, and with it the death-signal guard, stays alive.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn test-support-spawner thread");
+        Mutex::new(tx)
+    });
+
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+        unsafe {
+            let parent = libc::getpid();
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+
+    let (reply_tx, reply_rx) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .send((cmd, reply_tx))
+        .expect("test-support-spawner thread is gone");
+    reply_rx
+        .recv()
+        .expect("test-support-spawner thread dropped the request")
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: plain kill(2) on the pid of a child we have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// SIGTERM, wait up to [`STOP_TIMEOUT`], then SIGKILL. Returns whether it exited on SIGTERM.
+async fn terminate(child: &mut Child) -> bool {
+    if child.try_wait().ok().flatten().is_some() {
+        return true;
+    }
+    send_signal(child, libc::SIGTERM);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// SIGKILL and reap (fast: the kernel tears the process down right away).
+fn kill_now(child: &mut Child) {
+    if child.try_wait().ok().flatten().is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// NATS
+// ---------------------------------------------------------------------------------------------
+
+/// A real `nats-server -js` on a free loopback port, with a private JetStream store directory.
+///
+/// `restart()` reuses the same port and store dir, so JetStream state survives like a real
+/// broker restart. The process is SIGKILLed on Drop.
+pub struct NatsServer {
+    bin: PathBuf,
+    port: u16,
+    /// Holds `js/` (the `-sd` store dir) and one `nats-<n>.log` per incarnation.
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    incarnation: usize,
+}
+
+impl NatsServer {
+    /// Locate nats-server: `$NATS_SERVER_BIN`, then `PATH`, then `/usr/sbin/nats-server`
+    /// (where the Debian package puts it; `/usr/sbin` is not on every user's PATH).
+    pub fn binary() -> PathBuf {
+        if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                is_executable(&bin),
+                "NATS_SERVER_BIN={} is not an executable file",
+                bin.display()
+            );
+            return bin;
+        }
+        find_in_path("nats-server")
+            .or_else(|| {
+                let sbin = PathBuf::from("/usr/sbin/nats-server");
+                is_executable(&sbin).then_some(sbin)
+            })
+            .unwrap_or_else(|| {
+                panic!("nats-server not found: run scripts/install-deps.sh (make test does)")
+            })
+    }
+
+    /// Start nats-server with JetStream on a free port and wait until it accepts connections.
+    pub async fn start() -> NatsServer {
+        let bin = Self::binary();
+        let dir = tempfile::Builder::new()
+            .prefix("rmos-nats-")
+            .tempdir()
+            .expect("create nats tempdir");
+        std::fs::create_dir(dir.path().join("js")).expect("create store dir");
+        let mut server = NatsServer {
+            bin,
+            port: 0,
+            dir,
+            child: None,
+            incarnation: 0,
+        };
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                // Most likely the port was taken between free_port() and the bind: retry.
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("nats-server failed to start after {START_ATTEMPTS} attempts:\n{last_error}");
+    }
+
+    /// `nats://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory passed as `-sd` (kept across restarts).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
+    }
+
+    /// Path of the current incarnation's log (the server's stderr).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("nats-{}.log", self.incarnation))
+    }
+
+    /// Current server log (tail), for assertion messages.
+    pub fn log(&self) -> String {
+        read_log(&self.log_path())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_none(),
+            None => false,
+        }
+    }
+
+    /// Graceful stop: SIGTERM, wait (escalates to SIGKILL after 10 s). No-op if not running.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child).await;
+        }
+    }
+
+    /// Crash: SIGKILL and reap. No-op if not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_now(&mut child);
+        }
+    }
+
+    /// Stop (gracefully) if running, then start again on the same port with the same store dir,
+    /// and wait until it accepts connections. Also usable after `stop()` / `kill()`.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        if let Err(e) = self.spawn_and_wait().await {
+            panic!("nats-server failed to restart on port {}:\n{e}", self.port);
+        }
+    }
+
+    /// Spawn a new incarnation on `self.port`; Ok once it accepts TCP connections and logged
+    /// "Server is ready". Err (with the log) if it exits or times out; the child is then reaped.
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        self.incarnation += 1;
+        let log_path = self.log_path();
+        let log = std::fs::File::create(&log_path).expect("create nats log");
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(self.store_dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let mut child = spawn_guarded(cmd)
+            .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", self.bin.display()));
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                return Err(format!(
+                    "nats-server on port {} exited during start-up ({status}); log:\n{}",
+                    self.port,
+                    read_log(&log_path)
+                ));
+            }
+            // The log line proves *our* process owns the port; the connect proves it accepts.
+            let ready = std::fs::read_to_string(&log_path)
+                .map(|log| log.contains("Server is ready"))
+                .unwrap_or(false);
+            if ready && port_accepts(self.port) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                kill_now(&mut child);
+                return Err(format!(
+                    "nats-server on port {} not ready after {START_TIMEOUT:?}; log:\n{}",
+                    self.port,
+                    read_log(&log_path)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 (moto)
+// ---------------------------------------------------------------------------------------------
+
+/// The moto S3 server (`scripts/s3_server.py`, single-threaded, path-style) on a free port.
+///
+/// One process can serve many tests: give each its own bucket via [`unique_bucket`] +
+/// [`S3Server::create_bucket`]. Killed on Drop.
+pub struct S3Server {
+    port: u16,
+    child: Child,
+    /// The server's stderr: an anonymous (already unlinked) temp file, so nothing is left on
+    /// disk even by the never-dropped [`S3Server::shared`] instance.
+    log: std::fs::File,
+}
+
+impl S3Server {
+    /// The interpreter: `$RMOS_TEST_S3_PYTHON`, else `<repo>/.tools/s3-venv/bin/python`.
+    pub fn python() -> PathBuf {
+        if let Some(py) = std::env::var_os("RMOS_TEST_S3_PYTHON") {
+            return PathBuf::from(py);
+        }
+        let py = repo_root().join(".tools/s3-venv/bin/python");
+        assert!(
+            py.exists(),
+            "S3 test server venv missing ({} not found): run scripts/install-deps.sh (make test does)",
+            py.display()
+        );
+        py
+    }
+
+    /// Start the server on a free port and wait for its `ready` line.
+    pub async fn start() -> S3Server {
+        let python = Self::python();
+        let script = repo_root().join("scripts/s3_server.py");
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let log = tempfile::tempfile().expect("create s3 log file");
+            let child_stderr = log.try_clone().expect("clone s3 log handle");
+            let mut cmd = Command::new(&python);
+            cmd.arg(&script)
+                .arg("--host")
+                .arg("127.0.0.1")
+                .arg("--port")
+                .arg(port.to_string())
+                .env("PYTHONUNBUFFERED", "1")
+                .env("PYTHONDONTWRITEBYTECODE", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(child_stderr));
+            let mut child = spawn_guarded(cmd).unwrap_or_else(|e| {
+                panic!(
+                    "failed to spawn S3 test server ({}): {e}; run scripts/install-deps.sh (make test does)",
+                    python.display()
+                )
+            });
+
+            // Read stdout on a plain thread (a blocking pipe); it reports the `ready` line.
+            let stdout = child.stdout.take().expect("piped stdout");
+            let (ready_tx, ready_rx) = mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(stdout).lines();
+                for line in lines.by_ref() {
+                    match line {
+                        Ok(l) if l.trim() == "ready" => {
+                            let _ = ready_tx.send(());
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(_) => return,
+                    }
+                }
+                // Keep draining so the server never blocks on a full pipe.
+                for _ in lines {}
+            });
+
+            let deadline = Instant::now() + START_TIMEOUT;
+            let outcome = loop {
+                if ready_rx.try_recv().is_ok() {
+                    break Ok(());
+                }
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    break Err(format!(
+                        "S3 test server on port {port} exited during start-up ({status}); stderr:\n{}",
+                        read_log_file(&log)
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    break Err(format!(
+                        "S3 test server on port {port} printed no `ready` within {START_TIMEOUT:?}; stderr:\n{}",
+                        read_log_file(&log)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            };
+            match outcome {
+                Ok(()) => return S3Server { port, child, log },
+                Err(e) => {
+                    kill_now(&mut child);
+                    last_error = e;
+                }
+            }
+        }
+        panic!(
+            "S3 test server failed to start after {START_ATTEMPTS} attempts \
+             (is the venv complete? run scripts/install-deps.sh):\n{last_error}"
+        );
+    }
+
+    /// One server for the whole test binary, started on first use (blocking; fine to call from
+    /// sync or async tests). Give each test its own bucket ([`unique_bucket`]).
+    ///
+    /// Statics are never dropped: this process is reaped by the death signal when the test
+    /// binary exits (see [`spawn_guarded`]).
+    pub fn shared() -> &'static S3Server {
+        static SHARED: OnceLock<S3Server> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            // A fresh thread + runtime: we may be called from inside another runtime.
+            std::thread::spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("build runtime")
+                    .block_on(S3Server::start())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Server stderr (tail), for assertion messages.
+    pub fn log(&self) -> String {
+        read_log_file(&self.log)
+    }
+
+    /// Create a bucket with a plain, unsigned `PUT /<name>` (moto does not check signatures).
+    /// Panics unless the server answers 200.
+    pub async fn create_bucket(&self, name: &str) {
+        let request = format!(
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            port = self.port
+        );
+        let exchange = async {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
+            stream.write_all(request.as_bytes()).await?;
+            let mut response = Vec::new();
+            // The server closes the connection after its response.
+            stream.read_to_end(&mut response).await?;
+            Ok::<_, std::io::Error>(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .unwrap_or_else(|_| panic!("create_bucket({name}): no response within 20 s"))
+            .unwrap_or_else(|e| panic!("create_bucket({name}): {e}"));
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .lines()
+            .next()
+            .and_then(|line| line.split_whitespace().nth(1))
+            .unwrap_or("");
+        assert_eq!(
+            status,
+            "200",
+            "create_bucket({name}) failed; response:\n{text}\nserver stderr:\n{}",
+            self.log()
+        );
+    }
+
+    /// Environment for a process that talks to this server (object_store `from_env` names):
+    /// credentials `test`/`test`, region us-east-1, the endpoint, plain HTTP allowed, and the
+    /// bucket as `AWS_BUCKET_NAME`.
+    pub fn env_for(&self, bucket: &str) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", "test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("AWS_BUCKET_NAME", bucket.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        kill_now(&mut self.child);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lax S3 simulation: strip conditional headers
+// ---------------------------------------------------------------------------------------------
+
+/// HTTP/1.1 forwarding proxy that drops `If-Match` / `If-None-Match` request headers and forces
+/// `Connection: close` (one request per connection), relaying everything else verbatim.
+///
+/// Put it in front of [`S3Server`] to simulate an S3-compatible store that silently ignores
+/// conditional writes. Runs as a tokio task (create it inside a runtime); stops on Drop.
+pub struct StripConditionalProxy {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl StripConditionalProxy {
+    /// Proxy to `upstream` (`host:port`, e.g. `127.0.0.1:41234`).
+    pub async fn start(upstream: &str) -> StripConditionalProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy listener");
+        let addr = listener.local_addr().expect("proxy local_addr");
+        let upstream = upstream.to_string();
+        let task = tokio::spawn(async move {
+            // Dropping the JoinSet (when this task is aborted) aborts in-flight connections.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((client, _)) = accepted else { continue };
+                        let upstream = upstream.clone();
+                        connections.spawn(async move {
+                            if let Err(e) = proxy_one(client, &upstream).await {
+                                tracing::debug!("strip-conditional proxy connection: {e}");
+                            }
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        StripConditionalProxy { addr, task }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for StripConditionalProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Rewrite a request head: drop conditional headers, force `Connection: close`.
+/// `head` excludes the final blank line; the result includes it.
+pub fn rewrite_head(head: &str) -> String {
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut out = String::with_capacity(head.len() + 32);
+    out.push_str(request_line);
+    out.push_str("\r\n");
+    for line in lines {
+        let name = line.split(':').next().unwrap_or_default().trim();
+        if name.eq_ignore_ascii_case("if-match")
+            || name.eq_ignore_ascii_case("if-none-match")
+            || name.eq_ignore_ascii_case("connection")
+            || name.eq_ignore_ascii_case("keep-alive")
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    out
+}
+
+async fn proxy_one(mut client: TcpStream, upstream: &str) -> std::io::Result<()> {
+    const MAX_HEAD: usize = 64 * 1024;
+    let mut buf = Vec::with_capacity(4096);
+    let head_end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err(std::io::Error::other("request head too large"));
+        }
+        let mut chunk = [0u8; 4096];
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(()); // client went away before sending a request
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..head_end])
+        .map_err(|_| std::io::Error::other("non-UTF-8 request head"))?;
+    let new_head = rewrite_head(head);
+    let mut server = TcpStream::connect(upstream).await?;
+    server.write_all(new_head.as_bytes()).await?;
+    // Any body bytes that arrived with the head; the rest is copied below.
+    server.write_all(&buf[head_end + 4..]).await?;
+    tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+    Ok(())
+}
