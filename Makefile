@@ -1,11 +1,11 @@
 # rmos-runs developer / CI entry points. `make ci` is what CI runs (via .ci/run).
 #
 #   make deps   install test dependencies (nats-server, moto S3 venv); idempotent, fast when done
-#   make test   deps + the whole test suite (integration tests start real servers on free ports)
+#   make test   THE test command (README, .ci/run): deps, fmt + clippy, the whole suite
+#               (integration tests start real nats-server / S3 servers on free ports)
 #   make check  formatting + clippy, warnings are errors
-#   make ci     deps, check, test
-#   make run    deps + run the service (`serve`)
-#   make bench  (placeholder)
+#   make run    run the worker on its defaults (local store, local NATS started if needed)
+#   make bench  store benchmarks (figures + the command that produced them)
 
 CARGO ?= cargo
 
@@ -16,7 +16,7 @@ all: test
 deps:
 	bash scripts/install-deps.sh
 
-test: deps
+test: deps check
 	$(CARGO) test --all-targets --locked
 
 fmt:
@@ -27,10 +27,10 @@ clippy:
 
 check: fmt clippy
 
-ci: deps check test
+ci: test
 
-run: deps
-	$(CARGO) run --release -- serve
+run:
+	bash scripts/run-local.sh
 
 bench:
-	@echo "bench: no benchmarks yet"
+	$(CARGO) bench --bench store --locked

@@ -169,7 +169,9 @@ pub fn parse_duration(key: &str, s: &str) -> Result<Duration, ConfigError> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| {
-        ConfigError(format!("{key}: {s:?} is not a duration; use e.g. 500ms, 30s, 2m, 12h, 90d"))
+        ConfigError(format!(
+            "{key}: {s:?} is not a duration; use e.g. 500ms, 30s, 2m, 12h, 90d"
+        ))
     })?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
@@ -190,7 +192,11 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
     toml::from_str(&text).map_err(|e| {
-        ConfigError(format!("{}: {}", path.display(), e.to_string().replace('\n', " ")))
+        ConfigError(format!(
+            "{}: {}",
+            path.display(),
+            e.to_string().replace('\n', " ")
+        ))
     })
 }
 
@@ -230,7 +236,8 @@ impl Config {
             return Err(ConfigError("nats_url: no broker URL given".into()));
         }
         let store_url = match o.store_url.clone().or(f.store_url) {
-            Some(u) => StoreUrl::parse(&u).map_err(|e: StoreError| ConfigError(format!("store_url: {e}")))?,
+            Some(u) => StoreUrl::parse(&u)
+                .map_err(|e: StoreError| ConfigError(format!("store_url: {e}")))?,
             None => {
                 let dir = o
                     .runs_dir
@@ -255,7 +262,11 @@ impl Config {
                 )));
             }
         };
-        let stream = o.stream.clone().or(f.stream).unwrap_or_else(|| "RMOS_RUNS".to_owned());
+        let stream = o
+            .stream
+            .clone()
+            .or(f.stream)
+            .unwrap_or_else(|| "RMOS_RUNS".to_owned());
         check_token("stream", &stream)?;
         let consumer = o
             .consumer
@@ -280,7 +291,9 @@ impl Config {
         };
         let stream_replicas = f.stream_replicas.unwrap_or(1);
         if !(1..=5).contains(&stream_replicas) {
-            return Err(ConfigError("stream_replicas: must be between 1 and 5".into()));
+            return Err(ConfigError(
+                "stream_replicas: must be between 1 and 5".into(),
+            ));
         }
         let dur = |key: &str, v: Option<String>, default: Duration| match v {
             Some(s) => parse_duration(key, &s),
@@ -288,7 +301,9 @@ impl Config {
         };
         let max_deliver = f.max_deliver.unwrap_or(-1);
         if max_deliver == 0 || max_deliver < -1 {
-            return Err(ConfigError("max_deliver: must be -1 (unlimited) or positive".into()));
+            return Err(ConfigError(
+                "max_deliver: must be -1 (unlimited) or positive".into(),
+            ));
         }
         Ok(Config {
             nats_urls,
@@ -313,7 +328,11 @@ impl Config {
             max_deliver,
             blob_threshold: f.blob_threshold.unwrap_or(64 * 1024),
             fsync: f.fsync.unwrap_or(true),
-            connect_timeout: dur("connect_timeout", f.connect_timeout, Duration::from_secs(30))?,
+            connect_timeout: dur(
+                "connect_timeout",
+                f.connect_timeout,
+                Duration::from_secs(30),
+            )?,
         })
     }
 }
@@ -324,9 +343,20 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("k", "90d").unwrap(), Duration::from_secs(90 * 86_400));
-        assert_eq!(parse_duration("k", "250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("k", "3 weeks").unwrap_err().0.starts_with("k:"));
+        assert_eq!(
+            parse_duration("k", "90d").unwrap(),
+            Duration::from_secs(90 * 86_400)
+        );
+        assert_eq!(
+            parse_duration("k", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(
+            parse_duration("k", "3 weeks")
+                .unwrap_err()
+                .0
+                .starts_with("k:")
+        );
     }
 
     #[test]
@@ -335,7 +365,15 @@ mod tests {
         assert_eq!(c.subject_prefix, "rmos.runs");
         assert_eq!(c.stream, "RMOS_RUNS");
         assert_eq!(c.ingest, IngestMode::JetStream);
-        let bad = Overrides { ingest: Some("kafka".into()), ..Default::default() };
-        assert!(Config::resolve(&bad).unwrap_err().0.contains("jetstream, core"));
+        let bad = Overrides {
+            ingest: Some("kafka".into()),
+            ..Default::default()
+        };
+        assert!(
+            Config::resolve(&bad)
+                .unwrap_err()
+                .0
+                .contains("jetstream, core")
+        );
     }
 }

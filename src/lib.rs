@@ -3,7 +3,7 @@
 //! Three layers, kept apart (see `DESIGN.md`): [`domain`] (pure rules), [`store`] (object
 //! storage with conditional puts) and [`transport`] (NATS). The binary only wires them.
 
+pub mod config;
 pub mod domain;
 pub mod store;
-pub mod config;
 pub mod transport;

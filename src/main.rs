@@ -18,7 +18,11 @@ use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
 use tokio::sync::watch;
 
 #[derive(Parser)]
-#[command(name = "rmos-runs", version, about = "Persistent, tamper-evident record of CNC manufacturing runs")]
+#[command(
+    name = "rmos-runs",
+    version,
+    about = "Persistent, tamper-evident record of CNC manufacturing runs"
+)]
 struct Cli {
     #[command(flatten)]
     settings: Overrides,
@@ -122,7 +126,10 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("rmos-runs: cannot start the runtime: {e}");
@@ -141,7 +148,9 @@ fn main() -> ExitCode {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -158,11 +167,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             print_config(&cfg);
             Ok(())
         }
-        Cmd::Get { run_id, include_outputs } => {
+        Cmd::Get {
+            run_id,
+            include_outputs,
+        } => {
             let body = serde_json::json!({"run_id": run_id, "include_outputs": include_outputs});
             request(&cfg, "get", body.to_string(), timeout, cli.json).await
         }
-        Cmd::List { limit, cursor, mode, tool_id, status, since, until } => {
+        Cmd::List {
+            limit,
+            cursor,
+            mode,
+            tool_id,
+            status,
+            since,
+            until,
+        } => {
             let mut q = serde_json::Map::new();
             let mut put = |k: &str, v: Option<serde_json::Value>| {
                 if let Some(v) = v {
@@ -176,20 +196,63 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             put("status", status.map(Into::into));
             put("since", since.map(Into::into));
             put("until", until.map(Into::into));
-            request(&cfg, "list", serde_json::Value::Object(q).to_string(), timeout, cli.json).await
+            request(
+                &cfg,
+                "list",
+                serde_json::Value::Object(q).to_string(),
+                timeout,
+                cli.json,
+            )
+            .await
         }
         Cmd::Verify { run_id } => {
             let body = serde_json::json!({"run_id": run_id});
             request(&cfg, "verify", body.to_string(), timeout, cli.json).await
         }
-        Cmd::Create(a) => publish(&cfg, CommandKind::Create, read_payload(&a)?, a.msg_id, timeout, cli.json).await,
-        Cmd::PatchMeta(a) => publish(&cfg, CommandKind::PatchMeta, read_payload(&a)?, a.msg_id, timeout, cli.json).await,
+        Cmd::Create(a) => {
+            publish(
+                &cfg,
+                CommandKind::Create,
+                read_payload(&a)?,
+                a.msg_id,
+                timeout,
+                cli.json,
+            )
+            .await
+        }
+        Cmd::PatchMeta(a) => {
+            publish(
+                &cfg,
+                CommandKind::PatchMeta,
+                read_payload(&a)?,
+                a.msg_id,
+                timeout,
+                cli.json,
+            )
+            .await
+        }
         Cmd::AttachAdvisory(a) => {
-            publish(&cfg, CommandKind::Advisory, read_payload(&a)?, a.msg_id, timeout, cli.json).await
+            publish(
+                &cfg,
+                CommandKind::Advisory,
+                read_payload(&a)?,
+                a.msg_id,
+                timeout,
+                cli.json,
+            )
+            .await
         }
         Cmd::Delete { run_id, reason } => {
             let body = serde_json::json!({"run_id": run_id, "reason": reason}).to_string();
-            publish(&cfg, CommandKind::Delete, body.into_bytes(), None, timeout, cli.json).await
+            publish(
+                &cfg,
+                CommandKind::Delete,
+                body.into_bytes(),
+                None,
+                timeout,
+                cli.json,
+            )
+            .await
         }
     }
 }
@@ -198,7 +261,9 @@ fn read_payload(a: &PayloadArgs) -> Result<Vec<u8>, Failure> {
     let mut buf = Vec::new();
     match a.file.as_deref() {
         None | Some("-") => {
-            std::io::stdin().read_to_end(&mut buf).context("reading stdin")?;
+            std::io::stdin()
+                .read_to_end(&mut buf)
+                .context("reading stdin")?;
         }
         Some(path) => {
             buf = std::fs::read(path).with_context(|| format!("reading {path}"))?;
@@ -238,13 +303,21 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
     let store = RunStore::open(
         &cfg.store_url,
-        &OpenOptions { fsync: cfg.fsync, ..OpenOptions::default() },
+        &OpenOptions {
+            fsync: cfg.fsync,
+            ..OpenOptions::default()
+        },
     )?;
-    store.probe().await.map_err(|e| anyhow!("store {}: {e}", cfg.store_url))?;
-    let client = connect::connect(&cfg, "rmos-runs worker").await.map_err(|e| Failure {
-        code: EXIT_UNREACHABLE,
-        message: e.to_string(),
-    })?;
+    store
+        .probe()
+        .await
+        .map_err(|e| anyhow!("store {}: {e}", cfg.store_url))?;
+    let client = connect::connect(&cfg, "rmos-runs worker")
+        .await
+        .map_err(|e| Failure {
+            code: EXIT_UNREACHABLE,
+            message: e.to_string(),
+        })?;
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -260,7 +333,10 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             max_age: cfg.stream_max_age,
             ack_wait: cfg.ack_wait,
             max_deliver: cfg.max_deliver,
-            limits: Limits { blob_threshold: cfg.blob_threshold, ..Limits::default() },
+            limits: Limits {
+                blob_threshold: cfg.blob_threshold,
+                ..Limits::default()
+            },
             not_found_retries: 6,
         },
     );
@@ -269,7 +345,10 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         IngestMode::Core => None,
     };
     let api = Api::new(client.clone(), store.clone(), cfg.concurrency);
-    let service = api.serve(&subjects, stop_rx.clone()).await.map_err(|e| anyhow!("service: {e}"))?;
+    let service = api
+        .serve(&subjects, stop_rx.clone())
+        .await
+        .map_err(|e| anyhow!("service: {e}"))?;
     let worker = tokio::spawn({
         let ingest = ingest.clone();
         let stop = stop_rx.clone();
@@ -322,29 +401,51 @@ async fn shutdown_signal() {
 async fn client_connect(cfg: &Config) -> Result<async_nats::Client, Failure> {
     let mut cfg = cfg.clone();
     cfg.connect_timeout = cfg.connect_timeout.min(Duration::from_secs(5));
-    connect::connect(&cfg, "rmos-runs cli").await.map_err(|e| Failure {
-        code: EXIT_UNREACHABLE,
-        message: e.to_string(),
-    })
+    connect::connect(&cfg, "rmos-runs cli")
+        .await
+        .map_err(|e| Failure {
+            code: EXIT_UNREACHABLE,
+            message: e.to_string(),
+        })
 }
 
 fn code_for(status: &str) -> u8 {
-    if status == "404" { EXIT_NOT_FOUND } else { EXIT_REJECTED }
+    if status == "404" {
+        EXIT_NOT_FOUND
+    } else {
+        EXIT_REJECTED
+    }
 }
 
-async fn request(cfg: &Config, endpoint: &str, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
+async fn request(
+    cfg: &Config,
+    endpoint: &str,
+    body: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
     let client = client_connect(cfg).await?;
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let rid = RequestId::generate();
     let mut h = async_nats::HeaderMap::new();
     h.insert(REQUEST_ID_HEADER, rid.as_str());
-    let req = async_nats::Request::new().payload(body.into()).headers(h).timeout(Some(timeout));
+    let req = async_nats::Request::new()
+        .payload(body.into())
+        .headers(h)
+        .timeout(Some(timeout));
     let reply = client
         .send_request(subjects.sub(endpoint), req)
         .await
-        .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("{endpoint}: {e}") })?;
+        .map_err(|e| Failure {
+            code: EXIT_UNREACHABLE,
+            message: format!("{endpoint}: {e}"),
+        })?;
     let text = String::from_utf8_lossy(&reply.payload).into_owned();
-    if let Some(status) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error-Code")) {
+    if let Some(status) = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+    {
         let message = reply
             .headers
             .as_ref()
@@ -354,7 +455,10 @@ async fn request(cfg: &Config, endpoint: &str, body: String, timeout: Duration, 
         if json {
             println!("{text}");
         }
-        return Err(Failure { code: code_for(status.as_str()), message });
+        return Err(Failure {
+            code: code_for(status.as_str()),
+            message,
+        });
     }
     print_value(&text, json);
     Ok(())
@@ -379,8 +483,14 @@ async fn publish(
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let rid = RequestId::generate();
     // Subscribe before publishing so the outcome cannot slip past.
-    let mut stored = client.subscribe(subjects.stored()).await.map_err(|e| anyhow!("subscribe: {e}"))?;
-    let mut rejected = client.subscribe(subjects.rejected()).await.map_err(|e| anyhow!("subscribe: {e}"))?;
+    let mut stored = client
+        .subscribe(subjects.stored())
+        .await
+        .map_err(|e| anyhow!("subscribe: {e}"))?;
+    let mut rejected = client
+        .subscribe(subjects.rejected())
+        .await
+        .map_err(|e| anyhow!("subscribe: {e}"))?;
     let mut h = async_nats::HeaderMap::new();
     h.insert(REQUEST_ID_HEADER, rid.as_str());
     if let Some(m) = &msg_id {
@@ -393,17 +503,29 @@ async fn publish(
             let ack = js
                 .publish_with_headers(subject.clone(), h, payload.into())
                 .await
-                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+                .map_err(|e| Failure {
+                    code: EXIT_UNREACHABLE,
+                    message: format!("publish {subject}: {e}"),
+                })?;
             tokio::time::timeout(timeout, ack)
                 .await
-                .map_err(|_| Failure { code: EXIT_UNREACHABLE, message: format!("no PubAck for {subject}: is the stream there?") })?
-                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+                .map_err(|_| Failure {
+                    code: EXIT_UNREACHABLE,
+                    message: format!("no PubAck for {subject}: is the stream there?"),
+                })?
+                .map_err(|e| Failure {
+                    code: EXIT_UNREACHABLE,
+                    message: format!("publish {subject}: {e}"),
+                })?;
         }
         IngestMode::Core => {
             client
                 .publish_with_headers(subject.clone(), h, payload.into())
                 .await
-                .map_err(|e| Failure { code: EXIT_UNREACHABLE, message: format!("publish {subject}: {e}") })?;
+                .map_err(|e| Failure {
+                    code: EXIT_UNREACHABLE,
+                    message: format!("publish {subject}: {e}"),
+                })?;
         }
     }
     let mine = |m: &async_nats::Message| {
@@ -434,13 +556,19 @@ async fn publish(
             }
             let code = v["code"].as_str().unwrap_or("rejected");
             Err(Failure {
-                code: if code == "not_found" { EXIT_NOT_FOUND } else { EXIT_REJECTED },
+                code: if code == "not_found" {
+                    EXIT_NOT_FOUND
+                } else {
+                    EXIT_REJECTED
+                },
                 message: format!("{code}: {}", v["message"].as_str().unwrap_or("")),
             })
         }
         Err(_) => Err(Failure {
             code: EXIT_UNREACHABLE,
-            message: format!("accepted by the broker (request id {rid}) but no outcome within {timeout:?}: is a worker running?"),
+            message: format!(
+                "accepted by the broker (request id {rid}) but no outcome within {timeout:?}: is a worker running?"
+            ),
         }),
     }
 }

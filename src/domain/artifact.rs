@@ -73,7 +73,10 @@ pub struct Sha256Hex(String);
 impl Sha256Hex {
     /// Parses exactly 64 lower-case hex digits.
     pub fn parse(s: &str) -> Result<Self, Rejection> {
-        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             Ok(Self(s.to_owned()))
         } else {
             Err(Rejection::invalid(format!(
@@ -469,14 +472,27 @@ mod tests {
 
     #[test]
     fn corrupt_objects_say_why() {
-        assert!(StoredRecord::decode(b"{").unwrap_err().starts_with("not JSON"));
-        assert!(StoredRecord::decode(b"{\"run_id\": \"nope\"}").unwrap_err().starts_with("bad artifact"));
+        assert!(
+            StoredRecord::decode(b"{")
+                .unwrap_err()
+                .starts_with("not JSON")
+        );
+        assert!(
+            StoredRecord::decode(b"{\"run_id\": \"nope\"}")
+                .unwrap_err()
+                .starts_with("bad artifact")
+        );
     }
 
     #[test]
     fn enums_parse_exactly() {
         assert_eq!(RunStatus::parse("BLOCKED").unwrap(), RunStatus::Blocked);
         assert!(RunStatus::parse("ok").is_err());
-        assert!(ExplanationStatus::parse("DONE").unwrap_err().message.contains("NONE, PENDING, READY, ERROR"));
+        assert!(
+            ExplanationStatus::parse("DONE")
+                .unwrap_err()
+                .message
+                .contains("NONE, PENDING, READY, ERROR")
+        );
     }
 }

@@ -240,8 +240,8 @@ mod tests {
 
     #[test]
     fn canonical_sorts_by_utf16_and_formats_numbers_like_ecmascript() {
-        let v: Value = serde_json::from_str(r#"{"b":1.0,"a":[1e21,1e-7,-0.0,4.50,"\u0001é"]}"#)
-            .unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"b":1.0,"a":[1e21,1e-7,-0.0,4.50,"\u0001é"]}"#).unwrap();
         assert_eq!(
             String::from_utf8(canonical_json(&v)).unwrap(),
             "{\"a\":[1e+21,1e-7,0,4.5,\"\\u0001é\"],\"b\":1}"
@@ -287,7 +287,13 @@ mod tests {
     #[test]
     fn summary_of_non_objects_never_keeps_the_value() {
         let s = summarize_request(&json!("sk-live-secret"));
-        assert_eq!(s, json!({"_type": "string", "_length": 14}).as_object().unwrap().clone());
+        assert_eq!(
+            s,
+            json!({"_type": "string", "_length": 14})
+                .as_object()
+                .unwrap()
+                .clone()
+        );
         let s = summarize_request(&json!([1, 2, 3]));
         assert_eq!(s["_length"], json!(3));
         assert_eq!(summarize_request(&json!(null))["_type"], json!("null"));

@@ -51,7 +51,11 @@ pub struct VerifyReport {
 /// Blob contents by hash; `None` when the object is missing.
 pub type BlobContents = HashMap<Sha256Hex, Option<Vec<u8>>>;
 
-fn check(name: impl Into<String>, expected: Option<&Sha256Hex>, actual: Option<String>) -> HashCheck {
+fn check(
+    name: impl Into<String>,
+    expected: Option<&Sha256Hex>,
+    actual: Option<String>,
+) -> HashCheck {
     let status = match (expected, &actual) {
         (Some(e), Some(a)) if e.as_str() == a => CheckStatus::Ok,
         (Some(_), Some(_)) => CheckStatus::Mismatch,
@@ -92,15 +96,16 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
     let o = &artifact.outputs;
     let gcode: Option<Option<String>> = match (&o.gcode_text, &o.gcode_blob) {
         (Some(t), _) => Some(Some(t.clone())),
-        (None, Some(r)) => Some(blob_bytes(blobs, r).map(|b| String::from_utf8_lossy(b).into_owned())),
+        (None, Some(r)) => {
+            Some(blob_bytes(blobs, r).map(|b| String::from_utf8_lossy(b).into_owned()))
+        }
         (None, None) => None,
     };
     let opplan: Option<Option<JsonMap>> = match (&o.opplan_json, &o.opplan_blob) {
         (Some(p), _) => Some(Some(p.clone())),
-        (None, Some(r)) => Some(
-            blob_bytes(blobs, r)
-                .and_then(|b| serde_json::from_slice::<JsonMap>(b).ok()),
-        ),
+        (None, Some(r)) => {
+            Some(blob_bytes(blobs, r).and_then(|b| serde_json::from_slice::<JsonMap>(b).ok()))
+        }
         (None, None) => None,
     };
     if gcode.is_some() || h.gcode_sha256.is_some() {
@@ -114,7 +119,10 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
         checks.push(check(
             "hashes.opplan_sha256",
             h.opplan_sha256.as_ref(),
-            opplan.clone().flatten().map(|p| sha256_json(&Value::Object(p))),
+            opplan
+                .clone()
+                .flatten()
+                .map(|p| sha256_json(&Value::Object(p))),
         ));
     }
     let body_missing = matches!(gcode, Some(None)) || matches!(opplan, Some(None));
@@ -131,7 +139,11 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
         } else {
             published.toolpaths_sha256().map(|s| s.to_string())
         };
-        checks.push(check("hashes.toolpaths_sha256", h.toolpaths_sha256.as_ref(), actual));
+        checks.push(check(
+            "hashes.toolpaths_sha256",
+            h.toolpaths_sha256.as_ref(),
+            actual,
+        ));
     }
 
     let ok = checks.iter().all(|c| c.status == CheckStatus::Ok);

@@ -66,9 +66,15 @@ impl StoreError {
         if chain.contains("EntityTooLarge") || chain.contains("413 Payload Too Large") {
             return StoreError::TooLarge(text);
         }
-        if ["XMinioStorageFull", "507", "QuotaExceeded", "InsufficientStorage", "No space left"]
-            .iter()
-            .any(|s| chain.contains(s))
+        if [
+            "XMinioStorageFull",
+            "507",
+            "QuotaExceeded",
+            "InsufficientStorage",
+            "No space left",
+        ]
+        .iter()
+        .any(|s| chain.contains(s))
         {
             return StoreError::InsufficientStorage(text);
         }

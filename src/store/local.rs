@@ -146,11 +146,8 @@ impl ObjectStore for LocalStore {
                 if version.e_tag.as_deref() != Some(current_etag.as_str()) {
                     return Err(object_store::Error::Precondition {
                         path: location.to_string(),
-                        source: format!(
-                            "etag {current_etag} does not match {:?}",
-                            version.e_tag
-                        )
-                        .into(),
+                        source: format!("etag {current_etag} does not match {:?}", version.e_tag)
+                            .into(),
                     });
                 }
                 let overwrite = PutOptions {
@@ -215,7 +212,9 @@ impl ObjectStore for LocalStore {
             Bytes::from(bytes).slice(range.start as usize..range.end as usize)
         };
         Ok(GetResult {
-            payload: GetResultPayload::Stream(futures::stream::once(async move { Ok(body) }).boxed()),
+            payload: GetResultPayload::Stream(
+                futures::stream::once(async move { Ok(body) }).boxed(),
+            ),
             meta,
             range,
             attributes: Default::default(),

@@ -26,9 +26,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{
-    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
-};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::artifact::{
@@ -212,7 +210,11 @@ impl RunStore {
     }
 
     /// A store over an existing backend (tests, tools).
-    pub fn from_object_store(store: Arc<dyn ObjectStore>, prefix: Path, sorted_listing: bool) -> Self {
+    pub fn from_object_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        sorted_listing: bool,
+    ) -> Self {
         Self {
             store,
             prefix,
@@ -347,7 +349,11 @@ impl RunStore {
             };
             let key = self.artifact_key(id);
             let payload = PutPayload::from(record.encode());
-            match self.store.put_opts(&key, payload, PutOptions::from(mode)).await {
+            match self
+                .store
+                .put_opts(&key, payload, PutOptions::from(mode))
+                .await
+            {
                 Ok(_) => {
                     for blob in &blobs {
                         self.ensure_blob(blob).await?;
@@ -443,7 +449,12 @@ impl RunStore {
 
     /// Keeps a rejected command (dead letter) under `dead_letters/<date>/<name>.json`, so that
     /// nothing sent is lost. Returns the key.
-    pub async fn put_dead_letter(&self, at: &Timestamp, name: &str, body: Vec<u8>) -> Result<String, StoreError> {
+    pub async fn put_dead_letter(
+        &self,
+        at: &Timestamp,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<String, StoreError> {
         let date = at.0.format("%Y-%m-%d");
         let key = self.key(&format!("dead_letters/{date}/{name}.json"));
         self.store
@@ -473,7 +484,10 @@ impl RunStore {
     }
 
     /// The artifact with its outputs' bodies put back inline (for `include_outputs`).
-    pub async fn inline_outputs(&self, mut artifact: RunArtifact) -> Result<RunArtifact, StoreError> {
+    pub async fn inline_outputs(
+        &self,
+        mut artifact: RunArtifact,
+    ) -> Result<RunArtifact, StoreError> {
         if let Some(r) = artifact.outputs.gcode_blob.clone()
             && let Some(b) = self.get_blob(&r.sha256).await?
         {
@@ -503,9 +517,11 @@ impl RunStore {
     pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
         let limit = q.limit.unwrap_or(DEFAULT_PAGE);
         if limit == 0 || limit > MAX_PAGE {
-            return Err(StoreError::Rejected(crate::domain::error::Rejection::invalid(
-                format!("limit must be between 1 and {MAX_PAGE}, got {limit}"),
-            )));
+            return Err(StoreError::Rejected(
+                crate::domain::error::Rejection::invalid(format!(
+                    "limit must be between 1 and {MAX_PAGE}, got {limit}"
+                )),
+            ));
         }
         // Run keys start with "run_", after "blobs/", "blobrefs/" and "_probe/" ('_' < 'r').
         let offset = match &q.cursor {
@@ -630,7 +646,12 @@ impl RunStore {
                 PutOptions::from(PutMode::Update(v1.clone())),
             )
             .await
-            .map_err(|e| StoreError::Unusable(format!("{} cannot update conditionally (If-Match): {e}", self.url)));
+            .map_err(|e| {
+                StoreError::Unusable(format!(
+                    "{} cannot update conditionally (If-Match): {e}",
+                    self.url
+                ))
+            });
         if let Err(e) = second {
             cleanup().await;
             return Err(e);

@@ -46,7 +46,10 @@ impl StoreUrl {
                 .map(StoreUrl::Local)
                 .map_err(|_| bad("is not an absolute local path")),
             "s3" => {
-                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| bad("has no bucket"))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| bad("has no bucket"))?;
                 Ok(StoreUrl::S3 {
                     bucket: bucket.to_owned(),
                     prefix: url.path().trim_matches('/').to_owned(),
@@ -64,7 +67,9 @@ impl StoreUrl {
             dir
         } else {
             std::env::current_dir()
-                .map_err(|e| StoreError::Unusable(format!("cannot resolve {}: {e}", dir.display())))?
+                .map_err(|e| {
+                    StoreError::Unusable(format!("cannot resolve {}: {e}", dir.display()))
+                })?
                 .join(dir)
         };
         Ok(StoreUrl::Local(abs))
@@ -115,9 +120,8 @@ pub struct Backend {
 pub fn open_backend(url: &StoreUrl, options: &OpenOptions) -> Result<Backend, StoreError> {
     match url {
         StoreUrl::Local(dir) => {
-            let store = LocalStore::new(dir, options.fsync).map_err(|e| {
-                StoreError::Unusable(format!("cannot open {}: {e}", dir.display()))
-            })?;
+            let store = LocalStore::new(dir, options.fsync)
+                .map_err(|e| StoreError::Unusable(format!("cannot open {}: {e}", dir.display())))?;
             Ok(Backend {
                 store: Arc::new(store),
                 prefix: Path::default(),
@@ -161,10 +165,18 @@ mod tests {
         );
         assert_eq!(
             StoreUrl::parse("s3://runs/a/b/").unwrap(),
-            StoreUrl::S3 { bucket: "runs".into(), prefix: "a/b".into() }
+            StoreUrl::S3 {
+                bucket: "runs".into(),
+                prefix: "a/b".into()
+            }
         );
         assert!(StoreUrl::parse("s3:///x").is_err());
-        assert!(StoreUrl::parse("ftp://x").unwrap_err().to_string().contains("ftp"));
+        assert!(
+            StoreUrl::parse("ftp://x")
+                .unwrap_err()
+                .to_string()
+                .contains("ftp")
+        );
         assert!(StoreUrl::parse("data/runs").is_err());
     }
 }

@@ -48,7 +48,9 @@ fn parse_id_or_json<T: for<'de> Deserialize<'de>>(
     if text.starts_with('{') {
         serde_json::from_str(text).map_err(|e| Rejection::invalid(format!("schema violation: {e}")))
     } else if text.is_empty() {
-        Err(Rejection::invalid("request body is empty: send a run id or {\"run_id\": ...}"))
+        Err(Rejection::invalid(
+            "request body is empty: send a run id or {\"run_id\": ...}",
+        ))
     } else {
         RunId::parse(text).map(from_id)
     }
@@ -144,7 +146,11 @@ impl Api {
         // too, so publish the reply directly.
         let (h, body) = error_reply(err, rid);
         match &req.message.reply {
-            Some(reply) => self.client.publish_with_headers(reply.clone(), h, body).await,
+            Some(reply) => {
+                self.client
+                    .publish_with_headers(reply.clone(), h, body)
+                    .await
+            }
             None => Ok(()),
         }
     }
@@ -155,7 +161,11 @@ impl Api {
             include_outputs: false,
         })
         .map_err(|r| WireError::from(&r))?;
-        let mut artifact = self.store.get(&q.run_id).await.map_err(|e| WireError::from(&e))?;
+        let mut artifact = self
+            .store
+            .get(&q.run_id)
+            .await
+            .map_err(|e| WireError::from(&e))?;
         if q.include_outputs {
             artifact = self
                 .store
@@ -193,9 +203,13 @@ impl Api {
     }
 
     async fn verify(&self, body: &[u8]) -> Result<Bytes, WireError> {
-        let q: VerifyRequest =
-            parse_id_or_json(body, |run_id| VerifyRequest { run_id }).map_err(|r| WireError::from(&r))?;
-        let report = self.store.verify(&q.run_id).await.map_err(|e| WireError::from(&e))?;
+        let q: VerifyRequest = parse_id_or_json(body, |run_id| VerifyRequest { run_id })
+            .map_err(|r| WireError::from(&r))?;
+        let report = self
+            .store
+            .verify(&q.run_id)
+            .await
+            .map_err(|e| WireError::from(&e))?;
         Ok(Bytes::from(serde_json::to_vec(&report).unwrap_or_default()))
     }
 }

@@ -47,8 +47,7 @@ async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectErro
     if let (Some(cert), Some(key)) = (&cfg.nats_cert, &cfg.nats_key) {
         o = o.add_client_certificate(cert.clone(), key.clone());
     }
-    Ok(o
-        .name(name)
+    Ok(o.name(name)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None))
 }

@@ -93,7 +93,11 @@ pub async fn publish_stored(
         format!("{}:{}", outcome.run_id, outcome.revision).as_str(),
     );
     client
-        .publish_with_headers(subjects.stored(), h, stored_body(outcome, request_id, source))
+        .publish_with_headers(
+            subjects.stored(),
+            h,
+            stored_body(outcome, request_id, source),
+        )
         .await
 }
 
@@ -112,7 +116,11 @@ pub async fn publish_rejected(
 /// Headers and body of an error reply (NATS services convention plus a JSON body).
 pub fn error_reply(err: &WireError, request_id: &RequestId) -> (HeaderMap, Bytes) {
     let mut h = headers(request_id);
-    let one_line: String = err.message.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let one_line: String = err
+        .message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     h.insert("Nats-Service-Error", one_line.as_str());
     h.insert("Nats-Service-Error-Code", err.status.to_string().as_str());
     let body = serde_json::json!({"error": {

@@ -114,7 +114,12 @@ pub struct Ingest {
 
 impl Ingest {
     /// A worker over `client` and `store`.
-    pub fn new(client: Client, store: RunStore, subjects: Subjects, settings: IngestSettings) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        store: RunStore,
+        subjects: Subjects,
+        settings: IngestSettings,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             store,
@@ -267,7 +272,10 @@ impl Ingest {
         delivered: i64,
     ) -> Verdict {
         let Some(kind) = self.subjects.kind_of(subject) else {
-            return Verdict::Reject(WireError::invalid(format!("{subject} is not a command subject")), None);
+            return Verdict::Reject(
+                WireError::invalid(format!("{subject} is not a command subject")),
+                None,
+            );
         };
         let mid = msg_id(headers);
         let cmd = match Command::decode(kind, payload, mid.as_deref()) {
@@ -331,7 +339,9 @@ impl Ingest {
                 })
                 .unwrap_or_default(),
             payload_text: std::str::from_utf8(payload).ok().map(str::to_owned),
-            payload_hex: std::str::from_utf8(payload).is_err().then(|| hex::encode(payload)),
+            payload_hex: std::str::from_utf8(payload)
+                .is_err()
+                .then(|| hex::encode(payload)),
             source,
         };
         let name = match source.stream_seq {
@@ -360,7 +370,10 @@ impl Ingest {
     }
 
     /// Core mode: queue subscriptions on the command subjects; replies with the outcome.
-    pub async fn run_core(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), IngestError> {
+    pub async fn run_core(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
         let mut subs = Vec::new();
         for subject in self.subjects.commands() {
             subs.push(
@@ -386,9 +399,12 @@ impl Ingest {
     async fn process_core(&self, msg: async_nats::Message) {
         let rid = request_id(msg.headers.as_ref());
         let mid = msg_id(msg.headers.as_ref());
-        let command_id = mid
-            .clone()
-            .or_else(|| Some(format!("sha:{}", crate::domain::hashing::sha256_bytes(&msg.payload))));
+        let command_id = mid.clone().or_else(|| {
+            Some(format!(
+                "sha:{}",
+                crate::domain::hashing::sha256_bytes(&msg.payload)
+            ))
+        });
         let source = Source {
             subject: msg.subject.to_string(),
             stream_seq: None,
@@ -401,7 +417,14 @@ impl Ingest {
             let mut attempt = 1;
             let verdict = loop {
                 let v = self
-                    .handle(&msg.subject, msg.headers.as_ref(), &msg.payload, command_id.clone(), &rid, attempt)
+                    .handle(
+                        &msg.subject,
+                        msg.headers.as_ref(),
+                        &msg.payload,
+                        command_id.clone(),
+                        &rid,
+                        attempt,
+                    )
                     .await;
                 match v {
                     Verdict::Retry(_) if attempt < 6 => {
@@ -413,11 +436,29 @@ impl Ingest {
             };
             let reply: Result<Bytes, WireError> = match verdict {
                 Verdict::Done(outcome) => {
-                    let _ = events::publish_stored(&self.client, &self.subjects, &outcome, &rid, &source).await;
+                    let _ = events::publish_stored(
+                        &self.client,
+                        &self.subjects,
+                        &outcome,
+                        &rid,
+                        &source,
+                    )
+                    .await;
                     Ok(events::stored_body(&outcome, &rid, &source))
                 }
                 Verdict::Reject(err, run_id) => {
-                    if let Err(e) = self.reject(&msg.subject, msg.headers.as_ref(), &msg.payload, &rid, &err, run_id.as_ref(), &source).await {
+                    if let Err(e) = self
+                        .reject(
+                            &msg.subject,
+                            msg.headers.as_ref(),
+                            &msg.payload,
+                            &rid,
+                            &err,
+                            run_id.as_ref(),
+                            &source,
+                        )
+                        .await
+                    {
                         tracing::error!(error = %e, "dead letter not stored");
                     }
                     Err(err)
@@ -426,7 +467,11 @@ impl Ingest {
             };
             if let Some(reply_to) = msg.reply.clone() {
                 let sent = match reply {
-                    Ok(body) => self.client.publish_with_headers(reply_to, events::ok_headers(&rid), body).await,
+                    Ok(body) => {
+                        self.client
+                            .publish_with_headers(reply_to, events::ok_headers(&rid), body)
+                            .await
+                    }
                     Err(err) => {
                         let (h, body) = events::error_reply(&err, &rid);
                         self.client.publish_with_headers(reply_to, h, body).await

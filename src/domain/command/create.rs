@@ -165,8 +165,16 @@ impl CreateRun {
                 .map(|o| Sha256Hex::from_computed(sha256_json(&Value::Object(o.clone())))),
         };
         if let Some(given) = &p.hashes {
-            check_hash("feasibility_sha256", &given.feasibility_sha256, &hashes.feasibility_sha256)?;
-            check_hash("toolpaths_sha256", &given.toolpaths_sha256, &hashes.toolpaths_sha256)?;
+            check_hash(
+                "feasibility_sha256",
+                &given.feasibility_sha256,
+                &hashes.feasibility_sha256,
+            )?;
+            check_hash(
+                "toolpaths_sha256",
+                &given.toolpaths_sha256,
+                &hashes.toolpaths_sha256,
+            )?;
             check_hash("gcode_sha256", &given.gcode_sha256, &hashes.gcode_sha256)?;
             check_hash("opplan_sha256", &given.opplan_sha256, &hashes.opplan_sha256)?;
         }
@@ -336,7 +344,10 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        assert_eq!(c.hashes.gcode_sha256.as_ref().unwrap().as_str(), sha256_text("G21\n"));
+        assert_eq!(
+            c.hashes.gcode_sha256.as_ref().unwrap().as_str(),
+            sha256_text("G21\n")
+        );
         assert!(c.hashes.toolpaths_sha256.is_some());
         assert_eq!(c.request_summary["api_key"], json!("[REDACTED]"));
         assert_eq!(c.meta["auth"]["Authorization"], json!("[REDACTED]"));
@@ -353,11 +364,14 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_name_their_reason() {
-        let e = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK", "tool": 1})).unwrap_err();
+        let e =
+            create(json!({"mode": "cam", "tool_id": "T1", "status": "OK", "tool": 1})).unwrap_err();
         assert!(e.message.contains("unknown field `tool`"), "{e}");
         let e = create(json!({"mode": "cam", "tool_id": "T1", "status": "FINE"})).unwrap_err();
         assert!(e.message.contains("FINE"), "{e}");
-        let e = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": "run_../x"})).unwrap_err();
+        let e =
+            create(json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": "run_../x"}))
+                .unwrap_err();
         assert!(e.message.contains("run_id"), "{e}");
         let e = Command::decode(CommandKind::Create, b"[1]", None).unwrap_err();
         assert!(e.message.contains("JSON object"));
@@ -403,8 +417,16 @@ mod tests {
             "outputs": {"gcode_text": big}}))
         .unwrap();
         let mut c = ctx();
-        c.limits = Limits { blob_threshold: 1024, ..Limits::default() };
-        let Decision::Write { record: StoredRecord::Live(a), blobs, .. } = cmd.decide(None, &c).unwrap() else {
+        c.limits = Limits {
+            blob_threshold: 1024,
+            ..Limits::default()
+        };
+        let Decision::Write {
+            record: StoredRecord::Live(a),
+            blobs,
+            ..
+        } = cmd.decide(None, &c).unwrap()
+        else {
             panic!()
         };
         assert!(a.outputs.gcode_text.is_none());

@@ -89,7 +89,9 @@ impl Command {
             ));
         }
         Ok(match kind {
-            CommandKind::Create => Command::Create(Box::new(CreateRun::from_value(raw, message_id)?)),
+            CommandKind::Create => {
+                Command::Create(Box::new(CreateRun::from_value(raw, message_id)?))
+            }
             CommandKind::PatchMeta => Command::PatchMeta(typed(raw)?),
             CommandKind::Advisory => {
                 Command::Advisory(Box::new(AttachAdvisory::from_value(raw, message_id)?))
@@ -218,6 +220,7 @@ impl EventKind {
 
 /// What a command does to a run.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // one per command, moved once: boxing buys nothing
 pub enum Decision {
     /// Store `record` (after `blobs`), announce `event`; `released` blobs may then be removed
     /// when no other run references them.

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# `make run`: run the worker on its embedded default (local filesystem store in
+# data/rmos_runs, local NATS). Installs nats-server if missing; starts one with
+# JetStream (store in data/nats) if nothing answers at NATS_URL; stops it on exit.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
+export NATS_URL
+hostport="${NATS_URL#nats://}"; hostport="${hostport%%,*}"
+host="${hostport%%:*}"; port="${hostport##*:}"
+
+reachable() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
+
+started=""
+if ! reachable; then
+    if ! command -v nats-server >/dev/null 2>&1 && [[ ! -x /usr/sbin/nats-server ]]; then
+        echo "run-local: installing nats-server (apt)"
+        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nats-server >/dev/null
+    fi
+    bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
+    mkdir -p data/nats
+    echo "run-local: starting $bin on $host:$port (JetStream in data/nats, log data/nats/nats.log)"
+    "$bin" -a "$host" -p "$port" -js -sd "$ROOT/data/nats" >"data/nats/nats.log" 2>&1 &
+    started=$!
+    trap '[[ -n "$started" ]] && kill "$started" 2>/dev/null || true' EXIT
+    for _ in $(seq 1 100); do reachable && break; sleep 0.1; done
+    reachable || { echo "run-local: nats-server did not start; see data/nats/nats.log" >&2; exit 1; }
+fi
+
+cargo build --release --locked --quiet
+exec_status=0
+./target/release/rmos-runs serve "$@" || exec_status=$?
+exit "$exec_status"
