@@ -31,7 +31,10 @@ async fn open(kind: &str) -> (RunStore, Guard) {
         "local" => {
             let dir = tempfile::tempdir().unwrap();
             let url = StoreUrl::Local(dir.path().to_path_buf());
-            (RunStore::open(&url, &OpenOptions::default()).unwrap(), Guard::Dir(dir))
+            (
+                RunStore::open(&url, &OpenOptions::default()).unwrap(),
+                Guard::Dir(dir),
+            )
         }
         "s3" => {
             let server = support::S3Server::start().await;
@@ -47,7 +50,10 @@ async fn open(kind: &str) -> (RunStore, Guard) {
             ] {
                 opts.s3.insert(k.to_owned(), v);
             }
-            let url = StoreUrl::S3 { bucket, prefix: "runs".to_owned() };
+            let url = StoreUrl::S3 {
+                bucket,
+                prefix: "runs".to_owned(),
+            };
             (RunStore::open(&url, &opts).unwrap(), Guard::S3(server))
         }
         other => panic!("unknown backend {other}"),
@@ -82,7 +88,10 @@ fn run_id(n: u32) -> RunId {
 async fn create_then_get(store: RunStore) {
     let id = run_id(1);
     let out = store
-        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T102")), &ctx())
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), "T102")),
+            &ctx(),
+        )
         .await
         .unwrap();
     assert!(out.changed);
@@ -112,7 +121,10 @@ async fn missing_run(store: RunStore) {
     let id = run_id(3);
     assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
     assert!(store.load(&id).await.unwrap().is_none());
-    let patch = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}));
+    let patch = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}),
+    );
     match store.execute(&patch, &ctx()).await {
         Err(StoreError::Rejected(r)) => assert_eq!(r.code, RejectCode::NotFound),
         other => panic!("expected not_found, got {other:?}"),
@@ -124,22 +136,47 @@ async fn corrupt_object_is_reported_never_overwritten(store: RunStore) {
     let key = store.artifact_key(&id);
     store
         .object_store()
-        .put(&key, PutPayload::from_static(b"{\"run_id\": \"run_000000000004\", trunc"))
+        .put(
+            &key,
+            PutPayload::from_static(b"{\"run_id\": \"run_000000000004\", trunc"),
+        )
         .await
         .unwrap();
-    assert!(matches!(store.get(&id).await, Err(StoreError::Corrupt { .. })));
-    let patch = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}));
-    assert!(matches!(store.execute(&patch, &ctx()).await, Err(StoreError::Corrupt { .. })));
+    assert!(matches!(
+        store.get(&id).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let patch = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"a": 1}}),
+    );
+    assert!(matches!(
+        store.execute(&patch, &ctx()).await,
+        Err(StoreError::Corrupt { .. })
+    ));
     let create = cmd(CommandKind::Create, create_body(id.as_str(), "T1"));
-    assert!(matches!(store.execute(&create, &ctx()).await, Err(StoreError::Corrupt { .. })));
-    let bytes = store.object_store().get(&key).await.unwrap().bytes().await.unwrap();
+    assert!(matches!(
+        store.execute(&create, &ctx()).await,
+        Err(StoreError::Corrupt { .. })
+    ));
+    let bytes = store
+        .object_store()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert!(bytes.ends_with(b"trunc"), "corrupt object was overwritten");
 }
 
 async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32) {
     let id = run_id(5);
     store
-        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T1")), &ctx())
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), "T1")),
+            &ctx(),
+        )
         .await
         .unwrap();
     let store = Arc::new(store);
@@ -153,7 +190,10 @@ async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32
                     CommandKind::PatchMeta,
                     json!({"run_id": id.as_str(), "meta_updates": {format!("t{t}_{i}"): i}}),
                 );
-                store.execute(&c, &ctx_with_id(&format!("c{t}-{i}"))).await.unwrap();
+                store
+                    .execute(&c, &ctx_with_id(&format!("c{t}-{i}")))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -170,10 +210,16 @@ async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32
 async fn redelivered_patch_changes_nothing(store: RunStore) {
     let id = run_id(6);
     store
-        .execute(&cmd(CommandKind::Create, create_body(id.as_str(), "T1")), &ctx())
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), "T1")),
+            &ctx(),
+        )
         .await
         .unwrap();
-    let p = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"n": 1}}));
+    let p = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"n": 1}}),
+    );
     let first = store.execute(&p, &ctx_with_id("m-1")).await.unwrap();
     let second = store.execute(&p, &ctx_with_id("m-1")).await.unwrap();
     assert!(first.changed && !second.changed);
@@ -195,7 +241,10 @@ async fn blobs_are_stored_once_and_verified(store: RunStore) {
                       "outputs": {"gcode_text": gcode}});
     let mut c = ctx();
     c.limits = Limits::default();
-    store.execute(&cmd(CommandKind::Create, body), &c).await.unwrap();
+    store
+        .execute(&cmd(CommandKind::Create, body), &c)
+        .await
+        .unwrap();
     let a = store.get(&id).await.unwrap();
     assert!(a.outputs.gcode_text.is_none(), "large G-code kept inline");
     let blob = a.outputs.gcode_blob.clone().unwrap();
@@ -220,14 +269,36 @@ async fn blobs_are_stored_once_and_verified(store: RunStore) {
 
     // A flipped byte in a stored body is caught.
     let key = store.blob_key(&blob.sha256);
-    let mut bytes = store.object_store().get(&key).await.unwrap().bytes().await.unwrap().to_vec();
+    let mut bytes = store
+        .object_store()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
     bytes[10] ^= 0x01;
-    store.object_store().put(&key, PutPayload::from(bytes)).await.unwrap();
+    store
+        .object_store()
+        .put(&key, PutPayload::from(bytes))
+        .await
+        .unwrap();
     let report = store.verify(&id).await.unwrap();
     assert!(!report.ok);
-    let bad: Vec<_> = report.checks.iter().filter(|c| c.status == CheckStatus::Mismatch).collect();
-    assert!(bad.iter().any(|c| c.name.starts_with("blob:")), "{report:?}");
-    assert!(bad.iter().any(|c| c.name == "hashes.gcode_sha256"), "{report:?}");
+    let bad: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|c| c.status == CheckStatus::Mismatch)
+        .collect();
+    assert!(
+        bad.iter().any(|c| c.name.starts_with("blob:")),
+        "{report:?}"
+    );
+    assert!(
+        bad.iter().any(|c| c.name == "hashes.gcode_sha256"),
+        "{report:?}"
+    );
 }
 
 async fn listing_pages_and_filters(store: RunStore) {
@@ -237,18 +308,27 @@ async fn listing_pages_and_filters(store: RunStore) {
         if n % 2 == 0 {
             body["status"] = json!("BLOCKED");
         }
-        store.execute(&cmd(CommandKind::Create, body), &ctx()).await.unwrap();
+        store
+            .execute(&cmd(CommandKind::Create, body), &ctx())
+            .await
+            .unwrap();
     }
     // A non-run object and a deleted run must not show up.
     store
         .execute(
-            &cmd(CommandKind::Delete, json!({"run_id": "run_000000000100", "reason": "test"})),
+            &cmd(
+                CommandKind::Delete,
+                json!({"run_id": "run_000000000100", "reason": "test"}),
+            ),
             &ctx(),
         )
         .await
         .unwrap();
     let mut seen = Vec::new();
-    let mut q = ListQuery { limit: Some(5), ..Default::default() };
+    let mut q = ListQuery {
+        limit: Some(5),
+        ..Default::default()
+    };
     loop {
         let page = store.list(&q).await.unwrap();
         assert!(page.runs.len() <= 5);
@@ -265,18 +345,30 @@ async fn listing_pages_and_filters(store: RunStore) {
     assert_eq!(sorted, seen, "pages overlap or are out of order");
 
     let t3 = store
-        .list(&ListQuery { limit: Some(100), tool_id: Some("T3".parse().unwrap()), ..Default::default() })
+        .list(&ListQuery {
+            limit: Some(100),
+            tool_id: Some("T3".parse().unwrap()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(t3.runs.len(), 7); // n = 3,6,...,21 (0 deleted)
     assert!(t3.runs.iter().all(|r| r.tool_id.as_str() == "T3"));
     let blocked = store
-        .list(&ListQuery { limit: Some(100), status: Some("BLOCKED".parse().unwrap()), ..Default::default() })
+        .list(&ListQuery {
+            limit: Some(100),
+            status: Some("BLOCKED".parse().unwrap()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(blocked.runs.len(), 11);
     let future = store
-        .list(&ListQuery { limit: Some(100), since: Some("2999-01-01T00:00:00Z".parse().unwrap()), ..Default::default() })
+        .list(&ListQuery {
+            limit: Some(100),
+            since: Some("2999-01-01T00:00:00Z".parse().unwrap()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(future.runs.is_empty());
@@ -293,22 +385,47 @@ async fn delete_leaves_tombstone_and_releases_blobs(store: RunStore) {
     let id2 = run_id(10);
     let body2 = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": id2.as_str(),
                        "outputs": {"gcode_text": "G0 X0\n".repeat(20_000)}});
-    store.execute(&cmd(CommandKind::Create, body2), &ctx()).await.unwrap();
-    let sha = store.get(&id).await.unwrap().outputs.gcode_blob.unwrap().sha256;
+    store
+        .execute(&cmd(CommandKind::Create, body2), &ctx())
+        .await
+        .unwrap();
+    let sha = store
+        .get(&id)
+        .await
+        .unwrap()
+        .outputs
+        .gcode_blob
+        .unwrap()
+        .sha256;
 
-    let del = cmd(CommandKind::Delete, json!({"run_id": id.as_str(), "reason": "retention"}));
+    let del = cmd(
+        CommandKind::Delete,
+        json!({"run_id": id.as_str(), "reason": "retention"}),
+    );
     let out = store.execute(&del, &ctx()).await.unwrap();
     assert_eq!(out.revision, 2);
     assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
-    assert!(matches!(store.load(&id).await.unwrap().unwrap().value, StoredRecord::Deleted(_)));
-    assert!(store.blob_exists(&sha).await.unwrap(), "blob still referenced by another run was removed");
+    assert!(matches!(
+        store.load(&id).await.unwrap().unwrap().value,
+        StoredRecord::Deleted(_)
+    ));
+    assert!(
+        store.blob_exists(&sha).await.unwrap(),
+        "blob still referenced by another run was removed"
+    );
     // A late redelivery of the create does not bring the run back.
     assert!(!store.execute(&create, &ctx()).await.unwrap().changed);
     assert!(matches!(store.get(&id).await, Err(StoreError::NotFound(_))));
     // Deleting the last referencing run removes the blob.
-    let del2 = cmd(CommandKind::Delete, json!({"run_id": id2.as_str(), "reason": "retention"}));
+    let del2 = cmd(
+        CommandKind::Delete,
+        json!({"run_id": id2.as_str(), "reason": "retention"}),
+    );
     store.execute(&del2, &ctx()).await.unwrap();
-    assert!(!store.blob_exists(&sha).await.unwrap(), "unreferenced blob left behind");
+    assert!(
+        !store.blob_exists(&sha).await.unwrap(),
+        "unreferenced blob left behind"
+    );
     // Deleting again is a no-op.
     assert!(!store.execute(&del2, &ctx()).await.unwrap().changed);
 }

@@ -24,5 +24,10 @@ fn canonical_form_and_hash_match_the_independent_implementation() {
             failures.push(format!("{}: got {got:?}, want {:?}", v.name, v.canonical));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

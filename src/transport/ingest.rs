@@ -163,37 +163,57 @@ impl Ingest {
     }
 
     /// Consumes the stream until `shutdown` turns true, then finishes what it holds.
+    ///
+    /// Messages are pulled in batches (one pull request of up to twice the concurrency,
+    /// expiring after 2 s) and processed as they arrive. On shutdown no new batch is
+    /// requested and the current one is finished, so every message delivered to this worker is
+    /// acked or negatively acked before it exits: none waits for `ack_wait`.
     pub async fn run_jetstream(
         self: Arc<Self>,
         consumer: consumer::PullConsumer,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(self.settings.concurrency)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
-            .messages()
-            .await
-            .map_err(|e| IngestError::Subscribe(e.to_string()))?;
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        messages
-            .take_until(stop)
-            .for_each_concurrent(self.settings.concurrency, |m| {
-                let this = self.clone();
-                async move {
-                    match m {
-                        Ok(msg) => this.process_jetstream(msg).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "consumer stream error; continuing");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+        let batch_size = self.settings.concurrency * 2;
+        let mut failures = 0u32;
+        while !*shutdown.borrow() {
+            let batch = consumer
+                .batch()
+                .max_messages(batch_size)
+                .expires(Duration::from_secs(2))
+                // No idle heartbeat: async-nats 0.51's batch stream returns Pending after a
+                // heartbeat without a wake-up, stalls until its own timer and then drops what
+                // arrived meanwhile (redelivered only after ack_wait).
+                .messages()
+                .await;
+            let batch = match batch {
+                Ok(b) => {
+                    failures = 0;
+                    b
+                }
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff(i64::from(failures.min(6)));
+                    tracing::warn!(error = %e, ?delay, "pull request failed; retrying");
+                    let mut stop = shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                    continue;
+                }
+            };
+            batch
+                .for_each_concurrent(self.settings.concurrency, |m| {
+                    let this = self.clone();
+                    async move {
+                        match m {
+                            Ok(msg) => this.process_jetstream(msg).await,
+                            Err(e) => tracing::debug!(error = %e, "pull batch ended early"),
                         }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
+        }
         Ok(())
     }
 
