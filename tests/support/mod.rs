@@ -17,6 +17,8 @@
 //! test process, so they never outlive it.
 #![allow(dead_code)]
 
+pub mod worker;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
