@@ -1,0 +1,122 @@
+//! The `rmos-runs` CLI as an operator uses it: human and `--json` output, and exit codes that
+//! tell not found (2), rejected (3) and unreachable (4) apart.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use support::worker::*;
+
+fn cli(env: &Env, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(args)
+        .env("NATS_URL", env.nats.url())
+        .env_remove("RMOS_CONFIG")
+        .env_remove("RMOS_SUBJECT_PREFIX")
+        .env_remove("RMOS_INGEST")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write stdin");
+    } else {
+        drop(child.stdin.take());
+    }
+    child.wait_with_output().expect("cli output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_round_trip_and_exit_codes() {
+    let env = Env::new().await;
+    let _worker = env.worker("a").await;
+
+    let create = r#"{"mode":"cam","tool_id":"T102","status":"OK","run_id":"run_00000000c11a",
+                    "outputs":{"gcode_text":"G21\n"}}"#;
+    let out = cli(&env, &["create", "--json"], Some(create));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ev: Value = serde_json::from_slice(&out.stdout).expect("json event");
+    assert_eq!(ev["event"], "created");
+
+    let out = cli(&env, &["get", "run_00000000c11a", "--json"], None);
+    assert!(out.status.success());
+    let a: Value = serde_json::from_slice(&out.stdout).expect("json artifact");
+    assert_eq!(a["tool_id"], "T102");
+
+    let out = cli(&env, &["verify", "run_00000000c11a", "--json"], None);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json report");
+    assert_eq!(report["ok"], true);
+
+    let patch = r#"{"run_id":"run_00000000c11a","meta_updates":{"operator":"ann"}}"#;
+    let out = cli(&env, &["patch-meta"], Some(patch));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = cli(&env, &["list", "--json", "--tool-id", "T102"], None);
+    let page: Value = serde_json::from_slice(&out.stdout).expect("json page");
+    assert_eq!(page["runs"].as_array().map(Vec::len), Some(1));
+
+    let out = cli(&env, &["get", "run_000000000000"], None);
+    assert_eq!(out.status.code(), Some(2), "not found");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    let out = cli(&env, &["create"], Some(r#"{"mode":"cam"}"#));
+    assert_eq!(out.status.code(), Some(3), "rejected");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_request"));
+
+    let out = cli(
+        &env,
+        &["delete", "run_00000000c11a", "--reason", "test"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&env, &["get", "run_00000000c11a"], None);
+    assert_eq!(out.status.code(), Some(2), "deleted run is not found");
+}
+
+#[test]
+fn unreachable_broker_is_exit_4() {
+    let port = support::free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(["get", "run_000000000000"])
+        .env("NATS_URL", format!("nats://127.0.0.1:{port}"))
+        .output()
+        .expect("run cli");
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
+}
+
+#[test]
+fn bad_configuration_is_one_line_naming_the_key() {
+    let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(["config"])
+        .env("RMOS_INGEST", "kafka")
+        .output()
+        .expect("run cli");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("ingest") && err.contains("jetstream, core"),
+        "{err}"
+    );
+}
