@@ -377,3 +377,34 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    /// The shipped example file parses and its values are the defaults.
+    #[test]
+    fn shipped_config_file_is_the_defaults() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/rmos-runs.toml");
+        let from_file = Config::resolve(&Overrides {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let defaults = Config::resolve(&Overrides::default()).unwrap();
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "concurency = 3\n").unwrap();
+        let e = Config::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("concurency"), "{e}");
+    }
+}
