@@ -75,6 +75,9 @@ pub struct Overrides {
     /// Log format: pretty or json.
     #[arg(long, env = "RMOS_LOG_FORMAT", global = true)]
     pub log_format: Option<String>,
+    /// Metrics and health endpoint, host:port ("off" or empty: none).
+    #[arg(long, env = "RMOS_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<String>,
 }
 
 /// The TOML file's shape (every key optional; see `config/rmos-runs.toml`).
@@ -98,13 +101,20 @@ struct FileConfig {
     consumer: Option<String>,
     concurrency: Option<usize>,
     log_format: Option<String>,
+    metrics_addr: Option<String>,
     stream_replicas: Option<usize>,
     stream_max_age: Option<String>,
     ack_wait: Option<String>,
     max_deliver: Option<i64>,
     blob_threshold: Option<usize>,
+    max_payload_bytes: Option<usize>,
+    max_json_depth: Option<usize>,
+    max_meta_keys: Option<usize>,
+    max_meta_bytes: Option<usize>,
+    max_advisory_body_bytes: Option<usize>,
     fsync: Option<bool>,
     connect_timeout: Option<String>,
+    retention: Option<String>,
 }
 
 /// A configuration error: one line naming the key.
@@ -147,6 +157,10 @@ pub struct Config {
     pub concurrency: usize,
     /// `pretty` or `json`.
     pub log_json: bool,
+    /// `/metrics`, `/healthz`, `/readyz` listen here (`None`: off).
+    pub metrics_addr: Option<String>,
+    /// `metrics_addr` was given (not the default): failing to bind it stops `serve`.
+    pub metrics_addr_explicit: bool,
     /// Stream replicas (1, or 3 on a cluster).
     pub stream_replicas: usize,
     /// Stream max age (zero: keep until acked).
@@ -155,12 +169,14 @@ pub struct Config {
     pub ack_wait: Duration,
     /// Deliveries before the broker gives up on a message (-1: never).
     pub max_deliver: i64,
-    /// Bodies over this many bytes become blobs.
-    pub blob_threshold: usize,
+    /// Domain limits (blob threshold, payload size, depth, meta, advisory body).
+    pub limits: crate::domain::command::Limits,
     /// fsync local writes.
     pub fsync: bool,
     /// How long to keep trying to reach the broker at start-up.
     pub connect_timeout: Duration,
+    /// `serve` deletes runs older than this, hourly (`None`: off, the default).
+    pub retention: Option<Duration>,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `12h`, `90d` (a bare number is seconds).
@@ -222,6 +238,7 @@ impl Config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
+        let limits = limits_from(&f)?;
         let nats_url = o
             .nats_url
             .clone()
@@ -289,6 +306,8 @@ impl Config {
                 )));
             }
         };
+        let metrics_addr_explicit = o.metrics_addr.is_some() || f.metrics_addr.is_some();
+        let metrics_addr = metrics_addr_from(o.metrics_addr.clone().or(f.metrics_addr))?;
         let stream_replicas = f.stream_replicas.unwrap_or(1);
         if !(1..=5).contains(&stream_replicas) {
             return Err(ConfigError(
@@ -322,24 +341,105 @@ impl Config {
             consumer,
             concurrency,
             log_json,
+            metrics_addr,
+            metrics_addr_explicit,
             stream_replicas,
             stream_max_age: dur("stream_max_age", f.stream_max_age, Duration::ZERO)?,
             ack_wait: dur("ack_wait", f.ack_wait, Duration::from_secs(30))?,
             max_deliver,
-            blob_threshold: f.blob_threshold.unwrap_or(64 * 1024),
+            limits,
             fsync: f.fsync.unwrap_or(true),
             connect_timeout: dur(
                 "connect_timeout",
                 f.connect_timeout,
                 Duration::from_secs(30),
             )?,
+            retention: retention_from(f.retention.as_deref())?,
         })
+    }
+}
+
+fn limits_from(f: &FileConfig) -> Result<crate::domain::command::Limits, ConfigError> {
+    let d = crate::domain::command::Limits::default();
+    let positive = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ConfigError(format!("{key}: must be a positive number"))),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(crate::domain::command::Limits {
+        blob_threshold: positive("blob_threshold", f.blob_threshold, d.blob_threshold)?,
+        remembered_commands: d.remembered_commands,
+        max_payload_bytes: positive(
+            "max_payload_bytes",
+            f.max_payload_bytes,
+            d.max_payload_bytes,
+        )?,
+        max_json_depth: positive("max_json_depth", f.max_json_depth, d.max_json_depth)?,
+        max_meta_keys: positive("max_meta_keys", f.max_meta_keys, d.max_meta_keys)?,
+        max_meta_bytes: positive("max_meta_bytes", f.max_meta_bytes, d.max_meta_bytes)?,
+        max_advisory_body_bytes: positive(
+            "max_advisory_body_bytes",
+            f.max_advisory_body_bytes,
+            d.max_advisory_body_bytes,
+        )?,
+    })
+}
+
+/// `retention`: absent, `"off"` or `"0"` is off; otherwise a duration of at least 1h.
+fn retention_from(v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    match v.map(str::trim) {
+        None | Some("off") | Some("0") => Ok(None),
+        Some(s) => {
+            let d = parse_duration("retention", s)?;
+            crate::store::maintenance::check_retention(d)
+                .map_err(|e| ConfigError(format!("retention: {e}")))?;
+            Ok(Some(d))
+        }
+    }
+}
+
+/// `metrics_addr`: `host:port` (default `127.0.0.1:9090`); empty or `off` disables it.
+fn metrics_addr_from(v: Option<String>) -> Result<Option<String>, ConfigError> {
+    let v = v.unwrap_or_else(|| "127.0.0.1:9090".to_owned());
+    let v = v.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match v.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(Some(v.to_owned()))
+        }
+        _ => Err(ConfigError(format!(
+            "metrics_addr: {v:?} is not host:port (e.g. 127.0.0.1:9090, 0.0.0.0:9090) or off"
+        ))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_addr_values() {
+        assert_eq!(
+            metrics_addr_from(None).unwrap().as_deref(),
+            Some("127.0.0.1:9090")
+        );
+        assert_eq!(metrics_addr_from(Some("off".into())).unwrap(), None);
+        assert_eq!(metrics_addr_from(Some(" ".into())).unwrap(), None);
+        assert_eq!(
+            metrics_addr_from(Some("[::1]:9100".into()))
+                .unwrap()
+                .as_deref(),
+            Some("[::1]:9100")
+        );
+        assert!(
+            metrics_addr_from(Some("9090".into()))
+                .unwrap_err()
+                .0
+                .starts_with("metrics_addr:")
+        );
+    }
 
     #[test]
     fn durations() {

@@ -9,11 +9,13 @@ use anyhow::{Context as _, anyhow};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
-use rmos_runs::domain::command::{CommandKind, Limits};
+use rmos_runs::domain::command::CommandKind;
 use rmos_runs::domain::ids::RequestId;
-use rmos_runs::store::{OpenOptions, RunStore};
+use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
+use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
 use rmos_runs::transport::api::Api;
 use rmos_runs::transport::ingest::{Ingest, IngestSettings};
+use rmos_runs::transport::metrics::{Health, HttpSettings, Metrics};
 use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
 use tokio::sync::watch;
 
@@ -92,6 +94,39 @@ enum Cmd {
         /// Why.
         #[arg(long, default_value = "operator")]
         reason: String,
+    },
+    /// Delete runs older than an age (retention), directly on the configured store.
+    Gc {
+        /// Age, e.g. 90d (default: the configured `retention`; at least 1h).
+        #[arg(long)]
+        older_than: Option<String>,
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Copy the configured store to another store (incremental, verified, resumable).
+    Backup {
+        /// Destination: file:///abs/dir or s3://bucket[/prefix].
+        #[arg(long)]
+        to: String,
+        /// Replace destination objects that differ instead of reporting conflicts.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Copy another store into the configured store (a backup in the other direction).
+    Restore {
+        /// Source: file:///abs/dir or s3://bucket[/prefix].
+        #[arg(long)]
+        from: String,
+        /// Replace objects that differ instead of reporting conflicts.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Import a data directory written by the seed's Python store.
+    Import {
+        /// The directory of <run_id>.json files.
+        #[arg(long)]
+        from_dir: std::path::PathBuf,
     },
 }
 
@@ -254,6 +289,74 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             )
             .await
         }
+        Cmd::Gc {
+            older_than,
+            dry_run,
+        } => {
+            let age = match older_than {
+                Some(s) => rmos_runs::config::parse_duration("--older-than", &s)?,
+                None => cfg
+                    .retention
+                    .ok_or_else(|| anyhow!("gc: give --older-than (e.g. 90d) or set retention"))?,
+            };
+            maintenance::check_retention(age).map_err(|e| anyhow!("--older-than: {e}"))?;
+            let store = open_store(&cfg.store_url, &cfg, !dry_run).await?;
+            let r = maintenance::gc(&store, &GcOptions::older_than(age, dry_run), None).await?;
+            print_report(&r, r.ok(), cli.json, "gc")
+        }
+        Cmd::Backup { to, overwrite } => {
+            let src = open_store(&cfg.store_url, &cfg, false).await?;
+            let dst = open_store(&StoreUrl::parse(&to)?, &cfg, true).await?;
+            let r = maintenance::transfer(&src, &dst, &TransferOptions { overwrite }).await?;
+            print_report(&r, r.ok(), cli.json, "backup")
+        }
+        Cmd::Restore { from, overwrite } => {
+            let src = open_store(&StoreUrl::parse(&from)?, &cfg, false).await?;
+            let dst = open_store(&cfg.store_url, &cfg, true).await?;
+            let r = maintenance::transfer(&src, &dst, &TransferOptions { overwrite }).await?;
+            print_report(&r, r.ok(), cli.json, "restore")
+        }
+        Cmd::Import { from_dir } => {
+            let store = open_store(&cfg.store_url, &cfg, true).await?;
+            let r = maintenance::import_dir(&store, &from_dir).await?;
+            print_report(&r, r.ok(), cli.json, "import")
+        }
+    }
+}
+
+/// Opens a store for the maintenance commands; probes it when they will write to it.
+async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
+    let options = OpenOptions {
+        fsync: cfg.fsync,
+        ..OpenOptions::default()
+    };
+    let store = RunStore::open(url, &options)?;
+    if write {
+        store
+            .probe()
+            .await
+            .map_err(|e| anyhow!("store {url}: {e}"))?;
+    }
+    Ok(store)
+}
+
+/// Prints a maintenance report; exit 1 when it records failures.
+fn print_report<R>(r: &R, ok: bool, json: bool, what: &str) -> Result<(), Failure>
+where
+    R: serde::Serialize + std::fmt::Display,
+{
+    if json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+    } else {
+        print!("{r}");
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(Failure {
+            code: 1,
+            message: format!("{what}: finished with failures (see the report)"),
+        })
     }
 }
 
@@ -291,9 +394,11 @@ fn print_config(cfg: &Config) {
         "stream_max_age_s": cfg.stream_max_age.as_secs(),
         "ack_wait_s": cfg.ack_wait.as_secs(),
         "max_deliver": cfg.max_deliver,
-        "blob_threshold": cfg.blob_threshold,
+        "limits": format!("{:?}", cfg.limits),
         "fsync": cfg.fsync,
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
+        "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
+        "retention_s": cfg.retention.map(|d| d.as_secs()),
         "aws_secret_access_key": std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(|_| "****"),
     });
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -320,6 +425,22 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         })?;
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Metrics::new();
+    let http = rmos_runs::transport::metrics::start(
+        &HttpSettings {
+            addr: cfg.metrics_addr.clone(),
+            required: cfg.metrics_addr_explicit,
+        },
+        metrics.clone(),
+        Health::new(
+            client.clone(),
+            store.clone(),
+            (cfg.ingest == IngestMode::JetStream).then(|| cfg.stream.clone()),
+        ),
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
 
     let ingest = Ingest::new(
         client.clone(),
@@ -333,18 +454,16 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             max_age: cfg.stream_max_age,
             ack_wait: cfg.ack_wait,
             max_deliver: cfg.max_deliver,
-            limits: Limits {
-                blob_threshold: cfg.blob_threshold,
-                ..Limits::default()
-            },
+            limits: cfg.limits.clone(),
             not_found_retries: 6,
         },
+        metrics.clone(),
     );
     let consumer = match cfg.ingest {
         IngestMode::JetStream => Some(ingest.ensure_stream().await?),
         IngestMode::Core => None,
     };
-    let api = Api::new(client.clone(), store.clone(), cfg.concurrency);
+    let api = Api::new(client.clone(), store.clone(), cfg.concurrency, metrics);
     let service = api
         .serve(&subjects, stop_rx.clone())
         .await
@@ -359,6 +478,14 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             }
         }
     });
+    let retention = cfg.retention.map(|age| {
+        let schedule = RetentionSchedule::hourly(age);
+        tokio::spawn(maintenance::retention_loop(
+            store.clone(),
+            schedule,
+            stop_rx.clone(),
+        ))
+    });
     tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix,
         ingest = ?cfg.ingest, "rmos-runs worker ready");
 
@@ -369,6 +496,12 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::error!(error = %e, "ingest stopped with an error"),
         Err(e) => tracing::error!(error = %e, "ingest task failed"),
+    }
+    if let Some(task) = retention {
+        let _ = task.await;
+    }
+    if let Some(task) = http {
+        let _ = task.await;
     }
     let _ = service.stop().await;
     client.flush().await.ok();

@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod local;
+pub mod maintenance;
 pub mod url;
 
 use std::collections::HashMap;

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use async_nats::Client;
 use async_nats::service::{Request, Service, ServiceExt};
+use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
@@ -13,10 +13,11 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::events::{error_reply, ok_headers};
+use super::metrics::Metrics;
 use super::{Subjects, WireError, request_id};
 use crate::domain::error::Rejection;
 use crate::domain::ids::{RequestId, RunId};
-use crate::store::{ListQuery, RunStore};
+use crate::store::{ListQuery, RunStore, StoreError};
 
 /// The service name in `nats micro ls`.
 pub const SERVICE_NAME: &str = "rmos-runs";
@@ -61,15 +62,22 @@ pub struct Api {
     client: Client,
     store: RunStore,
     concurrency: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Api {
     /// An API over `store`.
-    pub fn new(client: Client, store: RunStore, concurrency: usize) -> Arc<Self> {
+    pub fn new(
+        client: Client,
+        store: RunStore,
+        concurrency: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             client,
             store,
             concurrency,
+            metrics,
         })
     }
 
@@ -84,6 +92,13 @@ impl Api {
             .service_builder()
             .description("Persistent record of CNC manufacturing runs")
             .queue_group(QUEUE_GROUP)
+            // `nats micro stats` counts errors per endpoint; this adds them by protocol code.
+            .stats_handler({
+                let metrics = self.metrics.clone();
+                move |endpoint, _| {
+                    serde_json::json!({ "errors_by_code": metrics.request_errors(&endpoint) })
+                }
+            })
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await?;
         for name in ["get", "list", "verify"] {
@@ -120,17 +135,30 @@ impl Api {
                 "list" => self.list(&req.message.payload).await,
                 _ => self.verify(&req.message.payload).await,
             };
-            let sent = match result {
-                Ok(body) => req.respond_with_headers(Ok(body), ok_headers(&rid)).await,
+            let (sent, code) = match result {
+                Ok(body) => (
+                    req.respond_with_headers(Ok(body), ok_headers(&rid)).await,
+                    None,
+                ),
                 Err(err) => {
-                    tracing::info!(code = err.code, reason = %err.message, "request refused");
-                    self.reply_error(&req, &err, &rid).await
+                    let sent = self.reply_error(&req, &err, &rid).await;
+                    count_in_service_stats(req, &err).await;
+                    (sent, Some(err))
                 }
             };
             if let Err(e) = sent {
                 tracing::warn!(error = %e, "reply not sent");
             }
-            tracing::debug!(us = started.elapsed().as_micros() as u64, "answered");
+            let elapsed = started.elapsed();
+            self.metrics
+                .request(name, code.as_ref().map(|e| e.code), elapsed);
+            let us = elapsed.as_micros() as u64;
+            match code {
+                None => tracing::debug!(code = "ok", us, "answered"),
+                Some(err) => {
+                    tracing::info!(code = err.code, reason = %err.message, us, "request refused")
+                }
+            }
         }
         .instrument(span)
         .await
@@ -155,6 +183,12 @@ impl Api {
         }
     }
 
+    /// Counts a store failure in the metrics, then maps it to the wire.
+    fn store_err(&self, e: StoreError) -> WireError {
+        self.metrics.store_error(&e);
+        WireError::from(&e)
+    }
+
     async fn get(&self, body: &[u8]) -> Result<Bytes, WireError> {
         let q: GetRequest = parse_id_or_json(body, |run_id| GetRequest {
             run_id,
@@ -165,13 +199,13 @@ impl Api {
             .store
             .get(&q.run_id)
             .await
-            .map_err(|e| WireError::from(&e))?;
+            .map_err(|e| self.store_err(e))?;
         if q.include_outputs {
             artifact = self
                 .store
                 .inline_outputs(artifact)
                 .await
-                .map_err(|e| WireError::from(&e))?;
+                .map_err(|e| self.store_err(e))?;
         }
         let bytes = serde_json::to_vec(&artifact).map_err(|e| WireError {
             code: "internal",
@@ -198,7 +232,7 @@ impl Api {
             serde_json::from_str(text)
                 .map_err(|e| WireError::invalid(format!("schema violation: {e}")))?
         };
-        let page = self.store.list(&q).await.map_err(|e| WireError::from(&e))?;
+        let page = self.store.list(&q).await.map_err(|e| self.store_err(e))?;
         Ok(Bytes::from(serde_json::to_vec(&page).unwrap_or_default()))
     }
 
@@ -209,7 +243,30 @@ impl Api {
             .store
             .verify(&q.run_id)
             .await
-            .map_err(|e| WireError::from(&e))?;
+            .map_err(|e| self.store_err(e))?;
         Ok(Bytes::from(serde_json::to_vec(&report).unwrap_or_default()))
     }
+}
+
+/// Counts an error reply (already published with its JSON body by `reply_error`) in the
+/// service's own statistics, so `$SRV.STATS` / `nats micro stats` agree with
+/// `rmos_requests_total`.
+///
+/// `Request::respond_with_headers(Err(..))` is the only way to bump an endpoint's
+/// `num_errors` / `last_error` (and, for an error, `num_requests` and the processing time), but
+/// it publishes an empty-bodied reply of its own. Pointing the request at an empty reply subject
+/// keeps that reply off the wire: async-nats 0.51 updates the stats first, then refuses to
+/// publish to an empty subject inside the client (`PublishErrorKind::InvalidSubject`, whatever
+/// `skip_subject_validation` says), so nothing is sent and no permission is needed.
+/// `tests/metrics.rs` pins this behaviour; re-check it when upgrading async-nats.
+async fn count_in_service_stats(mut req: Request, err: &WireError) {
+    req.message.reply = Some(async_nats::Subject::from(""));
+    let stats_error = async_nats::service::error::Error {
+        status: err.code.to_owned(),
+        code: usize::from(err.status),
+    };
+    // The publish is refused by design (see above); the stats are already updated.
+    let _ = req
+        .respond_with_headers(Err(stats_error), HeaderMap::new())
+        .await;
 }

@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tracing::Instrument;
 
 use super::events::{self, RejectedEvent, Source};
+use super::metrics::{CommandOutcome, Metrics};
 use super::{Subjects, WireError, msg_id, request_id};
 use crate::domain::artifact::Timestamp;
 use crate::domain::command::{Command, CommandKind, Context, Limits};
@@ -110,6 +111,7 @@ pub struct Ingest {
     subjects: Subjects,
     settings: IngestSettings,
     locks: RunLocks,
+    metrics: Arc<Metrics>,
 }
 
 impl Ingest {
@@ -119,6 +121,7 @@ impl Ingest {
         store: RunStore,
         subjects: Subjects,
         settings: IngestSettings,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
@@ -126,6 +129,7 @@ impl Ingest {
             subjects,
             settings,
             locks: RunLocks::new(),
+            metrics,
         })
     }
 
@@ -233,49 +237,63 @@ impl Ingest {
             delivered: Some(delivered),
         };
         let rid = request_id(msg.headers.as_ref());
+        let kind = self.subjects.kind_of(&msg.subject);
+        let _in_flight = self.metrics.command_started();
+        if delivered > 1 {
+            self.metrics.redelivered();
+        }
         let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
-            stream_seq = seq, delivered, run_id = tracing::field::Empty, outcome = tracing::field::Empty);
+            stream_seq = seq, delivered, run_id = tracing::field::Empty,
+            outcome = tracing::field::Empty, ms = tracing::field::Empty);
         async {
             let started = std::time::Instant::now();
             let verdict = self
                 .handle(&msg.subject, msg.headers.as_ref(), &msg.payload, command_id, &rid, delivered)
                 .await;
-            let ack = match verdict {
+            let (ack, result) = match verdict {
                 Verdict::Done(outcome) => {
+                    self.metrics.conflicts(outcome.conflicts);
                     match events::publish_stored(&self.client, &self.subjects, &outcome, &rid, &source).await {
                         Ok(()) => {
-                            tracing::Span::current().record("outcome", "stored");
+                            let result = mark_stored(&outcome, started);
                             tracing::info!(revision = outcome.revision, changed = outcome.changed,
-                                conflicts = outcome.conflicts, ms = started.elapsed().as_millis() as u64, "stored");
-                            AckKind::Ack
+                                conflicts = outcome.conflicts, "stored");
+                            (AckKind::Ack, result)
                         }
                         Err(e) => {
+                            mark(CommandOutcome::Retried, started);
                             tracing::warn!(error = %e, "stored event not published; redelivering");
-                            AckKind::Nak(Some(Duration::from_secs(1)))
+                            (AckKind::Nak(Some(Duration::from_secs(1))), CommandOutcome::Retried)
                         }
                     }
                 }
                 Verdict::Reject(err, run_id) => {
-                    tracing::Span::current().record("outcome", "rejected");
                     match self.reject(&msg.subject, msg.headers.as_ref(), &msg.payload, &rid, &err, run_id.as_ref(), &source).await {
-                        Ok(()) => AckKind::Ack,
+                        Ok(key) => {
+                            mark(CommandOutcome::Rejected, started);
+                            tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected");
+                            (AckKind::Ack, CommandOutcome::Rejected)
+                        }
                         Err(e) => {
-                            tracing::warn!(error = %e, "dead letter not stored; redelivering");
-                            AckKind::Nak(Some(backoff(delivered)))
+                            mark(CommandOutcome::Retried, started);
+                            tracing::warn!(code = err.code, reason = %err.message, error = %e,
+                                "dead letter not stored; redelivering");
+                            (AckKind::Nak(Some(backoff(delivered))), CommandOutcome::Retried)
                         }
                     }
                 }
                 Verdict::Retry(err) => {
-                    tracing::Span::current().record("outcome", "retry");
+                    mark(CommandOutcome::Retried, started);
                     let delay = backoff(delivered);
                     tracing::warn!(code = err.code, error = %err.message, ?delay, "transient failure; redelivering");
-                    AckKind::Nak(Some(delay))
+                    (AckKind::Nak(Some(delay)), CommandOutcome::Retried)
                 }
             };
             if let Err(e) = msg.ack_with(ack).await {
                 // The broker redelivers after ack_wait; the effect is idempotent.
                 tracing::warn!(error = %e, "ack failed; the command will be redelivered");
             }
+            self.metrics.command_finished(kind, result, started.elapsed());
         }
         .instrument(span)
         .await
@@ -298,7 +316,7 @@ impl Ingest {
             );
         };
         let mid = msg_id(headers);
-        let cmd = match Command::decode(kind, payload, mid.as_deref()) {
+        let cmd = match Command::decode_with(kind, payload, mid.as_deref(), &self.settings.limits) {
             Ok(c) => c,
             Err(r) => return Verdict::Reject(WireError::from(&r), None),
         };
@@ -314,6 +332,9 @@ impl Ingest {
             let _guard = self.locks.for_run(&run_id).lock().await;
             self.store.execute(&cmd, &ctx).await
         };
+        if let Err(e) = &result {
+            self.metrics.store_error(e);
+        }
         match result {
             Ok(outcome) => Verdict::Done(outcome),
             Err(StoreError::Rejected(r))
@@ -343,7 +364,7 @@ impl Ingest {
         err: &WireError,
         run_id: Option<&RunId>,
         source: &Source,
-    ) -> Result<(), String> {
+    ) -> Result<String, String> {
         let now = Timestamp::now();
         let letter = DeadLetter {
             received_at: now,
@@ -373,8 +394,11 @@ impl Ingest {
             .store
             .put_dead_letter(&now, &name, body)
             .await
-            .map_err(|e| e.to_string())?;
-        tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected");
+            .map_err(|e| {
+                self.metrics.store_error(&e);
+                e.to_string()
+            })?;
+        self.metrics.dead_letter(err.code);
         let ev = RejectedEvent {
             code: err.code,
             message: &err.message,
@@ -386,7 +410,8 @@ impl Ingest {
         };
         events::publish_rejected(&self.client, &self.subjects, &ev)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        Ok(key.to_string())
     }
 
     /// Core mode: queue subscriptions on the command subjects; replies with the outcome.
@@ -431,9 +456,13 @@ impl Ingest {
             msg_id: mid,
             delivered: None,
         };
+        let kind = self.subjects.kind_of(&msg.subject);
+        let _in_flight = self.metrics.command_started();
         let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
-            run_id = tracing::field::Empty, outcome = tracing::field::Empty);
+            run_id = tracing::field::Empty, outcome = tracing::field::Empty,
+            ms = tracing::field::Empty);
         async {
+            let started = std::time::Instant::now();
             let mut attempt = 1;
             let verdict = loop {
                 let v = self
@@ -454,20 +483,31 @@ impl Ingest {
                     other => break other,
                 }
             };
-            let reply: Result<Bytes, WireError> = match verdict {
+            let (reply, result): (Result<Bytes, WireError>, _) = match verdict {
                 Verdict::Done(outcome) => {
-                    let _ = events::publish_stored(
+                    self.metrics.conflicts(outcome.conflicts);
+                    if let Err(e) = events::publish_stored(
                         &self.client,
                         &self.subjects,
                         &outcome,
                         &rid,
                         &source,
                     )
-                    .await;
-                    Ok(events::stored_body(&outcome, &rid, &source))
+                    .await
+                    {
+                        tracing::warn!(error = %e, "stored event not published");
+                    }
+                    let result = mark_stored(&outcome, started);
+                    tracing::info!(
+                        revision = outcome.revision,
+                        changed = outcome.changed,
+                        conflicts = outcome.conflicts,
+                        "stored"
+                    );
+                    (Ok(events::stored_body(&outcome, &rid, &source)), result)
                 }
                 Verdict::Reject(err, run_id) => {
-                    if let Err(e) = self
+                    let kept = self
                         .reject(
                             &msg.subject,
                             msg.headers.as_ref(),
@@ -477,13 +517,25 @@ impl Ingest {
                             run_id.as_ref(),
                             &source,
                         )
-                        .await
-                    {
-                        tracing::error!(error = %e, "dead letter not stored");
+                        .await;
+                    mark(CommandOutcome::Rejected, started);
+                    match kept {
+                        Ok(key) => {
+                            tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected")
+                        }
+                        Err(e) => {
+                            tracing::error!(code = err.code, reason = %err.message, error = %e,
+                                "command rejected; dead letter not stored")
+                        }
                     }
-                    Err(err)
+                    (Err(err), CommandOutcome::Rejected)
                 }
-                Verdict::Retry(err) => Err(err),
+                Verdict::Retry(err) => {
+                    mark(CommandOutcome::Failed, started);
+                    tracing::warn!(code = err.code, error = %err.message, attempts = attempt,
+                        "transient failure; giving up (core mode has no redelivery)");
+                    (Err(err), CommandOutcome::Failed)
+                }
             };
             if let Some(reply_to) = msg.reply.clone() {
                 let sent = match reply {
@@ -501,10 +553,30 @@ impl Ingest {
                     tracing::warn!(error = %e, "reply not sent");
                 }
             }
+            self.metrics.command_finished(kind, result, started.elapsed());
         }
         .instrument(span)
         .await
     }
+}
+
+/// Records a command's outcome and elapsed milliseconds on its span (so the line logged next,
+/// and every later one, carries them).
+fn mark(outcome: CommandOutcome, started: std::time::Instant) {
+    let span = tracing::Span::current();
+    span.record("outcome", outcome.as_str());
+    span.record("ms", started.elapsed().as_millis() as u64);
+}
+
+/// [`mark`] for a stored command: `stored`, or `unchanged` for a redelivery.
+fn mark_stored(outcome: &Outcome, started: std::time::Instant) -> CommandOutcome {
+    let result = if outcome.changed {
+        CommandOutcome::Stored
+    } else {
+        CommandOutcome::Unchanged
+    };
+    mark(result, started);
+    result
 }
 
 /// Redelivery delay after `delivered` attempts: 500 ms doubling, capped at 60 s.

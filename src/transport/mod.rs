@@ -5,6 +5,7 @@ pub mod api;
 pub mod connect;
 pub mod events;
 pub mod ingest;
+pub mod metrics;
 
 use serde::Serialize;
 

@@ -715,3 +715,133 @@ async fn proxy_one(mut client: TcpStream, upstream: &str) -> std::io::Result<()>
     tokio::io::copy_bidirectional(&mut client, &mut server).await?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// NATS from a configuration file (auth, permissions, TLS)
+// ---------------------------------------------------------------------------------------------
+
+/// A real `nats-server -c <file>` on a free loopback port, for tests of authentication,
+/// permissions and TLS. SIGKILLed on Drop.
+///
+/// The configuration is given as a template: `{{PORT}}` becomes the client port, `{{STORE_DIR}}`
+/// a private JetStream store directory and `{{HTTP_PORT}}` a free monitoring port. `files` are
+/// written next to the configuration first (for `include "permissions.conf"`), and `env` is
+/// added to the server's environment (the config file's `$NAME` references read it).
+pub struct ConfiguredNatsServer {
+    port: u16,
+    /// Holds the configuration, `js/`, and the server log.
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ConfiguredNatsServer {
+    /// Writes the configuration, starts nats-server on a free port and waits until it accepts
+    /// connections (retrying on a fresh port if the server exits at start-up).
+    pub async fn start(
+        template: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> ConfiguredNatsServer {
+        let bin = NatsServer::binary();
+        let dir = tempfile::Builder::new()
+            .prefix("rmos-nats-conf-")
+            .tempdir()
+            .expect("create nats tempdir");
+        let store = dir.path().join("js");
+        std::fs::create_dir(&store).expect("create store dir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write included file");
+        }
+        let mut last_error = String::new();
+        for attempt in 0..START_ATTEMPTS {
+            let port = free_port();
+            let config = template
+                .replace("{{PORT}}", &port.to_string())
+                .replace("{{HTTP_PORT}}", &free_port().to_string())
+                .replace("{{STORE_DIR}}", &store.display().to_string());
+            let config_path = dir.path().join("nats-server.conf");
+            std::fs::write(&config_path, config).expect("write nats config");
+            let log_path = dir.path().join(format!("nats-{attempt}.log"));
+            let log = std::fs::File::create(&log_path).expect("create nats log");
+            let mut cmd = Command::new(&bin);
+            cmd.arg("-c")
+                .arg(&config_path)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(log));
+            let mut child = spawn_guarded(cmd)
+                .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", bin.display()));
+            let deadline = Instant::now() + START_TIMEOUT;
+            let outcome = loop {
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    break Err(format!(
+                        "nats-server -c on port {port} exited during start-up ({status}); log:\n{}",
+                        read_log(&log_path)
+                    ));
+                }
+                let ready = std::fs::read_to_string(&log_path)
+                    .map(|log| log.contains("Server is ready"))
+                    .unwrap_or(false);
+                if ready && port_accepts(port) {
+                    break Ok(());
+                }
+                if Instant::now() >= deadline {
+                    kill_now(&mut child);
+                    break Err(format!(
+                        "nats-server -c on port {port} not ready after {START_TIMEOUT:?}; log:\n{}",
+                        read_log(&log_path)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            };
+            match outcome {
+                Ok(()) => {
+                    return ConfiguredNatsServer {
+                        port,
+                        dir,
+                        child: Some(child),
+                    };
+                }
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("nats-server -c failed to start after {START_ATTEMPTS} attempts:\n{last_error}");
+    }
+
+    /// `nats://127.0.0.1:PORT` (also right for TLS: the client upgrades when the server asks).
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The directory holding the configuration, the store and the logs.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The server logs so far (tails), for assertion messages.
+    pub fn log(&self) -> String {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        logs.last().map(|p| read_log(p)).unwrap_or_default()
+    }
+}
+
+impl Drop for ConfiguredNatsServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_now(&mut child);
+        }
+    }
+}

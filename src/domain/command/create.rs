@@ -282,6 +282,7 @@ impl CreateRun {
             }
         }
 
+        ctx.limits.check_meta(&self.meta)?;
         let mut meta = self.meta.clone();
         meta.insert(
             "request_id".to_owned(),

@@ -9,7 +9,7 @@ pub mod patch_meta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::artifact::{Sha256Hex, StoredRecord};
+use super::artifact::{JsonMap, Sha256Hex, StoredRecord};
 use super::error::Rejection;
 use super::hashing::sha256_json;
 use super::ids::{CommandId, RequestId, RunId};
@@ -73,22 +73,47 @@ pub enum Command {
 }
 
 impl Command {
-    /// Decodes a message body. `message_id` (`Nats-Msg-Id`), when present, seeds the ids the
-    /// worker derives, otherwise they come from the content, so a redelivery of the same
-    /// message always maps to the same run and advisory.
+    /// Decodes a message body with the default [`Limits`]. See [`Command::decode_with`].
     pub fn decode(
         kind: CommandKind,
         body: &[u8],
         message_id: Option<&str>,
     ) -> Result<Command, Rejection> {
+        Self::decode_with(kind, body, message_id, &Limits::default())
+    }
+
+    /// Decodes a message body. `message_id` (`Nats-Msg-Id`), when present, seeds the ids the
+    /// worker derives, otherwise they come from the content, so a redelivery of the same
+    /// message always maps to the same run and advisory. Payload size and nesting depth are
+    /// checked against `limits` (`too_large`).
+    pub fn decode_with(
+        kind: CommandKind,
+        body: &[u8],
+        message_id: Option<&str>,
+        limits: &Limits,
+    ) -> Result<Command, Rejection> {
+        if body.len() > limits.max_payload_bytes {
+            return Err(Rejection::too_large(format!(
+                "payload is {} bytes, over the limit of {} (max_payload_bytes)",
+                body.len(),
+                limits.max_payload_bytes
+            )));
+        }
         let raw: Value = serde_json::from_slice(body)
             .map_err(|e| Rejection::invalid(format!("payload is not valid JSON: {e}")))?;
+        let depth = json_depth(&raw);
+        if depth > limits.max_json_depth {
+            return Err(Rejection::too_large(format!(
+                "payload is nested {depth} levels deep, over the limit of {} (max_json_depth)",
+                limits.max_json_depth
+            )));
+        }
         if !raw.is_object() {
             return Err(Rejection::invalid(
                 "payload must be a JSON object".to_string(),
             ));
         }
-        Ok(match kind {
+        let cmd = match kind {
             CommandKind::Create => {
                 Command::Create(Box::new(CreateRun::from_value(raw, message_id)?))
             }
@@ -97,7 +122,17 @@ impl Command {
                 Command::Advisory(Box::new(AttachAdvisory::from_value(raw, message_id)?))
             }
             CommandKind::Delete => Command::Delete(typed(raw)?),
-        })
+        };
+        if let Command::Advisory(a) = &cmd
+            && a.body_canonical.len() > limits.max_advisory_body_bytes
+        {
+            return Err(Rejection::too_large(format!(
+                "advisory body is {} bytes, over the limit of {} (max_advisory_body_bytes)",
+                a.body_canonical.len(),
+                limits.max_advisory_body_bytes
+            )));
+        }
+        Ok(cmd)
     }
 
     /// The command's kind.
@@ -140,13 +175,24 @@ pub(crate) fn typed<T: DeserializeOwned>(raw: Value) -> Result<T, Rejection> {
     serde_json::from_value(raw).map_err(|e| Rejection::invalid(format!("schema violation: {e}")))
 }
 
-/// Limits the domain applies while deciding.
+/// Limits the domain applies while decoding and deciding; each has a safe default and a
+/// `too_large` rejection that names it.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Bodies larger than this many bytes are stored as their own blob.
     pub blob_threshold: usize,
     /// How many recent command ids a run remembers for redelivery detection.
     pub remembered_commands: usize,
+    /// Largest command payload, in bytes.
+    pub max_payload_bytes: usize,
+    /// Deepest JSON nesting in a payload.
+    pub max_json_depth: usize,
+    /// Most keys at the top of a run's `meta`.
+    pub max_meta_keys: usize,
+    /// Largest `meta`, in bytes of canonical JSON.
+    pub max_meta_bytes: usize,
+    /// Largest advisory body, in bytes of canonical JSON.
+    pub max_advisory_body_bytes: usize,
 }
 
 impl Default for Limits {
@@ -154,7 +200,42 @@ impl Default for Limits {
         Self {
             blob_threshold: 64 * 1024,
             remembered_commands: 1000,
+            max_payload_bytes: 8 * 1024 * 1024,
+            max_json_depth: 32,
+            max_meta_keys: 1024,
+            max_meta_bytes: 256 * 1024,
+            max_advisory_body_bytes: 1024 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// Checks a run's `meta` against the limits.
+    pub fn check_meta(&self, meta: &JsonMap) -> Result<(), Rejection> {
+        if meta.len() > self.max_meta_keys {
+            return Err(Rejection::too_large(format!(
+                "meta would have {} keys, over the limit of {} (max_meta_keys)",
+                meta.len(),
+                self.max_meta_keys
+            )));
+        }
+        let bytes = super::hashing::canonical_json(&Value::Object(meta.clone())).len();
+        if bytes > self.max_meta_bytes {
+            return Err(Rejection::too_large(format!(
+                "meta would be {bytes} bytes, over the limit of {} (max_meta_bytes)",
+                self.max_meta_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Nesting depth of a JSON value (a scalar is 0, `[]` and `{}` are 1).
+fn json_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+        Value::Object(m) => 1 + m.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -268,5 +349,70 @@ pub(crate) fn live<'a>(
             t.deleted_at_utc, t.reason
         ))),
         None => Err(Rejection::not_found(format!("run {run_id} does not exist"))),
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::domain::error::RejectCode;
+    use serde_json::json;
+
+    #[test]
+    fn each_limit_names_itself() {
+        let limits = Limits {
+            max_payload_bytes: 200,
+            max_json_depth: 4,
+            max_meta_keys: 2,
+            max_advisory_body_bytes: 10,
+            ..Limits::default()
+        };
+        let big = json!({"run_id": "run_000000000001", "meta_updates": {"a": "x".repeat(300)}});
+        let e = Command::decode_with(
+            CommandKind::PatchMeta,
+            big.to_string().as_bytes(),
+            None,
+            &limits,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, RejectCode::TooLarge);
+        assert!(e.message.contains("max_payload_bytes"), "{e}");
+
+        let deep =
+            json!({"run_id": "run_000000000001", "meta_updates": {"a": {"b": {"c": {"d": 1}}}}});
+        let e = Command::decode_with(
+            CommandKind::PatchMeta,
+            deep.to_string().as_bytes(),
+            None,
+            &limits,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("max_json_depth"), "{e}");
+
+        let adv = json!({"run_id": "run_000000000001", "body": {"text": "far too long"}});
+        let e = Command::decode_with(
+            CommandKind::Advisory,
+            adv.to_string().as_bytes(),
+            None,
+            &limits,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("max_advisory_body_bytes"), "{e}");
+
+        let create = Command::decode(
+            CommandKind::Create,
+            json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+                   "meta": {"a": 1, "b": 2, "c": 3}})
+            .to_string()
+            .as_bytes(),
+            None,
+        )
+        .unwrap();
+        let ctx = Context {
+            limits: limits.clone(),
+            ..Context::now()
+        };
+        let e = create.decide(None, &ctx).unwrap_err();
+        assert!(e.message.contains("max_meta_keys"), "{e}");
     }
 }

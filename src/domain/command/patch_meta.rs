@@ -74,6 +74,7 @@ impl PatchMeta {
             _ => JsonMap::new(),
         };
         redact_map(&mut next.meta);
+        ctx.limits.check_meta(&next.meta)?;
         next.revision += 1;
         next.updated_at_utc = Some(ctx.now);
         next.schema_version = crate::domain::artifact::SCHEMA_VERSION;
