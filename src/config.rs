@@ -398,9 +398,9 @@ fn retention_from(v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
     }
 }
 
-/// `metrics_addr`: `host:port` (default `127.0.0.1:9090`); empty or `off` disables it.
+/// `metrics_addr`: `host:port` (default `127.0.0.1:9464`); empty or `off` disables it.
 fn metrics_addr_from(v: Option<String>) -> Result<Option<String>, ConfigError> {
-    let v = v.unwrap_or_else(|| "127.0.0.1:9090".to_owned());
+    let v = v.unwrap_or_else(|| "127.0.0.1:9464".to_owned());
     let v = v.trim();
     if v.is_empty() || v.eq_ignore_ascii_case("off") {
         return Ok(None);
@@ -410,7 +410,7 @@ fn metrics_addr_from(v: Option<String>) -> Result<Option<String>, ConfigError> {
             Ok(Some(v.to_owned()))
         }
         _ => Err(ConfigError(format!(
-            "metrics_addr: {v:?} is not host:port (e.g. 127.0.0.1:9090, 0.0.0.0:9090) or off"
+            "metrics_addr: {v:?} is not host:port (e.g. 127.0.0.1:9464, 0.0.0.0:9464) or off"
         ))),
     }
 }
@@ -423,7 +423,7 @@ mod tests {
     fn metrics_addr_values() {
         assert_eq!(
             metrics_addr_from(None).unwrap().as_deref(),
-            Some("127.0.0.1:9090")
+            Some("127.0.0.1:9464")
         );
         assert_eq!(metrics_addr_from(Some("off".into())).unwrap(), None);
         assert_eq!(metrics_addr_from(Some(" ".into())).unwrap(), None);
@@ -434,7 +434,7 @@ mod tests {
             Some("[::1]:9100")
         );
         assert!(
-            metrics_addr_from(Some("9090".into()))
+            metrics_addr_from(Some("9464".into()))
                 .unwrap_err()
                 .0
                 .starts_with("metrics_addr:")
