@@ -9,7 +9,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps test check fmt clippy ci run bench
+.PHONY: all deps test check fmt clippy ci run bench validate-deploy
 
 all: test
 
@@ -18,7 +18,7 @@ deps:
 
 # Benchmarks are compiled by clippy (--all-targets) but not run here: they measure, they
 # do not assert, and `make bench` runs them in release mode.
-test: deps check
+test: deps check validate-deploy
 	$(CARGO) test --locked --lib --bins --tests
 
 fmt:
@@ -37,3 +37,7 @@ run:
 bench:
 	$(CARGO) bench --locked --bench store
 	$(CARGO) bench --locked --bench e2e
+
+# Offline checks of deploy/ (hadolint, compose config, nats-server -t, systemd-analyze).
+validate-deploy:
+	bash deploy/validate.sh

@@ -47,6 +47,14 @@ if ! command -v nats-server >/dev/null 2>&1; then
     fi
 fi
 
+# ---- openssl CLI (the security tests make keys and certificates with it) -----
+if ! command -v openssl >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -q
+    quiet apt-get install -y -q --no-install-recommends openssl
+    echo "installed openssl (apt)"
+fi
+
 # ---- S3 test server venv (.tools/s3-venv) ----------------------------------
 want="$(sha256sum "$REQ" | cut -d' ' -f1)"
 venv_ok() {

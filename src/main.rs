@@ -160,6 +160,9 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 }
 
 fn main() -> ExitCode {
+    // Both rustls crypto providers are in the dependency tree (ring: async-nats; aws-lc-rs: the
+    // S3 client), so rustls cannot pick one itself: choose before the first TLS connection.
+    let _ = async_nats::rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

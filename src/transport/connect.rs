@@ -65,7 +65,13 @@ pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
             Ok(c) => return Ok(c),
             Err(e) => {
                 let last = e.to_string();
-                if last.contains("authorization") || last.contains("Authorization") {
+                // Retrying cannot fix a refused credential or a certificate problem.
+                if matches!(
+                    e.kind(),
+                    async_nats::ConnectErrorKind::Authentication
+                        | async_nats::ConnectErrorKind::AuthorizationViolation
+                        | async_nats::ConnectErrorKind::Tls
+                ) {
                     return Err(ConnectError::Credentials(last));
                 }
                 if Instant::now() + delay > deadline {
