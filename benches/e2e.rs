@@ -1,15 +1,18 @@
-//! End-to-end benchmark over a real broker: a `rmos-runs serve` process, a `nats-server` with
-//! JetStream, and the local store (fsync on). Prints a table, the command that produced it,
-//! and a `BENCH_JSON` line.
+//! End-to-end benchmark over a real broker, with the ceilings it is judged against measured in
+//! the same run. Prints a table, the command that produced it, and a `BENCH_JSON` line that
+//! `scripts/bench_chart.py` turns into `docs/benchmarks.svg`.
 //!
 //!     cargo bench --bench e2e            (or: make bench)
 //!
 //! Figures:
-//! - creates/s: JetStream publish of 2-5 KB run records -> `rmos.runs.stored` received, with
-//!   1, 16 and 256 publishes in flight;
-//! - get latency p50/p99/p99.9 and requests/s with 1, 16 and 64 concurrent requesters;
-//! - the broker's own ceilings for the same shapes: JetStream publish+consume+ack with no
-//!   storage, and raw request-reply to a trivial responder.
+//! - creates/s: JetStream publish of 2-5 KB run records -> `rmos.runs.stored` received, with 1,
+//!   16 and 256 publishes in flight, on the local store (fsync on) and on S3 (moto, 16);
+//! - ceilings: the broker's own rate for the same shape (JetStream publish + consume + ack with
+//!   no storage, same in-flight count; and consume + ack of pre-published messages), and the
+//!   store's own rate (conditional creates through `RunStore`, no broker, same concurrency);
+//! - get latency p50/p99/p99.9 and requests/s at 1, 16, 64 requesters vs raw request-reply;
+//! - contended patches/s on one run from 32 publishers, and the count of lost updates;
+//! - worker peak RSS and CPU seconds per 1,000 commands.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -21,9 +24,12 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use rmos_runs::domain::command::{Command as DomainCommand, CommandKind, Context};
+use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
 use serde_json::json;
 
 const CREATES: usize = 2000;
+const S3_CREATES: usize = 300;
 const GET_SECONDS: u64 = 4;
 
 fn record(i: usize) -> Vec<u8> {
@@ -55,6 +61,58 @@ impl Drop for Worker {
     }
 }
 
+impl Worker {
+    fn start(nats: &support::NatsServer, env: &[(&str, String)]) -> Worker {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rmos-runs"));
+        cmd.arg("serve")
+            .env("NATS_URL", nats.url())
+            .env("RUST_LOG", "error")
+            .env("RMOS_CONCURRENCY", "256")
+            .env("RMOS_METRICS_ADDR", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Worker(cmd.spawn().expect("start worker"))
+    }
+
+    /// (peak RSS in MiB, CPU seconds so far) from /proc.
+    fn usage(&self) -> (f64, f64) {
+        let pid = self.0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name: utime is the 14th field, stime the 15th overall.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / hz)
+    }
+}
+
+async fn wait_ready(client: &async_nats::Client) {
+    let ready = Instant::now();
+    while client
+        .request("rmos.runs.get", "run_000000000000".into())
+        .await
+        .is_err()
+    {
+        assert!(
+            ready.elapsed() < Duration::from_secs(30),
+            "worker did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -63,19 +121,21 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx].as_secs_f64() * 1000.0
 }
 
-async fn creates(client: &async_nats::Client, in_flight: usize, offset: usize) -> f64 {
+/// Publishes `n` creates with `in_flight` awaiting PubAck, and waits for `n` distinct stored
+/// events. Returns creates/s.
+async fn creates(client: &async_nats::Client, n: usize, in_flight: usize, offset: usize) -> f64 {
     let js = jetstream::new(client.clone());
     let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
     let start = Instant::now();
     let waiter = tokio::spawn(async move {
         let mut seen = HashSet::new();
-        while seen.len() < CREATES {
+        while seen.len() < n {
             let m = stored.next().await.unwrap();
             let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
             seen.insert(v["run_id"].as_str().unwrap_or("").to_owned());
         }
     });
-    futures::stream::iter(0..CREATES)
+    futures::stream::iter(0..n)
         .for_each_concurrent(in_flight, |i| {
             let js = js.clone();
             async move {
@@ -87,11 +147,24 @@ async fn creates(client: &async_nats::Client, in_flight: usize, offset: usize) -
             }
         })
         .await;
-    tokio::time::timeout(Duration::from_secs(300), waiter)
+    tokio::time::timeout(Duration::from_secs(600), waiter)
         .await
         .unwrap()
         .unwrap();
-    CREATES as f64 / start.elapsed().as_secs_f64()
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The store's own rate: the same creates through `RunStore::execute`, no broker.
+async fn store_ceiling(store: &RunStore, n: usize, concurrency: usize, offset: usize) -> f64 {
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(concurrency, |i| async move {
+            let cmd =
+                DomainCommand::decode(CommandKind::Create, &record(offset + i), None).unwrap();
+            store.execute(&cmd, &Context::now()).await.unwrap();
+        })
+        .await;
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 async fn requests(
@@ -129,13 +202,15 @@ async fn requests(
     )
 }
 
-async fn broker_ceiling_js(client: &async_nats::Client, in_flight: usize) -> f64 {
+/// The broker's own rate for the same shape: JetStream publish (PubAck) + consume + ack, no
+/// storage. With `prepublish`, the messages are published first and only consume + ack is timed.
+async fn broker_ceiling(client: &async_nats::Client, in_flight: usize, prepublish: bool) -> f64 {
     let js = jetstream::new(client.clone());
-    let name = format!("CEIL_{in_flight}");
-    let subject = format!("ceiling.{in_flight}");
+    let tag = format!("{in_flight}_{prepublish}");
+    let subject = format!("ceiling.{tag}");
     let stream = js
         .get_or_create_stream(jetstream::stream::Config {
-            name: name.clone(),
+            name: format!("CEIL_{tag}"),
             subjects: vec![subject.clone()],
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
@@ -149,18 +224,8 @@ async fn broker_ceiling_js(client: &async_nats::Client, in_flight: usize) -> f64
         })
         .await
         .unwrap();
-    let start = Instant::now();
-    let consume = tokio::spawn(async move {
-        let mut msgs = consumer.messages().await.unwrap();
-        let mut n = 0;
-        while n < CREATES {
-            let m = msgs.next().await.unwrap().unwrap();
-            m.ack().await.unwrap();
-            n += 1;
-        }
-    });
-    futures::stream::iter(0..CREATES)
-        .for_each_concurrent(in_flight, |i| {
+    let publish = || {
+        futures::stream::iter(0..CREATES).for_each_concurrent(in_flight, |i| {
             let js = js.clone();
             let subject = subject.clone();
             async move {
@@ -171,43 +236,114 @@ async fn broker_ceiling_js(client: &async_nats::Client, in_flight: usize) -> f64
                     .unwrap();
             }
         })
-        .await;
+    };
+    if prepublish {
+        publish().await;
+    }
+    let start = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut n = 0;
+        while n < CREATES {
+            let m = msgs.next().await.unwrap().unwrap();
+            m.ack().await.unwrap();
+            n += 1;
+        }
+    });
+    if !prepublish {
+        publish().await;
+    }
     consume.await.unwrap();
     CREATES as f64 / start.elapsed().as_secs_f64()
+}
+
+/// 32 publishers x 20 patches on one run. Returns (patches/s, lost updates).
+async fn contended_patches(client: &async_nats::Client) -> (f64, u64) {
+    const PUBLISHERS: usize = 32;
+    const EACH: usize = 20;
+    let js = jetstream::new(client.clone());
+    let run = "run_00000000face";
+    let body = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": run});
+    js.publish("rmos.runs.create", body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let js = js.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let patch = json!({"run_id": run, "meta_updates": {format!("p{p}_{i}"): i}});
+                js.publish("rmos.runs.patch_meta", patch.to_string().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut patched = 0;
+    while patched < PUBLISHERS * EACH {
+        let m = tokio::time::timeout(Duration::from_secs(120), stored.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if v["run_id"] == run && v["event"] == "meta_patched" {
+            patched += 1;
+        }
+    }
+    let rate = (PUBLISHERS * EACH) as f64 / start.elapsed().as_secs_f64();
+    let got = client.request("rmos.runs.get", run.into()).await.unwrap();
+    let a: serde_json::Value = serde_json::from_slice(&got.payload).unwrap();
+    let revision = a["revision"].as_u64().unwrap_or(0);
+    let lost = (1 + (PUBLISHERS * EACH) as u64).saturating_sub(revision);
+    (rate, lost)
+}
+
+fn fresh_dir(tag: &str) -> tempfile::TempDir {
+    // Never /tmp if it is tmpfs, never a just-deleted tree: a fresh dir under target/.
+    let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix(tag)
+        .tempdir_in(&base)
+        .unwrap()
+}
+
+fn row(
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    case: &str,
+    rate: f64,
+    ceiling: f64,
+) {
+    println!(
+        "{case:<52} {rate:>10.0} {ceiling:>10.0} {:>7.1}%",
+        100.0 * rate / ceiling
+    );
+    results.insert(
+        key.to_owned(),
+        json!({"case": case, "rate": rate, "ceiling": ceiling}),
+    );
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let nats = support::NatsServer::start().await;
-    // Not under /tmp (may be tmpfs) and never a just-deleted tree: a fresh dir in target/.
-    let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
-    std::fs::create_dir_all(&base).unwrap();
-    let dir = tempfile::tempdir_in(&base).unwrap();
-    let _worker = Worker(
-        Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .arg("serve")
-            .env("NATS_URL", nats.url())
-            .env("RMOS_RUNS_DIR", dir.path())
-            .env("RUST_LOG", "error")
-            .env("RMOS_CONCURRENCY", "256")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start worker"),
+    let dir = fresh_dir("e2e-local-");
+    let worker = Worker::start(
+        &nats,
+        &[("RMOS_RUNS_DIR", dir.path().display().to_string())],
     );
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let ready = Instant::now();
-    while client
-        .request("rmos.runs.get", "run_000000000000".into())
-        .await
-        .is_err()
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(30),
-            "worker did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&client).await;
     // A trivial responder for the raw request-reply ceiling.
     let echo = client
         .queue_subscribe("ceiling.echo", "q".into())
@@ -227,30 +363,65 @@ async fn main() {
     });
 
     let mut results = serde_json::Map::new();
+    let (rss0, cpu0) = worker.usage();
+    println!("rmos-runs end-to-end benchmark: cargo bench --bench e2e");
     println!(
-        "rmos-runs end-to-end benchmark (cargo bench --bench e2e), {CREATES} creates per cell"
+        "{} creates per local cell, {S3_CREATES} on S3; 2 CPUs shared by broker, worker, store and load",
+        CREATES
     );
     println!(
-        "{:<44} {:>12} {:>12} {:>8}",
+        "{:<52} {:>10} {:>10} {:>8}",
         "case", "rate/s", "ceiling/s", "ratio"
     );
     let mut offset = 0;
+    let mut commands = 0usize;
     for in_flight in [1usize, 16, 256] {
-        let rate = creates(&client, in_flight, offset).await;
+        let rate = creates(&client, CREATES, in_flight, offset).await;
         offset += CREATES;
-        let ceiling = broker_ceiling_js(&client, in_flight).await;
-        println!(
-            "{:<44} {:>12.0} {:>12.0} {:>7.1}%",
-            format!("creates, local store fsync, {in_flight} in flight"),
+        commands += CREATES;
+        let broker = broker_ceiling(&client, in_flight, false).await;
+        let store_dir = fresh_dir("e2e-store-");
+        let store = RunStore::open(
+            &StoreUrl::Local(store_dir.path().to_path_buf()),
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let store_rate = store_ceiling(&store, CREATES, in_flight, 0).await;
+        row(
+            &mut results,
+            &format!("local_vs_broker_{in_flight}"),
+            &format!("creates, local fsync, {in_flight} in flight / broker"),
             rate,
-            ceiling,
-            100.0 * rate / ceiling
+            broker,
         );
-        results.insert(format!("creates_per_s_{in_flight}"), json!(rate));
-        results.insert(format!("broker_js_per_s_{in_flight}"), json!(ceiling));
+        row(
+            &mut results,
+            &format!("local_vs_store_{in_flight}"),
+            &format!("creates, local fsync, {in_flight} in flight / store"),
+            rate,
+            store_rate,
+        );
     }
+    let consume_only = broker_ceiling(&client, 256, true).await;
+    println!(
+        "{:<52} {:>10.0}",
+        "broker: consume + ack of pre-published (reference)", consume_only
+    );
+    results.insert("broker_consume_only".into(), json!(consume_only));
+
+    let (patch_rate, lost) = contended_patches(&client).await;
+    commands += 641;
+    println!(
+        "{:<52} {:>10.0}   lost updates: {lost}",
+        "contended patches, 32 publishers x 20, one run", patch_rate
+    );
+    results.insert(
+        "contended_patches".into(),
+        json!({"rate": patch_rate, "lost_updates": lost}),
+    );
+
     let page = client
-        .request("rmos.runs.list", r#"{"limit": 1}"#.into())
+        .request("rmos.runs.list", r#"{"limit": 1, "tool_id": "T5"}"#.into())
         .await
         .unwrap();
     let page: serde_json::Value = serde_json::from_slice(&page.payload).unwrap();
@@ -264,21 +435,75 @@ async fn main() {
     let arc_client = Arc::new(client.clone());
     for c in [1usize, 16, 64] {
         let (rps, p50, p99, p999) = requests(&arc_client, "rmos.runs.get", run_id, c).await;
-        let (raw_rps, raw_p50, raw_p99, _) =
-            requests(&arc_client, "ceiling.echo", "run_000000000001", c).await;
-        println!(
-            "{:<44} {:>12.0} {:>12.0} {:>7.1}%   p50 {p50:.2} ms  p99 {p99:.2} ms  p99.9 {p999:.2} ms  (raw p50 {raw_p50:.2} p99 {raw_p99:.2})",
-            format!("get (stored run), {c} requesters"),
+        let (raw_rps, raw_p50, raw_p99, _) = requests(&arc_client, "ceiling.echo", run_id, c).await;
+        row(
+            &mut results,
+            &format!("get_{c}"),
+            &format!("get, {c} requesters / raw request-reply"),
             rps,
             raw_rps,
-            100.0 * rps / raw_rps
         );
-        results.insert(format!("get_rps_{c}"), json!(rps));
-        results.insert(format!("get_p50_ms_{c}"), json!(p50));
-        results.insert(format!("get_p99_ms_{c}"), json!(p99));
-        results.insert(format!("get_p999_ms_{c}"), json!(p999));
-        results.insert(format!("raw_rps_{c}"), json!(raw_rps));
-        results.insert(format!("raw_p99_ms_{c}"), json!(raw_p99));
+        println!(
+            "{:<52} p50 {p50:.2} ms  p99 {p99:.2} ms  p99.9 {p999:.2} ms  (raw p50 {raw_p50:.2}, p99 {raw_p99:.2})",
+            ""
+        );
+        results.insert(
+            format!("get_latency_{c}"),
+            json!({"p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
+            "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99}),
+        );
     }
+    let (rss, cpu) = worker.usage();
+    let cpu_per_1000 = (cpu - cpu0) / commands as f64 * 1000.0;
+    println!(
+        "worker peak RSS {rss:.1} MiB (at start {rss0:.1}); CPU {cpu_per_1000:.3} s per 1,000 commands"
+    );
+    results.insert(
+        "worker".into(),
+        json!({"peak_rss_mib": rss, "cpu_s_per_1000_commands": cpu_per_1000}),
+    );
+    drop(worker);
+
+    // S3 (moto, single-threaded: a strict test server, not a fast one).
+    let s3 = support::S3Server::start().await;
+    let bucket = support::unique_bucket();
+    s3.create_bucket(&bucket).await;
+    let nats2 = support::NatsServer::start().await;
+    let mut env: Vec<(&str, String)> = vec![("RMOS_STORE_URL", format!("s3://{bucket}/runs"))];
+    let vars = s3.env_for(&bucket);
+    for (k, v) in &vars {
+        env.push((k.as_str(), v.clone()));
+    }
+    let _s3_worker = Worker::start(&nats2, &env);
+    let client2 = async_nats::connect(nats2.url()).await.unwrap();
+    wait_ready(&client2).await;
+    let rate = creates(&client2, S3_CREATES, 16, 0).await;
+    let mut opts = OpenOptions::default();
+    for (k, v) in [
+        ("aws_endpoint", s3.endpoint()),
+        ("aws_allow_http", "true".to_owned()),
+        ("aws_access_key_id", "test".to_owned()),
+        ("aws_secret_access_key", "test".to_owned()),
+        ("aws_region", "us-east-1".to_owned()),
+    ] {
+        opts.s3.insert(k.to_owned(), v);
+    }
+    let store = RunStore::open(
+        &StoreUrl::S3 {
+            bucket: bucket.clone(),
+            prefix: "ceiling".into(),
+        },
+        &opts,
+    )
+    .unwrap();
+    let store_rate = store_ceiling(&store, S3_CREATES, 16, 0).await;
+    row(
+        &mut results,
+        "s3_vs_store_16",
+        "creates, S3 (moto), 16 in flight / store",
+        rate,
+        store_rate,
+    );
+
     println!("BENCH_JSON {}", serde_json::Value::Object(results));
 }

@@ -374,15 +374,27 @@ pub enum StoredRecord {
 impl StoredRecord {
     /// Decodes a stored object. Errors carry the reason the object is corrupt.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
-        if value.get("tombstone").and_then(Value::as_bool) == Some(true) {
-            serde_json::from_value(value)
-                .map(StoredRecord::Deleted)
-                .map_err(|e| format!("bad tombstone: {e}"))
-        } else {
-            serde_json::from_value(value)
-                .map(|a| StoredRecord::Live(Box::new(a)))
-                .map_err(|e| format!("bad artifact: {e}"))
+        // One parse for the common case: a tombstone (strict, `tombstone` first) fails at its
+        // first unknown field, then the artifact is read straight from the bytes.
+        if let Ok(t) = serde_json::from_slice::<Tombstone>(bytes)
+            && t.tombstone
+        {
+            return Ok(StoredRecord::Deleted(t));
+        }
+        match serde_json::from_slice::<RunArtifact>(bytes) {
+            Ok(a) => Ok(StoredRecord::Live(Box::new(a))),
+            Err(e) => {
+                // Say precisely why: not JSON at all, a bad tombstone, or a bad artifact.
+                let value: Value =
+                    serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+                if value.get("tombstone").and_then(Value::as_bool) == Some(true) {
+                    serde_json::from_value::<Tombstone>(value)
+                        .map(StoredRecord::Deleted)
+                        .map_err(|e| format!("bad tombstone: {e}"))
+                } else {
+                    Err(format!("bad artifact: {e}"))
+                }
+            }
         }
     }
 
