@@ -296,3 +296,30 @@ async fn store_outage_is_503_not_a_rejection() {
         "a command was given an outcome while the store was down"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_limit_is_rejected_too_large_naming_the_limit() {
+    let env = Env::new().await;
+    let worker = env.worker("a").await;
+    let events = env.events().await;
+    let mut nested = json!(1);
+    for _ in 0..40 {
+        nested = json!({ "n": nested });
+    }
+    let mut body = create_payload(Some("run_0000000001ef"), "T1");
+    body["meta"] = json!({ "deep": nested });
+    let r = rid("too-deep");
+    env.publish("create", &r, body.to_string()).await;
+    let ev = events.one(&r, EVENT_TIMEOUT, &worker).await;
+    assert_eq!(ev.kind, "rejected");
+    assert_eq!(ev.body["code"], "too_large");
+    assert!(
+        ev.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_json_depth")),
+        "{}",
+        ev.body
+    );
+    let (status, _) = env.request("get", &rid("get"), "run_0000000001ef").await;
+    assert_eq!(status.as_deref(), Some("404"));
+}
