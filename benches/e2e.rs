@@ -478,16 +478,7 @@ async fn main() {
     let client2 = async_nats::connect(nats2.url()).await.unwrap();
     wait_ready(&client2).await;
     let rate = creates(&client2, S3_CREATES, 16, 0).await;
-    let mut opts = OpenOptions::default();
-    for (k, v) in [
-        ("aws_endpoint", s3.endpoint()),
-        ("aws_allow_http", "true".to_owned()),
-        ("aws_access_key_id", "test".to_owned()),
-        ("aws_secret_access_key", "test".to_owned()),
-        ("aws_region", "us-east-1".to_owned()),
-    ] {
-        opts.s3.insert(k.to_owned(), v);
-    }
+    let opts = support::s3_options(&s3.endpoint());
     let store = RunStore::open(
         &StoreUrl::S3 {
             bucket: bucket.clone(),

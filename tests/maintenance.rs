@@ -31,16 +31,7 @@ async fn s3_store() -> RunStore {
     let server = support::S3Server::shared();
     let bucket = support::unique_bucket();
     server.create_bucket(&bucket).await;
-    let mut opts = OpenOptions::default();
-    for (k, v) in [
-        ("aws_endpoint", server.endpoint()),
-        ("aws_allow_http", "true".to_owned()),
-        ("aws_access_key_id", "test".to_owned()),
-        ("aws_secret_access_key", "test".to_owned()),
-        ("aws_region", "us-east-1".to_owned()),
-    ] {
-        opts.s3.insert(k.to_owned(), v);
-    }
+    let opts = support::s3_options(&server.endpoint());
     let url = StoreUrl::S3 {
         bucket,
         prefix: "runs".to_owned(),

@@ -8,24 +8,10 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::path::Path;
-use rmos_runs::store::{OpenOptions, RunStore, StoreError, StoreUrl};
+use rmos_runs::store::{RunStore, StoreError, StoreUrl};
 use support::{S3Server, StripConditionalProxy};
 
 /// `OpenOptions` for an S3 endpoint with the moto test credentials.
-fn s3_options(endpoint: &str) -> OpenOptions {
-    let mut opts = OpenOptions::default();
-    for (k, v) in [
-        ("aws_endpoint", endpoint),
-        ("aws_allow_http", "true"),
-        ("aws_access_key_id", "test"),
-        ("aws_secret_access_key", "test"),
-        ("aws_region", "us-east-1"),
-    ] {
-        opts.s3.insert(k.to_owned(), v.to_owned());
-    }
-    opts
-}
-
 fn s3_url(bucket: &str) -> StoreUrl {
     StoreUrl::S3 {
         bucket: bucket.to_owned(),
@@ -35,7 +21,7 @@ fn s3_url(bucket: &str) -> StoreUrl {
 
 /// Objects left under the probe's key space (`runs/_probe/`), read directly from the server.
 async fn probe_leftovers(server: &S3Server, bucket: &str) -> Vec<String> {
-    let direct = RunStore::open(&s3_url(bucket), &s3_options(&server.endpoint())).unwrap();
+    let direct = RunStore::open(&s3_url(bucket), &support::s3_options(&server.endpoint())).unwrap();
     direct
         .object_store()
         .list(Some(&Path::from("runs/_probe")))
@@ -51,7 +37,7 @@ async fn probe_accepts_real_s3() {
     let server = S3Server::shared();
     let bucket = support::unique_bucket();
     server.create_bucket(&bucket).await;
-    let store = RunStore::open(&s3_url(&bucket), &s3_options(&server.endpoint())).unwrap();
+    let store = RunStore::open(&s3_url(&bucket), &support::s3_options(&server.endpoint())).unwrap();
     store
         .probe()
         .await
@@ -69,7 +55,7 @@ async fn probe_refuses_s3_that_ignores_conditional_writes() {
     let bucket = support::unique_bucket();
     server.create_bucket(&bucket).await;
     let proxy = StripConditionalProxy::start(&format!("127.0.0.1:{}", server.port())).await;
-    let store = RunStore::open(&s3_url(&bucket), &s3_options(&proxy.endpoint())).unwrap();
+    let store = RunStore::open(&s3_url(&bucket), &support::s3_options(&proxy.endpoint())).unwrap();
     match store.probe().await {
         Err(StoreError::Unusable(msg)) => {
             assert!(
@@ -97,7 +83,7 @@ async fn probe_of_unreachable_s3_fails_promptly_with_a_clear_error() {
     support::init_tracing();
     // A free port with nothing listening: every connection is refused at once.
     let endpoint = format!("http://127.0.0.1:{}", support::free_port());
-    let store = RunStore::open(&s3_url("nowhere"), &s3_options(&endpoint)).unwrap();
+    let store = RunStore::open(&s3_url("nowhere"), &support::s3_options(&endpoint)).unwrap();
     let started = Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(120), store.probe()).await;
     let elapsed = started.elapsed();
@@ -142,7 +128,7 @@ async fn silent_listener() -> (String, tokio::task::JoinHandle<()>) {
 async fn probe_of_silent_s3_is_bounded_by_the_request_timeout() {
     support::init_tracing();
     let (endpoint, task) = silent_listener().await;
-    let mut opts = s3_options(&endpoint);
+    let mut opts = support::s3_options(&endpoint);
     opts.s3.insert("aws_timeout".to_owned(), "2s".to_owned());
     let store = RunStore::open(&s3_url("silent"), &opts).unwrap();
     let started = Instant::now();
