@@ -75,6 +75,21 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(raw)
 }
 
+/// Store options for talking to an S3 test server at `endpoint` (test credentials, plain HTTP).
+pub fn s3_options(endpoint: &str) -> rmos_runs::store::OpenOptions {
+    let mut opts = rmos_runs::store::OpenOptions::default();
+    for (k, v) in [
+        ("aws_endpoint", endpoint),
+        ("aws_allow_http", "true"),
+        ("aws_access_key_id", "test"),
+        ("aws_secret_access_key", "test"),
+        ("aws_region", "us-east-1"),
+    ] {
+        opts.s3.insert(k.to_owned(), v.to_owned());
+    }
+    opts
+}
+
 /// A fresh, valid S3 bucket name (`rmos-test-<16 hex>`), so tests can share one [`S3Server`].
 pub fn unique_bucket() -> String {
     format!("rmos-test-{}", random_hex(8))
@@ -842,6 +857,451 @@ impl Drop for ConfiguredNatsServer {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             kill_now(&mut child);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP forwarder that can be cut and restored (store outages without losing the server)
+// ---------------------------------------------------------------------------------------------
+
+/// TCP forwarding proxy that can be switched off and on.
+///
+/// While up, every connection is relayed byte for byte to the upstream. [`ToggleProxy::cut`]
+/// closes every relayed connection at once and, until [`ToggleProxy::restore`], accepts new
+/// connections only to reset them immediately, so a client sees the server vanish while the
+/// server itself (and its state) lives on. Runs as a tokio task; stops on Drop.
+pub struct ToggleProxy {
+    addr: SocketAddr,
+    up: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    relayed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl ToggleProxy {
+    /// Proxy to `upstream` (`host:port`), up.
+    pub async fn start(upstream: &str) -> ToggleProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind toggle proxy listener");
+        let addr = listener.local_addr().expect("toggle proxy local_addr");
+        let (up_tx, _) = tokio::sync::watch::channel(true);
+        let up = Arc::new(up_tx);
+        let refused = Arc::new(AtomicUsize::new(0));
+        let relayed = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream.to_string();
+        let task = tokio::spawn({
+            let up = up.clone();
+            let refused = refused.clone();
+            let relayed = relayed.clone();
+            async move {
+                let mut connections = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        accepted = listener.accept() => {
+                            let Ok((client, _)) = accepted else { continue };
+                            if !*up.borrow() {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                let _ = client.set_zero_linger();
+                                drop(client); // RST: the store is "down"
+                                continue;
+                            }
+                            relayed.fetch_add(1, Ordering::Relaxed);
+                            let upstream = upstream.clone();
+                            let mut down = up.subscribe();
+                            connections.spawn(async move {
+                                let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                                    return;
+                                };
+                                let mut client = client;
+                                tokio::select! {
+                                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                                    _ = down.wait_for(|up| !*up) => {
+                                        let _ = client.set_zero_linger();
+                                    }
+                                }
+                            });
+                        }
+                        Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    }
+                }
+            }
+        });
+        ToggleProxy {
+            addr,
+            up,
+            refused,
+            relayed,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Close every relayed connection and reset new ones until [`ToggleProxy::restore`].
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    /// Relay new connections again.
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+
+    /// Connections reset while cut.
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections relayed while up.
+    pub fn relayed(&self) -> usize {
+        self.relayed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for ToggleProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A tiny tmpfs (full-disk tests)
+// ---------------------------------------------------------------------------------------------
+
+/// A tmpfs of a fixed size mounted on a fresh temp dir; unmounted on Drop.
+///
+/// Needs `CAP_SYS_ADMIN` (root outside a restricted container); [`TmpfsMount::try_mount`]
+/// reports why it cannot mount so the caller can skip.
+pub struct TmpfsMount {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TmpfsMount {
+    /// `mount -t tmpfs -o size=<size> tmpfs <tempdir>`; `size` as mount(8) takes it (`2m`).
+    pub fn try_mount(size: &str) -> Result<TmpfsMount, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("rmos-tmpfs-")
+            .tempdir()
+            .map_err(|e| format!("tempdir: {e}"))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(TmpfsMount { dir: Some(dir) })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("mounted").path()
+    }
+
+    /// Bytes available to an unprivileged writer (`statvfs`).
+    pub fn available(&self) -> u64 {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(self.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
+        unsafe {
+            let mut st: libc::statvfs = std::mem::zeroed();
+            assert_eq!(libc::statvfs(c.as_ptr(), &mut st), 0, "statvfs");
+            st.f_bavail as u64 * st.f_frsize as u64
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_path_buf();
+            let ok = Command::new("umount")
+                .arg(&path)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                // Still busy (a process we could not reap): detach it lazily.
+                let _ = Command::new("umount").arg("-l").arg(&path).status();
+            }
+            drop(dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A 3-node JetStream cluster on loopback
+// ---------------------------------------------------------------------------------------------
+
+struct ClusterNode {
+    name: String,
+    port: u16,
+    cluster_port: u16,
+    child: Option<Child>,
+    incarnation: usize,
+}
+
+/// `n` `nats-server -js` processes clustered over loopback routes (cluster name `rmos`), each
+/// with its own store directory. Nodes can be SIGKILLed and restarted on the same ports with
+/// the same store. All are SIGKILLed on Drop.
+pub struct NatsCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    nodes: Vec<ClusterNode>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes and waits until each accepts connections and JetStream has a meta
+    /// leader (`$JS.API.INFO` answers without an error).
+    pub async fn start(n: usize) -> NatsCluster {
+        let bin = NatsServer::binary();
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("rmos-nats-cluster-")
+                .tempdir()
+                .expect("create cluster tempdir");
+            let nodes = (0..n)
+                .map(|i| ClusterNode {
+                    name: format!("n{}", i + 1),
+                    port: free_port(),
+                    cluster_port: free_port(),
+                    child: None,
+                    incarnation: 0,
+                })
+                .collect();
+            let mut cluster = NatsCluster {
+                bin: bin.clone(),
+                dir,
+                nodes,
+            };
+            let mut ok = true;
+            for i in 0..n {
+                cluster.spawn(i);
+            }
+            for i in 0..n {
+                if let Err(e) = cluster.wait_node(i).await {
+                    last_error = e;
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                match cluster.wait_jetstream(Duration::from_secs(60)).await {
+                    Ok(()) => return cluster,
+                    Err(e) => last_error = e,
+                }
+            }
+            // Drop kills the nodes; retry on fresh ports.
+        }
+        panic!("nats cluster failed to start after {START_ATTEMPTS} attempts:\n{last_error}");
+    }
+
+    /// Client URLs of every node, comma-separated (for `NATS_URL`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Client URLs of every node (async-nats takes a list, not a comma-separated string).
+    pub fn url_list(&self) -> Vec<String> {
+        (0..self.nodes.len()).map(|i| self.url(i)).collect()
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Server name of node `i` (`n1`, `n2`, ...).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// Index of the node called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        let node = &self.nodes[i];
+        self.dir
+            .path()
+            .join(format!("{}-{}.log", node.name, node.incarnation))
+    }
+
+    /// Node `i`'s current log (tail).
+    pub fn log(&self, i: usize) -> String {
+        read_log(&self.log_path(i))
+    }
+
+    /// Every node's log tail, for assertion messages.
+    pub fn logs(&self) -> String {
+        (0..self.nodes.len())
+            .map(|i| format!("--- {} ---\n{}", self.nodes[i].name, self.log(i)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.nodes[i]
+            .child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            kill_now(&mut child);
+        }
+    }
+
+    /// Start node `i` again (same ports, same store) and wait until it accepts connections.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        if let Err(e) = self.wait_node(i).await {
+            panic!(
+                "cluster node {} failed to restart:\n{e}",
+                self.nodes[i].name
+            );
+        }
+    }
+
+    fn spawn(&mut self, i: usize) {
+        self.nodes[i].incarnation += 1;
+        let log_path = self.log_path(i);
+        let log = std::fs::File::create(&log_path).expect("create node log");
+        let store = self.dir.path().join(&self.nodes[i].name);
+        std::fs::create_dir_all(&store).expect("create node store");
+        let routes = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.cluster_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(node.port.to_string())
+            .arg("--server_name")
+            .arg(&node.name)
+            .arg("-js")
+            .arg("-sd")
+            .arg(&store)
+            .arg("--cluster_name")
+            .arg("rmos")
+            .arg("--cluster")
+            .arg(format!("nats://127.0.0.1:{}", node.cluster_port))
+            .arg("--routes")
+            .arg(routes)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log));
+        let child = spawn_guarded(cmd)
+            .unwrap_or_else(|e| panic!("failed to spawn {}: {e}", self.bin.display()));
+        self.nodes[i].child = Some(child);
+    }
+
+    async fn wait_node(&mut self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let log_path = self.log_path(i);
+        loop {
+            let port = self.nodes[i].port;
+            let node = &mut self.nodes[i];
+            let child = node.child.as_mut().expect("spawned");
+            if let Some(status) = child.try_wait().ok().flatten() {
+                node.child = None;
+                return Err(format!(
+                    "node {} (port {port}) exited during start-up ({status}); log:\n{}",
+                    node.name,
+                    read_log(&log_path)
+                ));
+            }
+            let ready = std::fs::read_to_string(&log_path)
+                .map(|log| log.contains("Server is ready"))
+                .unwrap_or(false);
+            if ready && port_accepts(port) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "node {} not ready after {START_TIMEOUT:?}; log:\n{}",
+                    node.name,
+                    read_log(&log_path)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until `$JS.API.INFO` answers without an error (a meta leader exists and the
+    /// account is usable).
+    pub async fn wait_jetstream(&self, timeout: Duration) -> Result<(), String> {
+        let client = async_nats::ConnectOptions::new()
+            .connect(self.url_list())
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.urls()))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let req = async_nats::Request::new()
+                .payload(bytes::Bytes::new())
+                .timeout(Some(Duration::from_secs(1)));
+            let last = match client.send_request("$JS.API.INFO", req).await {
+                Ok(reply) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&reply.payload).unwrap_or_default();
+                    if v.get("error").is_none() && v.get("type").is_some() {
+                        return Ok(());
+                    }
+                    String::from_utf8_lossy(&reply.payload).into_owned()
+                }
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "JetStream not ready after {timeout:?} (last: {last}); logs:\n{}",
+                    self.logs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                kill_now(&mut child);
+            }
         }
     }
 }

@@ -419,3 +419,98 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Workers on any broker URL (clusters, proxies)
+// ---------------------------------------------------------------------------------------------
+
+impl Worker {
+    /// Like [`Worker::start_with`], for a broker given by URL(s) (`NATS_URL`, comma-separated)
+    /// instead of a [`NatsServer`]: a cluster, or a server behind a proxy.
+    pub async fn start_at(
+        nats_url: &str,
+        dir: &Path,
+        name: &str,
+        extra_env: &[(String, String)],
+    ) -> Worker {
+        let log = dir
+            .parent()
+            .unwrap_or(dir)
+            .join(format!("worker-{name}-{}.log", rand::random::<u32>()));
+        let out = std::fs::File::create(&log).expect("create worker log");
+        let err = out.try_clone().expect("clone worker log");
+        let child = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+            .arg("serve")
+            .env("NATS_URL", nats_url)
+            .env("RMOS_RUNS_DIR", dir)
+            .env("RUST_LOG", "warn")
+            .env_remove("RMOS_STORE_URL")
+            .env_remove("RMOS_CONFIG")
+            .env_remove("RMOS_SUBJECT_PREFIX")
+            .env_remove("RMOS_INGEST")
+            .env_remove("RMOS_STREAM")
+            .env_remove("RMOS_CONSUMER")
+            .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("spawn rmos-runs serve");
+        let mut w = Worker {
+            child: Some(child),
+            log,
+        };
+        w.wait_ready_at(nats_url).await;
+        w
+    }
+
+    /// [`Worker::wait_ready`] for a broker given by URL(s).
+    pub async fn wait_ready_at(&mut self, nats_url: &str) {
+        let urls: Vec<&str> = nats_url.split(',').map(str::trim).collect();
+        let client = async_nats::ConnectOptions::new()
+            .connect(urls.as_slice())
+            .await
+            .expect("connect");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "worker exited during start-up ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            let req = async_nats::Request::new()
+                .payload(Bytes::from_static(b"run_000000000000"))
+                .timeout(Some(Duration::from_millis(500)));
+            if client
+                .send_request(format!("{PREFIX}.get"), req)
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker not ready after {READY_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True while the process has not exited (it is not reaped here).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// The whole log so far (not just the tail).
+    pub fn full_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
