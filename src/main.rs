@@ -247,38 +247,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let body = serde_json::json!({"run_id": run_id});
             request(&cfg, "verify", body.to_string(), timeout, cli.json).await
         }
-        Cmd::Create(a) => {
-            publish(
-                &cfg,
-                CommandKind::Create,
-                read_payload(&a)?,
-                a.msg_id,
-                timeout,
-                cli.json,
-            )
-            .await
-        }
+        Cmd::Create(a) => publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await,
         Cmd::PatchMeta(a) => {
-            publish(
-                &cfg,
-                CommandKind::PatchMeta,
-                read_payload(&a)?,
-                a.msg_id,
-                timeout,
-                cli.json,
-            )
-            .await
+            publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await
         }
         Cmd::AttachAdvisory(a) => {
-            publish(
-                &cfg,
-                CommandKind::Advisory,
-                read_payload(&a)?,
-                a.msg_id,
-                timeout,
-                cli.json,
-            )
-            .await
+            publish_payload(&cfg, CommandKind::Advisory, a, timeout, cli.json).await
         }
         Cmd::Delete { run_id, reason } => {
             let body = serde_json::json!({"run_id": run_id, "reason": reason}).to_string();
@@ -361,6 +335,18 @@ where
             message: format!("{what}: finished with failures (see the report)"),
         })
     }
+}
+
+/// Publishes a command whose JSON payload comes from `--file` or stdin.
+async fn publish_payload(
+    cfg: &Config,
+    kind: CommandKind,
+    a: PayloadArgs,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let payload = read_payload(&a)?;
+    publish(cfg, kind, payload, a.msg_id, timeout, json).await
 }
 
 fn read_payload(a: &PayloadArgs) -> Result<Vec<u8>, Failure> {
