@@ -212,7 +212,13 @@ fn stage(dest: &FsPath, bytes: &[u8]) -> std::io::Result<(PathBuf, Vec<PathBuf>)
             .open(&staged)
         {
             Ok(mut f) => {
-                f.write_all(bytes)?;
+                // A failed write (ENOSPC) must not leave its partial file behind: every retry
+                // would leak one more while the disk is full.
+                if let Err(e) = f.write_all(bytes) {
+                    drop(f);
+                    let _ = std::fs::remove_file(&staged);
+                    return Err(e);
+                }
                 return Ok((staged, new_dirs));
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

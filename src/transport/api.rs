@@ -127,7 +127,7 @@ impl Api {
 
     async fn answer(&self, name: &'static str, req: Request) {
         let rid = request_id(req.message.headers.as_ref());
-        let span = tracing::info_span!("request", endpoint = name, request_id = %rid);
+        let span = tracing::error_span!("request", endpoint = name, request_id = %rid);
         async {
             let started = std::time::Instant::now();
             let result = match name {

@@ -112,6 +112,9 @@ pub struct Ingest {
     settings: IngestSettings,
     locks: RunLocks,
     metrics: Arc<Metrics>,
+    /// "Run not found yet" results per stream sequence: only these use up a patch's or an
+    /// advisory's waiting budget, not deliveries that failed for other reasons (store down).
+    not_found: std::sync::Mutex<std::collections::HashMap<u64, i64>>,
 }
 
 impl Ingest {
@@ -129,6 +132,7 @@ impl Ingest {
             subjects,
             settings,
             locks: RunLocks::new(),
+            not_found: std::sync::Mutex::new(std::collections::HashMap::new()),
             metrics,
         })
     }
@@ -242,13 +246,13 @@ impl Ingest {
         if delivered > 1 {
             self.metrics.redelivered();
         }
-        let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
+        let span = tracing::error_span!("command", request_id = %rid, subject = %msg.subject,
             stream_seq = seq, delivered, run_id = tracing::field::Empty,
             outcome = tracing::field::Empty, ms = tracing::field::Empty);
         async {
             let started = std::time::Instant::now();
             let verdict = self
-                .handle(&msg.subject, msg.headers.as_ref(), &msg.payload, command_id, &rid, delivered)
+                .handle(&msg.message, command_id, &rid, delivered, seq)
                 .await;
             let (ack, result) = match verdict {
                 Verdict::Done(outcome) => {
@@ -289,6 +293,9 @@ impl Ingest {
                     (AckKind::Nak(Some(delay)), CommandOutcome::Retried)
                 }
             };
+            if matches!(ack, AckKind::Ack) {
+                self.settled(seq);
+            }
             if let Err(e) = msg.ack_with(ack).await {
                 // The broker redelivers after ack_wait; the effect is idempotent.
                 tracing::warn!(error = %e, "ack failed; the command will be redelivered");
@@ -299,16 +306,41 @@ impl Ingest {
         .await
     }
 
+    /// Counts one more "run not found yet" for the message and returns the count so far.
+    /// Without a stream sequence (core mode) the caller's attempt number is the count.
+    fn not_found_attempts(&self, seq: Option<u64>, attempt: i64) -> i64 {
+        let Some(seq) = seq else { return attempt };
+        let Ok(mut map) = self.not_found.lock() else {
+            return attempt;
+        };
+        if map.len() > 100_000 {
+            // Entries of messages that never came back (max_age, another worker): forget them;
+            // this only makes waiting more lenient.
+            map.clear();
+        }
+        let n = map.entry(seq).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// Forgets the not-found count of a message that reached an outcome.
+    fn settled(&self, seq: Option<u64>) {
+        if let (Some(seq), Ok(mut map)) = (seq, self.not_found.lock()) {
+            map.remove(&seq);
+        }
+    }
+
     /// Decodes and applies one command.
     async fn handle(
         &self,
-        subject: &str,
-        headers: Option<&HeaderMap>,
-        payload: &Bytes,
+        msg: &async_nats::Message,
         command_id: Option<String>,
         rid: &RequestId,
         delivered: i64,
+        seq: Option<u64>,
     ) -> Verdict {
+        let (subject, headers, payload) =
+            (msg.subject.as_str(), msg.headers.as_ref(), &msg.payload);
         let Some(kind) = self.subjects.kind_of(subject) else {
             return Verdict::Reject(
                 WireError::invalid(format!("{subject} is not a command subject")),
@@ -341,7 +373,8 @@ impl Ingest {
                 if r.code == RejectCode::NotFound
                     && matches!(kind, CommandKind::PatchMeta | CommandKind::Advisory)
                     && !r.message.contains("deleted")
-                    && delivered < self.settings.not_found_retries =>
+                    && self.not_found_attempts(seq, delivered)
+                        < self.settings.not_found_retries =>
             {
                 // The run's create may still be on its way.
                 Verdict::Retry(WireError::from(&r))
@@ -458,7 +491,7 @@ impl Ingest {
         };
         let kind = self.subjects.kind_of(&msg.subject);
         let _in_flight = self.metrics.command_started();
-        let span = tracing::info_span!("command", request_id = %rid, subject = %msg.subject,
+        let span = tracing::error_span!("command", request_id = %rid, subject = %msg.subject,
             run_id = tracing::field::Empty, outcome = tracing::field::Empty,
             ms = tracing::field::Empty);
         async {
@@ -466,14 +499,7 @@ impl Ingest {
             let mut attempt = 1;
             let verdict = loop {
                 let v = self
-                    .handle(
-                        &msg.subject,
-                        msg.headers.as_ref(),
-                        &msg.payload,
-                        command_id.clone(),
-                        &rid,
-                        attempt,
-                    )
+                    .handle(&msg, command_id.clone(), &rid, attempt, None)
                     .await;
                 match v {
                     Verdict::Retry(_) if attempt < 6 => {

@@ -1,0 +1,315 @@
+//! Broker crashes under load: a single JetStream server SIGKILLed during a burst, and one node of
+//! a 3-node cluster (R3 stream) SIGKILLed during a burst. In both, every create the broker
+//! PubAck'd must end up stored, by the same worker process (never restarted).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use serde_json::Value;
+use support::worker::*;
+use support::{NatsCluster, NatsServer};
+
+/// Polls `cond` until it holds; panics with `what()` after `timeout`.
+async fn eventually(timeout: Duration, what: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out: {}", what());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A publisher of creates with explicit run ids that keeps going through broker trouble and
+/// records which creates were PubAck'd.
+struct Burst {
+    acked: Arc<Mutex<Vec<String>>>,
+    failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Burst {
+    fn start(urls: Vec<String>, tag: u16, max: usize) -> Burst {
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let (acked, failed, stop) = (acked.clone(), failed.clone(), stop.clone());
+            async move {
+                let client = async_nats::ConnectOptions::new()
+                    .retry_on_initial_connect()
+                    .connect(urls)
+                    .await
+                    .expect("connect publisher");
+                let js = jetstream::new(client);
+                for i in 0..max {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let run_id = format!("run_{tag:04x}{i:08x}");
+                    let mut h = HeaderMap::new();
+                    h.insert("Nats-Msg-Id", format!("burst-{tag}-{i}").as_str());
+                    h.insert("X-Request-Id", format!("burst-{tag}-{i}").as_str());
+                    let body = bytes_of(&create_payload(Some(&run_id), "T9"));
+                    let ok = match js.publish_with_headers("rmos.runs.create", h, body).await {
+                        Ok(ack) => tokio::time::timeout(Duration::from_secs(5), ack)
+                            .await
+                            .is_ok_and(|r| r.is_ok()),
+                        Err(_) => false,
+                    };
+                    if ok {
+                        acked.lock().expect("lock").push(run_id);
+                    } else {
+                        // Broker (or stream leader) down: not counted; back off a little.
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Burst {
+            acked,
+            failed,
+            stop,
+            task,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().expect("lock").len()
+    }
+
+    /// Stops publishing; returns the PubAck'd run ids.
+    async fn finish(self) -> (BTreeSet<String>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("publisher stopped")
+            .expect("publisher task");
+        let acked = self.acked.lock().expect("lock").iter().cloned().collect();
+        (acked, self.failed.load(Ordering::Relaxed))
+    }
+}
+
+/// Waits until `n` more creates are PubAck'd than `base`.
+async fn wait_acked(burst: &Burst, n: usize, timeout: Duration) {
+    let base = burst.acked();
+    eventually(
+        timeout,
+        || format!("{n} more PubAcks after {base} (have {})", burst.acked()),
+        || burst.acked() >= base + n,
+    )
+    .await;
+}
+
+fn stored_runs(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .expect("runs dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_suffix(".json")
+                .filter(|s| s.starts_with("run_"))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// Every acked run is stored, once (revision 1), and nothing was dead-lettered.
+async fn assert_all_stored(dir: &Path, acked: &BTreeSet<String>, worker: &Worker) {
+    eventually(
+        Duration::from_secs(120),
+        || {
+            let stored = stored_runs(dir);
+            let missing: Vec<_> = acked.difference(&stored).take(10).collect();
+            format!(
+                "{} of {} PubAck'd creates stored; first missing {missing:?}; worker log:\n{}",
+                acked.intersection(&stored).count(),
+                acked.len(),
+                worker.log()
+            )
+        },
+        || stored_runs(dir).is_superset(acked),
+    )
+    .await;
+    for run in acked {
+        let rec: Value = serde_json::from_slice(
+            &std::fs::read(dir.join(format!("{run}.json"))).expect("read record"),
+        )
+        .expect("record is JSON");
+        assert_eq!(rec["revision"], 1, "{run} changed after its create: {rec}");
+    }
+    let letters = files_under(&dir.join("dead_letters"));
+    assert!(letters.is_empty(), "dead letters: {letters:?}");
+}
+
+fn config_file(dir: &Path, text: &str) -> Vec<(String, String)> {
+    let path = dir.join("rmos.toml");
+    std::fs::write(&path, text).expect("write config");
+    vec![
+        ("RMOS_CONFIG".into(), path.display().to_string()),
+        ("RMOS_METRICS_ADDR".into(), "off".into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sigkill_during_burst_loses_nothing_acked() {
+    let started = Instant::now();
+    let mut nats = NatsServer::start().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("runs");
+    std::fs::create_dir(&dir).expect("runs dir");
+    let vars = config_file(tmp.path(), "ack_wait = \"10s\"\n");
+    let mut worker = Worker::start_with(&nats, &dir, "bk", &vars).await;
+    let pid = worker.pid();
+
+    let burst = Burst::start(vec![nats.url()], 0xb1, 20_000);
+    wait_acked(&burst, 300, Duration::from_secs(60)).await;
+    eventually(
+        Duration::from_secs(60),
+        || format!("some runs stored; log:\n{}", worker.log()),
+        || stored_runs(&dir).len() >= 100,
+    )
+    .await;
+    let acked_before = burst.acked();
+    nats.kill(); // SIGKILL: no flush, no goodbye
+    let stored_at_kill = stored_runs(&dir).len();
+    nats.restart().await; // same port, same JetStream store dir
+    wait_acked(&burst, 300, Duration::from_secs(90)).await;
+    let (acked, failed) = burst.finish().await;
+
+    assert!(
+        stored_at_kill < acked_before,
+        "the worker had drained the stream before the kill; the test proves nothing"
+    );
+    assert_all_stored(&dir, &acked, &worker).await;
+    assert!(
+        worker.is_running(),
+        "the worker exited; log:\n{}",
+        worker.log()
+    );
+    assert_eq!(worker.pid(), pid);
+    eprintln!(
+        "broker SIGKILL: {} acked ({acked_before} before the kill, {stored_at_kill} stored at \
+         the kill), {failed} publishes failed, all stored in {:.1}s",
+        acked.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Name of the node leading the stream's Raft group.
+async fn stream_leader(client: &async_nats::Client) -> Option<String> {
+    let req = async_nats::Request::new()
+        .payload(bytes::Bytes::new())
+        .timeout(Some(Duration::from_secs(2)));
+    let reply = client
+        .send_request("$JS.API.STREAM.INFO.RMOS_RUNS", req)
+        .await
+        .ok()?;
+    let v: Value = serde_json::from_slice(&reply.payload).ok()?;
+    v["cluster"]["leader"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
+    let started = Instant::now();
+    let mut cluster = NatsCluster::start(3).await;
+    let urls = cluster.urls();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("runs");
+    std::fs::create_dir(&dir).expect("runs dir");
+    let vars = config_file(tmp.path(), "stream_replicas = 3\nack_wait = \"10s\"\n");
+    let mut worker = Worker::start_at(&urls, &dir, "cl", &vars).await;
+    let pid = worker.pid();
+
+    let client = async_nats::ConnectOptions::new()
+        .connect(cluster.url_list())
+        .await
+        .expect("connect");
+    let info: Value = {
+        let reply = client
+            .request("$JS.API.STREAM.INFO.RMOS_RUNS", bytes::Bytes::new())
+            .await
+            .expect("stream info");
+        serde_json::from_slice(&reply.payload).expect("json")
+    };
+    assert_eq!(
+        info["config"]["num_replicas"], 3,
+        "stream is not R3: {info}"
+    );
+
+    let burst = Burst::start(cluster.url_list(), 0xc1, 20_000);
+    wait_acked(&burst, 200, Duration::from_secs(60)).await;
+    eventually(
+        Duration::from_secs(60),
+        || format!("some runs stored; log:\n{}", worker.log()),
+        || stored_runs(&dir).len() >= 50,
+    )
+    .await;
+    let leader = stream_leader(&client).await.expect("stream has a leader");
+    let victim = cluster.index_of(&leader).expect("leader is a node");
+    let acked_before = burst.acked();
+    cluster.kill(victim);
+    let stored_at_kill = stored_runs(&dir).len();
+    // The load goes on with two nodes: a new leader is elected and PubAcks resume.
+    wait_acked(&burst, 150, Duration::from_secs(90)).await;
+    let new_leader = stream_leader(&client).await;
+    cluster.restart(victim).await;
+    wait_acked(&burst, 150, Duration::from_secs(90)).await;
+    let (acked, failed) = burst.finish().await;
+
+    assert!(
+        stored_at_kill < acked_before,
+        "the worker had drained the stream before the kill; the test proves nothing"
+    );
+    assert_ne!(new_leader.as_deref(), Some(leader.as_str()), "no failover");
+    assert_all_stored(&dir, &acked, &worker).await;
+    assert!(
+        worker.is_running(),
+        "the worker exited; log:\n{}",
+        worker.log()
+    );
+    assert_eq!(worker.pid(), pid);
+    // The restarted node caught up: the stream reports all three replicas current again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = client
+            .request("$JS.API.STREAM.INFO.RMOS_RUNS", bytes::Bytes::new())
+            .await;
+        let info: Value = reply
+            .ok()
+            .and_then(|r| serde_json::from_slice(&r.payload).ok())
+            .unwrap_or_default();
+        let replicas = info["cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if replicas.len() == 2
+            && replicas
+                .iter()
+                .all(|r| r["current"] == Value::Bool(true) && r["offline"] != Value::Bool(true))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas not current again: {}; logs:\n{}",
+            info["cluster"],
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "cluster: killed stream leader {leader} (new leader {new_leader:?}); {} acked \
+         ({acked_before} before the kill, {stored_at_kill} stored at the kill), {failed} \
+         publishes failed, all stored in {:.1}s",
+        acked.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
