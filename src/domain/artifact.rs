@@ -22,14 +22,23 @@ pub type JsonMap = Map<String, Value>;
 pub struct Timestamp(pub DateTime<Utc>);
 
 impl Timestamp {
-    /// Parses RFC 3339, or a naive ISO 8601 date-time taken as UTC.
+    /// Parses RFC 3339, or a naive ISO 8601 date-time taken as UTC. The instant must fall in
+    /// the years 0000-9999 (in UTC), the range RFC 3339 can write back.
     pub fn parse(s: &str) -> Result<Self, Rejection> {
-        if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-            return Ok(Self(t.with_timezone(&Utc)));
+        let bad = || Rejection::invalid(format!("invalid timestamp {s:?}: expected RFC 3339"));
+        let t = if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+            t.with_timezone(&Utc)
+        } else {
+            NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                .map_err(|_| bad())?
+                .and_utc()
+        };
+        if !(0..=9999).contains(&chrono::Datelike::year(&t)) {
+            return Err(Rejection::invalid(format!(
+                "invalid timestamp {s:?}: outside the years 0000-9999"
+            )));
         }
-        NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
-            .map(|n| Self(n.and_utc()))
-            .map_err(|_| Rejection::invalid(format!("invalid timestamp {s:?}: expected RFC 3339")))
+        Ok(Self(t))
     }
     /// The current time, truncated to milliseconds so that it prints as the protocol shows.
     pub fn now() -> Self {
