@@ -14,7 +14,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,81 +82,12 @@ fn shipped_template(name: &str) -> String {
     text
 }
 
-/// Spawns `rmos-runs serve` with `env` (no inherited broker settings), without waiting.
+/// Spawns `rmos-runs serve` with `env` (no inherited broker settings), without waiting; logs
+/// at debug so the secret checks see everything the worker could print.
 fn spawn_worker(url: &str, dir: &Path, name: &str, env: &[(&str, &str)]) -> Worker {
-    let log = dir
-        .parent()
-        .unwrap_or(dir)
-        .join(format!("worker-{name}-{}.log", rand::random::<u32>()));
-    let out = std::fs::File::create(&log).expect("create worker log");
-    let err = out.try_clone().expect("clone worker log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rmos-runs"));
-    cmd.arg("serve")
-        .env("NATS_URL", url)
-        .env("RMOS_RUNS_DIR", dir)
-        .env("RUST_LOG", "debug");
-    for var in [
-        "RMOS_STORE_URL",
-        "RMOS_CONFIG",
-        "RMOS_SUBJECT_PREFIX",
-        "RMOS_INGEST",
-        "RMOS_STREAM",
-        "RMOS_CONSUMER",
-        "NATS_USER",
-        "NATS_PASSWORD",
-        "NATS_TOKEN",
-        "NATS_CREDS",
-        "NATS_NKEY",
-        "NATS_CA",
-        "NATS_CERT",
-        "NATS_KEY",
-    ] {
-        cmd.env_remove(var);
-    }
-    let child = cmd
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .expect("spawn rmos-runs serve");
-    Worker {
-        child: Some(child),
-        log,
-    }
-}
-
-/// Waits until the worker answers `get` to `client` (which has the right credentials).
-async fn wait_ready(worker: &mut Worker, client: &Client) {
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = worker
-            .child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-        {
-            panic!(
-                "worker exited during start-up ({status}); log:\n{}",
-                worker.log()
-            );
-        }
-        let req = async_nats::Request::new()
-            .payload(Bytes::from_static(b"run_000000000000"))
-            .timeout(Some(Duration::from_millis(500)));
-        if client
-            .send_request(format!("{PREFIX}.get"), req)
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker not ready after {READY_TIMEOUT:?}; log:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut vars: Vec<(String, String)> = vec![("RUST_LOG".into(), "debug".into())];
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    Worker::spawn(url, dir, name, &vars)
 }
 
 /// A client plus every asynchronous server error it was sent (permission violations).
@@ -377,7 +308,7 @@ async fn roles_from_the_shipped_config_allow_only_their_subjects() {
     let reader = RoleClient::user(&url, "reader", &pass("reader")).await;
     let advisor = RoleClient::user(&url, "advisor", &pass("advisor")).await;
     let operator = RoleClient::user(&url, "operator", &pass("operator")).await;
-    wait_ready(&mut worker, &reader.client).await;
+    worker.wait_ready_with(&reader.client).await;
     // The engine may watch the outcome events of what it publishes.
     let events = Events::subscribe(&engine.client).await;
 
@@ -523,7 +454,7 @@ async fn worker_stores_a_run(
 ) -> (tempfile::TempDir, Worker) {
     let tmp = tempdir(tag);
     let mut worker = spawn_worker(&nats.url(), &tmp.path().join("runs"), tag, worker_env);
-    wait_ready(&mut worker, ready).await;
+    worker.wait_ready_with(ready).await;
     let events = Events::subscribe(&client.client).await;
     create_ok(client, &events, &worker, "run_00000000a001").await;
     (tmp, worker)

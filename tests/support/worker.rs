@@ -45,39 +45,61 @@ impl Worker {
         name: &str,
         extra_env: &[(String, String)],
     ) -> Worker {
+        Self::start_at(&nats.url(), dir, name, extra_env).await
+    }
+
+    /// Spawns `rmos-runs serve` on the broker(s) at `nats_url` storing under `dir`, with no
+    /// inherited rmos or broker settings plus `extra_env`, without waiting for it.
+    pub fn spawn(nats_url: &str, dir: &Path, name: &str, extra_env: &[(String, String)]) -> Worker {
         let log = dir
             .parent()
             .unwrap_or(dir)
             .join(format!("worker-{name}-{}.log", rand::random::<u32>()));
         let out = std::fs::File::create(&log).expect("create worker log");
         let err = out.try_clone().expect("clone worker log");
-        let child = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .arg("serve")
-            .env("NATS_URL", nats.url())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rmos-runs"));
+        cmd.arg("serve")
+            .env("NATS_URL", nats_url)
             .env("RMOS_RUNS_DIR", dir)
-            .env("RUST_LOG", "warn")
-            .env_remove("RMOS_STORE_URL")
-            .env_remove("RMOS_CONFIG")
-            .env_remove("RMOS_SUBJECT_PREFIX")
-            .env_remove("RMOS_INGEST")
-            .env_remove("RMOS_STREAM")
-            .env_remove("RMOS_CONSUMER")
+            .env("RUST_LOG", "warn");
+        for var in [
+            "RMOS_STORE_URL",
+            "RMOS_CONFIG",
+            "RMOS_SUBJECT_PREFIX",
+            "RMOS_INGEST",
+            "RMOS_STREAM",
+            "RMOS_CONSUMER",
+            "NATS_USER",
+            "NATS_PASSWORD",
+            "NATS_TOKEN",
+            "NATS_CREDS",
+            "NATS_NKEY",
+            "NATS_CA",
+            "NATS_CERT",
+            "NATS_KEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        let child = cmd
             .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .spawn()
             .expect("spawn rmos-runs serve");
-        let mut w = Worker {
+        Worker {
             child: Some(child),
             log,
-        };
-        w.wait_ready(nats).await;
-        w
+        }
     }
 
     pub async fn wait_ready(&mut self, nats: &NatsServer) {
-        let client = async_nats::connect(nats.url()).await.expect("connect");
+        self.wait_ready_at(&nats.url()).await;
+    }
+
+    /// Waits until the worker answers `get` to `client` (which may carry credentials);
+    /// panics with the worker's log if it exits or takes longer than [`READY_TIMEOUT`].
+    pub async fn wait_ready_with(&mut self, client: &Client) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Some(status) = self
@@ -433,33 +455,7 @@ impl Worker {
         name: &str,
         extra_env: &[(String, String)],
     ) -> Worker {
-        let log = dir
-            .parent()
-            .unwrap_or(dir)
-            .join(format!("worker-{name}-{}.log", rand::random::<u32>()));
-        let out = std::fs::File::create(&log).expect("create worker log");
-        let err = out.try_clone().expect("clone worker log");
-        let child = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .arg("serve")
-            .env("NATS_URL", nats_url)
-            .env("RMOS_RUNS_DIR", dir)
-            .env("RUST_LOG", "warn")
-            .env_remove("RMOS_STORE_URL")
-            .env_remove("RMOS_CONFIG")
-            .env_remove("RMOS_SUBJECT_PREFIX")
-            .env_remove("RMOS_INGEST")
-            .env_remove("RMOS_STREAM")
-            .env_remove("RMOS_CONSUMER")
-            .envs(extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn rmos-runs serve");
-        let mut w = Worker {
-            child: Some(child),
-            log,
-        };
+        let mut w = Self::spawn(nats_url, dir, name, extra_env);
         w.wait_ready_at(nats_url).await;
         w
     }
@@ -471,35 +467,7 @@ impl Worker {
             .connect(urls.as_slice())
             .await
             .expect("connect");
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "worker exited during start-up ({status}); log:\n{}",
-                    self.log()
-                );
-            }
-            let req = async_nats::Request::new()
-                .payload(Bytes::from_static(b"run_000000000000"))
-                .timeout(Some(Duration::from_millis(500)));
-            if client
-                .send_request(format!("{PREFIX}.get"), req)
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker not ready after {READY_TIMEOUT:?}; log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_ready_with(&client).await;
     }
 
     /// True while the process has not exited (it is not reaped here).
