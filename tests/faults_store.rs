@@ -58,15 +58,9 @@ fn record(dir: &Path, run: &str) -> Value {
     serde_json::from_slice(&bytes).expect("record is JSON")
 }
 
-// ---------------------------------------------------------------------------------------------
-// (a) S3 outage, server state kept
-// ---------------------------------------------------------------------------------------------
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn s3_outage_behind_proxy_then_every_command_lands() {
-    const RUNS: usize = 40;
-    let started = Instant::now();
-    let env = Env::new().await;
+/// A moto S3 server with a bucket, a [`ToggleProxy`] in front of it, and the worker
+/// environment that reaches the bucket through the proxy.
+async fn s3_behind_proxy() -> (S3Server, String, ToggleProxy, Vec<(String, String)>) {
     let s3 = S3Server::start().await;
     let bucket = support::unique_bucket();
     s3.create_bucket(&bucket).await;
@@ -79,6 +73,19 @@ async fn s3_outage_behind_proxy_then_every_command_lands() {
     vars.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint()));
     vars.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
     vars.push(("RMOS_METRICS_ADDR".into(), "off".into()));
+    (s3, bucket, proxy, vars)
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) S3 outage, server state kept
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_behind_proxy_then_every_command_lands() {
+    const RUNS: usize = 40;
+    let started = Instant::now();
+    let env = Env::new().await;
+    let (_s3, _bucket, proxy, vars) = s3_behind_proxy().await;
     let events = env.events().await;
     let worker = Worker::start_with(&env.nats, &env.runs_dir(), "s3p", &vars).await;
 
@@ -427,18 +434,7 @@ async fn two_workers_one_dir_hot_runs_no_lost_update_gap_free_revisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_does_not_use_up_the_not_found_retries_of_a_patch() {
     let env = Env::new().await;
-    let s3 = S3Server::start().await;
-    let bucket = support::unique_bucket();
-    s3.create_bucket(&bucket).await;
-    let proxy = ToggleProxy::start(&format!("127.0.0.1:{}", s3.port())).await;
-    let mut vars: Vec<(String, String)> = s3
-        .env_for(&bucket)
-        .into_iter()
-        .filter(|(k, _)| k != "AWS_ENDPOINT_URL")
-        .collect();
-    vars.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint()));
-    vars.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
-    vars.push(("RMOS_METRICS_ADDR".into(), "off".into()));
+    let (_s3, _bucket, proxy, mut vars) = s3_behind_proxy().await;
     // At `warn` the info-level command span (with the request id) is filtered out.
     vars.push(("RUST_LOG".into(), "info".into()));
     let events = env.events().await;
