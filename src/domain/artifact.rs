@@ -25,7 +25,8 @@ impl Timestamp {
     /// Parses RFC 3339, or a naive ISO 8601 date-time taken as UTC. The instant must fall in
     /// the years 0000-9999 (in UTC), the range RFC 3339 can write back.
     pub fn parse(s: &str) -> Result<Self, Rejection> {
-        let bad = || Rejection::invalid(format!("invalid timestamp {s:?}: expected RFC 3339"));
+        let shown = super::ids::truncate_for_message(s);
+        let bad = || Rejection::invalid(format!("invalid timestamp {shown:?}: expected RFC 3339"));
         let t = if let Ok(t) = DateTime::parse_from_rfc3339(s) {
             t.with_timezone(&Utc)
         } else {
@@ -35,7 +36,7 @@ impl Timestamp {
         };
         if !(0..=9999).contains(&chrono::Datelike::year(&t)) {
             return Err(Rejection::invalid(format!(
-                "invalid timestamp {s:?}: outside the years 0000-9999"
+                "invalid timestamp {shown:?}: outside the years 0000-9999"
             )));
         }
         Ok(Self(t))
@@ -251,6 +252,9 @@ pub struct RunOutputs {
     /// The op plan's blob, when it was too large to keep inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub opplan_blob: Option<BlobRef>,
+    /// Fields written by other producers; kept as they are.
+    #[serde(flatten)]
+    pub extra: JsonMap,
 }
 
 /// An attached advisory (append-only).
@@ -275,6 +279,9 @@ pub struct AdvisoryInputRef {
     /// The body's object (`blobs/<sha256>`, canonical JSON); absent in seed files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<BlobRef>,
+    /// Fields written by other producers; kept as they are.
+    #[serde(flatten)]
+    pub extra: JsonMap,
 }
 
 /// The persistent record of one run.
@@ -489,6 +496,23 @@ mod tests {
         assert_eq!(a.extra["lineage"]["parent"], 1);
         let out = String::from_utf8(StoredRecord::Live(a).encode()).unwrap();
         assert!(out.contains("lineage"));
+        // Nested parts keep theirs too.
+        let text = SEED
+            .replacen(
+                "\"preview_svg_path\": null",
+                "\"preview_svg_path\": null, \"nc_path\": \"x.nc\"",
+                1,
+            )
+            .replacen(
+                "\"engine_version\": \"1\"",
+                "\"engine_version\": \"1\", \"rating\": 4",
+                1,
+            );
+        let StoredRecord::Live(a) = StoredRecord::decode(text.as_bytes()).unwrap() else {
+            panic!()
+        };
+        let out = String::from_utf8(StoredRecord::Live(a).encode()).unwrap();
+        assert!(out.contains("nc_path") && out.contains("rating"), "{out}");
     }
 
     #[test]

@@ -192,14 +192,22 @@ fn type_name(value: &Value) -> &'static str {
 }
 
 /// Summarizes a raw design request for storage: secrets redacted at any depth, at most
-/// [`SUMMARY_MAX_KEYS`] top-level keys (the rest counted in `_truncated_keys`), long strings
+/// [`SUMMARY_MAX_KEYS`] top-level keys in key order (the rest counted in `_truncated_keys`), long strings
 /// shortened. A non-object request becomes `{"_type": ..., "_length"?: ...}` and never carries
 /// its value, since a bare string could itself be a secret.
 pub fn summarize_request(request: &Value) -> Map<String, Value> {
     let mut summary = Map::new();
     match request {
         Value::Object(map) => {
-            for (k, v) in map.iter().take(SUMMARY_MAX_KEYS) {
+            // Sorted, so the summary does not depend on the publisher's key order (the create's
+            // identity, an RFC 8785 hash, does not either).
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            for (k, v) in keys
+                .into_iter()
+                .take(SUMMARY_MAX_KEYS)
+                .filter_map(|k| map.get_key_value(k))
+            {
                 let mut v = if is_sensitive_key(k) {
                     Value::String(REDACTED.to_owned())
                 } else {
@@ -270,7 +278,7 @@ mod tests {
 
     #[test]
     fn summary_redacts_at_depth_and_caps_keys() {
-        let mut req = json!({"a": {"b": [{"Password": "hunter2", "ok": 1}]}, "token": {"x": 1}});
+        let mut req = json!({"a": {"b": [{"Password": "hunter2", "ok": 1}]}, "api_token": {"x": 1}});
         for i in 0..60 {
             req[format!("k{i:02}")] = json!(i);
         }
@@ -279,9 +287,11 @@ mod tests {
         assert!(!text.contains("hunter2"));
         assert_eq!(s["a"]["b"][0]["Password"], json!(REDACTED));
         assert_eq!(s["a"]["b"][0]["ok"], json!(1));
-        assert_eq!(s["token"], json!(REDACTED));
+        assert_eq!(s["api_token"], json!(REDACTED));
         assert_eq!(s["_truncated_keys"], json!(62 - SUMMARY_MAX_KEYS));
         assert_eq!(s.len(), SUMMARY_MAX_KEYS + 1);
+        // The kept keys are the first 50 in key order, whatever order the publisher used.
+        assert!(s.contains_key("k47") && !s.contains_key("k48"));
     }
 
     #[test]

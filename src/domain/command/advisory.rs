@@ -110,6 +110,7 @@ impl AttachAdvisory {
                 size_bytes: self.body_canonical.len() as u64,
                 media_type: JSON_MEDIA_TYPE.to_owned(),
             }),
+            extra: Default::default(),
         });
         if let Some(s) = self.explanation_status {
             next.explanation_status = s;

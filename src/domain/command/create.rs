@@ -254,6 +254,7 @@ impl CreateRun {
             preview_svg_path: self.outputs.preview_svg_path.clone(),
             gcode_blob: None,
             opplan_blob: None,
+            extra: Default::default(),
         };
         if let Some(text) = &self.outputs.gcode_text
             && text.len() > threshold
