@@ -113,6 +113,9 @@ struct FileConfig {
     max_meta_bytes: Option<usize>,
     max_advisory_body_bytes: Option<usize>,
     fsync: Option<bool>,
+    s3_sse: Option<String>,
+    s3_sse_kms_key_id: Option<String>,
+    s3_sse_bucket_key: Option<bool>,
     connect_timeout: Option<String>,
     retention: Option<String>,
 }
@@ -173,6 +176,9 @@ pub struct Config {
     pub limits: crate::domain::command::Limits,
     /// fsync local writes.
     pub fsync: bool,
+    /// S3 server-side encryption settings, passed to `object_store` (`aws_server_side_encryption`,
+    /// `aws_sse_kms_key_id`, `aws_sse_bucket_key_enabled`).
+    pub s3_sse: Vec<(String, String)>,
     /// How long to keep trying to reach the broker at start-up.
     pub connect_timeout: Duration,
     /// `serve` deletes runs older than this, hourly (`None`: off, the default).
@@ -239,6 +245,7 @@ impl Config {
             None => FileConfig::default(),
         };
         let limits = limits_from(&f)?;
+        let s3_sse = sse_from(&f)?;
         let nats_url = o
             .nats_url
             .clone()
@@ -349,6 +356,7 @@ impl Config {
             max_deliver,
             limits,
             fsync: f.fsync.unwrap_or(true),
+            s3_sse,
             connect_timeout: dur(
                 "connect_timeout",
                 f.connect_timeout,
@@ -356,6 +364,60 @@ impl Config {
             )?,
             retention: retention_from(f.retention.as_deref())?,
         })
+    }
+}
+
+/// `s3_sse` ("AES256", "aws:kms", "aws:kms:dsse"), with a KMS key id and bucket key for KMS.
+fn sse_from(f: &FileConfig) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    match f.s3_sse.as_deref() {
+        None => {
+            if f.s3_sse_kms_key_id.is_some() || f.s3_sse_bucket_key.is_some() {
+                return Err(ConfigError(
+                    "s3_sse_kms_key_id / s3_sse_bucket_key: need s3_sse = \"aws:kms\" or \"aws:kms:dsse\"".into(),
+                ));
+            }
+        }
+        Some(mode @ ("AES256" | "aws:kms" | "aws:kms:dsse")) => {
+            out.push(("aws_server_side_encryption".to_owned(), mode.to_owned()));
+            let kms = mode != "AES256";
+            if let Some(key) = &f.s3_sse_kms_key_id {
+                if !kms {
+                    return Err(ConfigError(
+                        "s3_sse_kms_key_id: only with s3_sse = \"aws:kms\" or \"aws:kms:dsse\""
+                            .into(),
+                    ));
+                }
+                out.push(("aws_sse_kms_key_id".to_owned(), key.clone()));
+            }
+            if let Some(b) = f.s3_sse_bucket_key {
+                if !kms {
+                    return Err(ConfigError(
+                        "s3_sse_bucket_key: only with s3_sse = \"aws:kms\" or \"aws:kms:dsse\""
+                            .into(),
+                    ));
+                }
+                out.push(("aws_sse_bucket_key_enabled".to_owned(), b.to_string()));
+            }
+        }
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "s3_sse: {other:?} is not one of AES256, aws:kms, aws:kms:dsse"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// How to open the configured store (fsync, S3 encryption).
+    pub fn store_options(&self) -> crate::store::OpenOptions {
+        let mut o = crate::store::OpenOptions {
+            fsync: self.fsync,
+            ..Default::default()
+        };
+        o.s3.extend(self.s3_sse.iter().cloned());
+        o
     }
 }
 
@@ -481,6 +543,41 @@ mod tests {
 #[cfg(test)]
 mod file_tests {
     use super::*;
+
+    #[test]
+    fn sse_settings_reach_the_store_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "s3_sse = \"aws:kms\"\ns3_sse_kms_key_id = \"k-1\"\n").unwrap();
+        let c = Config::resolve(&Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        let o = c.store_options();
+        assert_eq!(
+            o.s3.get("aws_server_side_encryption").map(String::as_str),
+            Some("aws:kms")
+        );
+        assert_eq!(
+            o.s3.get("aws_sse_kms_key_id").map(String::as_str),
+            Some("k-1")
+        );
+        std::fs::write(&p, "s3_sse = \"AES256\"\ns3_sse_kms_key_id = \"k-1\"\n").unwrap();
+        let e = Config::resolve(&Overrides {
+            config: Some(p.clone()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.starts_with("s3_sse_kms_key_id"), "{e}");
+        std::fs::write(&p, "s3_sse = \"rot13\"\n").unwrap();
+        let e = Config::resolve(&Overrides {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.0.contains("AES256, aws:kms, aws:kms:dsse"), "{e}");
+    }
 
     /// The shipped example file parses and its values are the defaults.
     #[test]

@@ -12,7 +12,7 @@ use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::domain::ids::RequestId;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
-use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
+use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::transport::api::Api;
 use rmos_runs::transport::ingest::{Ingest, IngestSettings};
 use rmos_runs::transport::metrics::{Health, HttpSettings, Metrics};
@@ -303,11 +303,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
-    let options = OpenOptions {
-        fsync: cfg.fsync,
-        ..OpenOptions::default()
-    };
-    let store = RunStore::open(url, &options)?;
+    let store = RunStore::open(url, &cfg.store_options())?;
     if write {
         store
             .probe()
@@ -385,6 +381,7 @@ fn print_config(cfg: &Config) {
         "max_deliver": cfg.max_deliver,
         "limits": format!("{:?}", cfg.limits),
         "fsync": cfg.fsync,
+        "s3_sse": cfg.s3_sse.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
         "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
         "retention_s": cfg.retention.map(|d| d.as_secs()),
@@ -395,13 +392,7 @@ fn print_config(cfg: &Config) {
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
-    let store = RunStore::open(
-        &cfg.store_url,
-        &OpenOptions {
-            fsync: cfg.fsync,
-            ..OpenOptions::default()
-        },
-    )?;
+    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?;
     store
         .probe()
         .await

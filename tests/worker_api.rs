@@ -173,6 +173,12 @@ async fn list_pages_over_120_runs() {
         .await;
     assert_eq!(status.as_deref(), Some("400"), "{body}");
     assert_eq!(body["error"]["code"], "invalid_request");
+    // A page over the largest allowed is a 413 naming the limit.
+    let (status, body) = env
+        .request("list", &rid("list"), bytes_of(&json!({"limit": 5000})))
+        .await;
+    assert_eq!(status.as_deref(), Some("413"), "{body}");
+    assert_eq!(body["error"]["code"], "too_large");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,7 +278,8 @@ mod tests {
 
     #[test]
     fn summary_redacts_at_depth_and_caps_keys() {
-        let mut req = json!({"a": {"b": [{"Password": "hunter2", "ok": 1}]}, "api_token": {"x": 1}});
+        let mut req =
+            json!({"a": {"b": [{"Password": "hunter2", "ok": 1}]}, "api_token": {"x": 1}});
         for i in 0..60 {
             req[format!("k{i:02}")] = json!(i);
         }

@@ -517,10 +517,15 @@ impl RunStore {
     /// reads candidate records until it is full or has read [`SCAN_BUDGET`] objects.
     pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
         let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 || limit > MAX_PAGE {
+        if limit == 0 {
             return Err(StoreError::Rejected(
-                crate::domain::error::Rejection::invalid(format!(
-                    "limit must be between 1 and {MAX_PAGE}, got {limit}"
+                crate::domain::error::Rejection::invalid("limit must be at least 1"),
+            ));
+        }
+        if limit > MAX_PAGE {
+            return Err(StoreError::Rejected(
+                crate::domain::error::Rejection::too_large(format!(
+                    "limit {limit} is over the largest page, {MAX_PAGE}"
                 )),
             ));
         }
