@@ -256,6 +256,8 @@ fn hashing() -> Vec<HashRow> {
 enum Op {
     Create,
     Update,
+    /// `RunStore::get` of runs written beforehand (reads only: fsync does not apply).
+    Get,
 }
 
 impl Op {
@@ -263,6 +265,7 @@ impl Op {
         match self {
             Op::Create => "create",
             Op::Update => "update",
+            Op::Get => "get",
         }
     }
 }
@@ -346,7 +349,7 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
     );
     std::fs::create_dir_all(&dir).unwrap();
 
-    if op == Op::Update {
+    if op == Op::Update || op == Op::Get {
         // Untimed set-up (fsync off, then one sync so its dirty pages are not timed).
         let setup = Arc::new(open_local(&dir, false));
         let mut tasks = tokio::task::JoinSet::new();
@@ -366,7 +369,7 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
     let cmds: Arc<Vec<(Command, Context)>> = Arc::new(
         (0..MAX_OPS)
             .map(|i| match op {
-                Op::Create => (create_cmd(i), Context::now()),
+                Op::Create | Op::Get => (create_cmd(i), Context::now()),
                 Op::Update => patch_cmd(i),
             })
             .collect(),
@@ -390,6 +393,12 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
                 }
                 let (cmd, ctx) = &cmds[i as usize];
                 let t = Instant::now();
+                if op == Op::Get {
+                    let a = store.get(&run_id(i % UPDATE_RUNS)).await.unwrap();
+                    latencies.push(t.elapsed());
+                    assert_eq!(a.revision, 1);
+                    continue;
+                }
                 let out = store.execute(cmd, ctx).await.unwrap();
                 latencies.push(t.elapsed());
                 assert!(out.changed);
@@ -520,7 +529,7 @@ fn main() {
         .unwrap();
     let mut store_rows = Vec::new();
     for fsync in [true, false] {
-        for op in [Op::Create, Op::Update] {
+        for op in [Op::Create, Op::Update, Op::Get] {
             for concurrency in CONCURRENCY {
                 let r = rt.block_on(store_cell(&root, op, fsync, concurrency));
                 println!(

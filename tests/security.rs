@@ -798,3 +798,412 @@ async fn tls_with_private_ca_and_client_certificate() {
     let key_body = key_pem.lines().nth(1).unwrap_or("no key line");
     assert_not_in_log(&worker, key_body, "client key");
 }
+
+// --- creds files: a broker in operator mode, JWTs made and signed with openssl here ----------
+
+/// nkey prefix bytes (the first base32 character: O, A, U).
+const NKEY_OPERATOR: u8 = 14 << 3;
+const NKEY_ACCOUNT: u8 = 0;
+const NKEY_USER: u8 = 20 << 3;
+
+/// An nkey pair of any kind plus the openssl key file that signs for it.
+struct NkeyPair {
+    seed: String,
+    public: String,
+    pem: PathBuf,
+}
+
+/// An ed25519 pair made by openssl, encoded as an nkey of kind `prefix` (seed `S?...`).
+fn nkey_pair(dir: &Path, name: &str, prefix: u8) -> NkeyPair {
+    const PREFIX_SEED: u8 = 18 << 3;
+    let pem = format!("{name}.ed25519.pem");
+    run_openssl(dir, &["genpkey", "-algorithm", "ed25519", "-out", &pem]);
+    let private = run_openssl(dir, &["pkey", "-in", &pem, "-outform", "DER"]);
+    let public = run_openssl(dir, &["pkey", "-in", &pem, "-pubout", "-outform", "DER"]);
+    let mut seed = vec![PREFIX_SEED | (prefix >> 5), (prefix & 31) << 3];
+    seed.extend_from_slice(&private[private.len() - 32..]);
+    let crc = nkey_crc16(&seed);
+    seed.extend_from_slice(&crc);
+    let mut pk = vec![prefix];
+    pk.extend_from_slice(&public[public.len() - 32..]);
+    let crc = nkey_crc16(&pk);
+    pk.extend_from_slice(&crc);
+    NkeyPair {
+        seed: base32_nopad(&seed),
+        public: base32_nopad(&pk),
+        pem: dir.join(pem),
+    }
+}
+
+/// RFC 4648 base64url, no padding (what JWTs use).
+fn base64url_nopad(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (b(0) << 16) | (b(1) << 8) | b(2);
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// A NATS JWT (v2) for `subject` with `nats` claims, issued at `iat` and signed by `signer`
+/// (whose public key is named as the issuer unless `issuer` says otherwise: a forgery).
+fn nats_jwt(
+    dir: &Path,
+    signer: &NkeyPair,
+    issuer: Option<&str>,
+    subject: &str,
+    name: &str,
+    iat: i64,
+    nats: Value,
+) -> String {
+    let mut claims = json!({
+        "jti": "",
+        "iat": iat,
+        "iss": issuer.unwrap_or(&signer.public),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    // jti: the hash of the claims without it, as the jwt library computes it.
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(serde_json::to_vec(&claims).unwrap());
+    claims["jti"] = Value::String(base32_nopad(&hash));
+    let header = base64url_nopad(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = base64url_nopad(&serde_json::to_vec(&claims).unwrap());
+    let signing_input = format!("{header}.{body}");
+    let file = format!("jwt-{}.in", rand::random::<u32>());
+    std::fs::write(dir.join(&file), &signing_input).unwrap();
+    let pem = signer.pem.display().to_string();
+    let sig = run_openssl(
+        dir,
+        &["pkeyutl", "-sign", "-rawin", "-inkey", &pem, "-in", &file],
+    );
+    assert_eq!(sig.len(), 64, "ed25519 signature");
+    format!("{signing_input}.{}", base64url_nopad(&sig))
+}
+
+/// Account claims; JetStream unlimited when `jetstream`, `revoked` users refused.
+fn account_claims(jetstream: bool, revoked: &[(&str, i64)]) -> Value {
+    let mut limits = json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+    });
+    if jetstream {
+        for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+            limits[k] = json!(-1);
+        }
+    }
+    let mut nats = json!({
+        "limits": limits,
+        "default_permissions": {"pub": {}, "sub": {}},
+        "type": "account",
+        "version": 2,
+    });
+    if !revoked.is_empty() {
+        nats["revocations"] = revoked
+            .iter()
+            .map(|(k, t)| (k.to_string(), json!(t)))
+            .collect();
+    }
+    nats
+}
+
+fn user_claims() -> Value {
+    json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2,
+    })
+}
+
+/// A creds file (user JWT + seed) as `nsc` writes it, mode 0600; its path.
+fn write_creds(dir: &Path, name: &str, jwt: &str, seed: &str) -> String {
+    let text = format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    );
+    let path = dir.join(format!("{name}.creds"));
+    std::fs::write(&path, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.display().to_string()
+}
+
+/// An operator-mode deployment: operator, system account, the application account (JetStream
+/// on) preloaded into a memory resolver, and users of the application account. The server
+/// logs at debug level, so each refusal can be checked for its reason.
+struct Operated {
+    keys: tempfile::TempDir,
+    nats: ConfiguredNatsServer,
+    app: NkeyPair,
+    /// A user revoked in the application account JWT.
+    revoked: NkeyPair,
+}
+
+impl Operated {
+    async fn start() -> Operated {
+        let keys = tempdir("operator");
+        let d = keys.path();
+        let now = unix_now();
+        let operator = nkey_pair(d, "operator", NKEY_OPERATOR);
+        let system = nkey_pair(d, "system", NKEY_ACCOUNT);
+        let app = nkey_pair(d, "app", NKEY_ACCOUNT);
+        let revoked = nkey_pair(d, "revoked", NKEY_USER);
+        let operator_jwt = nats_jwt(
+            d,
+            &operator,
+            None,
+            &operator.public,
+            "rmos-test-operator",
+            now,
+            json!({"system_account": system.public, "type": "operator", "version": 2}),
+        );
+        let system_jwt = nats_jwt(
+            d,
+            &operator,
+            None,
+            &system.public,
+            "SYS",
+            now,
+            account_claims(false, &[]),
+        );
+        let app_jwt = nats_jwt(
+            d,
+            &operator,
+            None,
+            &app.public,
+            "RMOS",
+            now,
+            account_claims(true, &[(&revoked.public, now)]),
+        );
+        let operator_file = d.join("operator.jwt");
+        std::fs::write(&operator_file, &operator_jwt).unwrap();
+        let template = format!(
+            "debug: true\nhost: 127.0.0.1\nport: {{{{PORT}}}}\n\
+             jetstream {{ store_dir: \"{{{{STORE_DIR}}}}\" }}\n\
+             operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {}: \"{system_jwt}\"\n  {}: \"{app_jwt}\"\n}}\n",
+            operator_file.display(),
+            system.public,
+            system.public,
+            app.public,
+        );
+        let nats = ConfiguredNatsServer::start(&template, &[], &[]).await;
+        Operated {
+            keys,
+            nats,
+            app,
+            revoked,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.keys.path()
+    }
+
+    /// A new user of the application account: (creds file path, seed).
+    fn user(&self, name: &str) -> (String, String) {
+        let user = nkey_pair(self.dir(), name, NKEY_USER);
+        let jwt = nats_jwt(
+            self.dir(),
+            &self.app,
+            None,
+            &user.public,
+            name,
+            unix_now(),
+            user_claims(),
+        );
+        (write_creds(self.dir(), name, &jwt, &user.seed), user.seed)
+    }
+}
+
+/// A client logged in with a creds file.
+async fn creds_client(url: &str, creds: &str) -> RoleClient {
+    let opts = ConnectOptions::with_credentials_file(PathBuf::from(creds))
+        .await
+        .unwrap_or_else(|e| panic!("read {creds}: {e}"));
+    RoleClient::connect(url, opts).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creds_file_in_operator_mode() {
+    let op = Operated::start().await;
+    let url = op.nats.url();
+    // Operator mode: no anonymous access; a user JWT of the account gets in.
+    assert!(
+        async_nats::connect(&url).await.is_err(),
+        "anonymous connection accepted"
+    );
+    let (engine_creds, _) = op.user("engine");
+    let engine = creds_client(&url, &engine_creds).await;
+    let (worker_creds, worker_seed) = op.user("worker");
+    let (_runs, worker) = worker_stores_a_run(
+        &op.nats,
+        "creds",
+        &[("NATS_CREDS", &worker_creds)],
+        &engine.client,
+        &engine,
+    )
+    .await;
+    // The stream the worker made lives in the application account (JetStream from its JWT).
+    let info = engine
+        .client
+        .request("$JS.API.INFO", Bytes::new())
+        .await
+        .expect("account info");
+    let info: Value = serde_json::from_slice(&info.payload).unwrap();
+    assert!(
+        info["streams"].as_u64().unwrap_or(0) >= 1,
+        "no stream in the account: {info}"
+    );
+    drop(engine);
+    assert_not_in_log(&worker, &worker_seed, "creds seed");
+}
+
+/// Starts a worker with `NATS_CREDS=creds` and expects a quick failure whose last log line says
+/// `broker credentials:` (and, if given, the server's debug log naming `server_reason`);
+/// returns that line.
+async fn creds_refused_at_start_up(
+    op: &Operated,
+    tag: &str,
+    creds: &str,
+    server_reason: Option<&str>,
+) -> String {
+    let tmp = tempdir(tag);
+    let started = Instant::now();
+    let mut worker = spawn_worker(
+        &op.nats.url(),
+        &tmp.path().join("runs"),
+        tag,
+        &[("NATS_CREDS", creds)],
+    );
+    let status = worker.wait(Duration::from_secs(25)).await;
+    let took = started.elapsed();
+    let log = std::fs::read_to_string(&worker.log).unwrap();
+    assert!(!status.success(), "{tag}: worker started; log:\n{log}");
+    assert!(
+        took < Duration::from_secs(10),
+        "{tag}: took {took:?}: retried instead of failing on bad credentials; log:\n{log}"
+    );
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        last.contains("broker credentials:"),
+        "{tag}: last line does not say why: {last:?}; log:\n{log}"
+    );
+    assert!(
+        !log.contains("retrying"),
+        "{tag}: the worker retried; log:\n{log}"
+    );
+    if let Some(reason) = server_reason {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !op.nats.log().contains(reason) {
+            assert!(
+                Instant::now() < deadline,
+                "{tag}: the server does not say {reason:?}; server log:\n{}",
+                op.nats.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    println!("{tag}: {status} after {took:?}: {last}");
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_creds_files_are_quick_one_line_start_up_errors() {
+    let op = Operated::start().await;
+    let url = op.nats.url();
+    let d = op.dir();
+    // The deployment itself is fine: a user of the account gets in.
+    let (good, _) = op.user("good");
+    drop(creds_client(&url, &good).await);
+
+    // A user of an account the operator never issued (not in the resolver).
+    let stranger_account = nkey_pair(d, "stranger-account", NKEY_ACCOUNT);
+    let user = nkey_pair(d, "stray", NKEY_USER);
+    let jwt = nats_jwt(
+        d,
+        &stranger_account,
+        None,
+        &user.public,
+        "stray",
+        unix_now(),
+        user_claims(),
+    );
+    let wrong_account = write_creds(d, "wrong-account", &jwt, &user.seed);
+    assert!(
+        ConnectOptions::with_credentials_file(PathBuf::from(&wrong_account))
+            .await
+            .unwrap()
+            .connect(&url)
+            .await
+            .is_err(),
+        "user of an unknown account accepted"
+    );
+    creds_refused_at_start_up(
+        &op,
+        "wrong-account",
+        &wrong_account,
+        Some("account missing"),
+    )
+    .await;
+
+    // A user JWT naming the application account as issuer but signed by another account.
+    let user = nkey_pair(d, "forged", NKEY_USER);
+    let jwt = nats_jwt(
+        d,
+        &stranger_account,
+        Some(&op.app.public),
+        &user.public,
+        "forged",
+        unix_now(),
+        user_claims(),
+    );
+    let forged = write_creds(d, "forged", &jwt, &user.seed);
+    creds_refused_at_start_up(
+        &op,
+        "forged-signature",
+        &forged,
+        Some("signature verification"),
+    )
+    .await;
+
+    // A user the account JWT revokes (issued before the revocation).
+    let jwt = nats_jwt(
+        d,
+        &op.app,
+        None,
+        &op.revoked.public,
+        "revoked",
+        unix_now() - 60,
+        user_claims(),
+    );
+    let revoked = write_creds(d, "revoked", &jwt, &op.revoked.seed);
+    creds_refused_at_start_up(&op, "revoked", &revoked, Some("authentication revoked")).await;
+
+    // Not a creds file at all: refused before any connection.
+    let garbage = d.join("garbage.creds");
+    std::fs::write(&garbage, "this is not a creds file\n").unwrap();
+    let last =
+        creds_refused_at_start_up(&op, "garbage", &garbage.display().to_string(), None).await;
+    assert!(last.contains("garbage.creds"), "{last}");
+}
