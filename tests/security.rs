@@ -4,8 +4,9 @@
 //!   logged in as `worker` and each role as an async-nats client; what a role may not do is
 //!   refused by the broker and never takes effect;
 //! - every credential kind the worker reads from its environment: user/password, token, nkey
-//!   seed file (the shipped `nats-server-nkeys.conf`), TLS with a private CA and a client
-//!   certificate (made with the `openssl` CLI at test time);
+//!   seed file (the shipped `nats-server-nkeys.conf`), a creds file (JWT) against a server in
+//!   operator mode, TLS with a private CA and a client certificate (keys, JWTs and certificates
+//!   made with the `openssl` CLI at test time);
 //! - a wrong password is a quick one-line start-up failure, not a 30 s retry;
 //! - secrets appear neither in `rmos-runs config` nor in the worker's log.
 //!
@@ -743,11 +744,9 @@ fn make_pki(dir: &Path) {
     }
 }
 
-/// Ignored until the worker installs a rustls CryptoProvider at start-up: today `rmos-runs`
-/// panics on its first TLS connection ("Could not automatically determine the process-level
-/// CryptoProvider"), because both ring and aws-lc-rs are enabled in the dependency tree. The
-/// one-line fix for `src/main.rs` is in deploy/README.md ("Known issues"); then drop the
-/// `ignore` (run it now with `cargo test --test security -- --ignored`).
+/// TLS with a private CA and a client certificate. Both ring and aws-lc-rs are in the
+/// dependency tree, so the worker installs ring as the rustls provider at start-up (without it,
+/// the first TLS connection panicked: this test found that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_private_ca_and_client_certificate() {
     // rustls is built with both the ring and the aws-lc-rs providers in this dependency tree,
