@@ -77,6 +77,19 @@ impl Worker {
         Worker(cmd.spawn().expect("start worker"))
     }
 
+    /// Current resident set in MiB, from /proc.
+    fn rss_now(&self) -> f64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    }
+
     /// (peak RSS in MiB, CPU seconds so far) from /proc.
     fn usage(&self) -> (f64, f64) {
         let pid = self.0.id();
@@ -455,6 +468,83 @@ async fn main() {
     }
     let (rss, cpu) = worker.usage();
     let cpu_per_1000 = (cpu - cpu0) / commands as f64 * 1000.0;
+    // Optional soak: SOAK_SECONDS of patches with 256 in flight over 1,000 runs (patches, so the
+    // store does not grow without bound), resident set sampled every 30 s
+    // (SOAK_SECONDS=600 cargo bench --bench e2e for the 10-minute soak).
+    let soak: u64 = std::env::var("SOAK_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if soak > 0 {
+        println!(
+            "soak: {soak} s of patches over 1,000 runs, 256 in flight; resident set every 30 s"
+        );
+        let js = jetstream::new(client.clone());
+        for k in 0..1000usize {
+            let body = json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+                              "run_id": format!("run_50a{k:09x}")});
+            js.publish("rmos.runs.create", body.to_string().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        let mut samples = Vec::new();
+        let soak_start = Instant::now();
+        let mut sent = 0usize;
+        let mut next_sample = Duration::ZERO;
+        let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
+        while soak_start.elapsed() < Duration::from_secs(soak) {
+            if soak_start.elapsed() >= next_sample {
+                let r = worker.rss_now();
+                println!(
+                    "  t={:>4} s  rss {r:.1} MiB  patches {sent}",
+                    soak_start.elapsed().as_secs()
+                );
+                samples.push(
+                    json!({"t_s": soak_start.elapsed().as_secs(), "rss_mib": r, "patches": sent}),
+                );
+                next_sample += Duration::from_secs(30);
+            }
+            futures::stream::iter(sent..sent + 2000)
+                .for_each_concurrent(256, |i| {
+                    let js = js.clone();
+                    async move {
+                        let patch = json!({"run_id": format!("run_50a{:09x}", i % 1000),
+                                           "meta_updates": {"soak": i}});
+                        js.publish("rmos.runs.patch_meta", patch.to_string().into())
+                            .await
+                            .unwrap()
+                            .await
+                            .unwrap();
+                    }
+                })
+                .await;
+            sent += 2000;
+            // Keep the broker's backlog bounded: wait until the worker has caught up.
+            let mut done = 0;
+            while done < 2000 {
+                let m = tokio::time::timeout(Duration::from_secs(120), stored.next())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                if v["event"] == "meta_patched" {
+                    done += 1;
+                }
+            }
+        }
+        let r = worker.rss_now();
+        println!(
+            "  t={:>4} s  rss {r:.1} MiB  patches {sent} (end)",
+            soak_start.elapsed().as_secs()
+        );
+        samples.push(json!({"t_s": soak_start.elapsed().as_secs(), "rss_mib": r, "patches": sent}));
+        results.insert(
+            "soak".into(),
+            json!({"seconds": soak, "patches": sent, "samples": samples}),
+        );
+    }
     println!(
         "worker peak RSS {rss:.1} MiB (at start {rss0:.1}); CPU {cpu_per_1000:.3} s per 1,000 commands"
     );
