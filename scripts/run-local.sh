@@ -31,6 +31,13 @@ if ! reachable; then
 fi
 
 cargo build --release --locked --quiet
-exec_status=0
-./target/release/rmos-runs serve "$@" || exec_status=$?
-exit "$exec_status"
+# Run the worker in the background so a TERM/INT sent to this script (not only to the whole
+# process group, as Ctrl-C does) reaches it: it then finishes what it holds and exits 0.
+./target/release/rmos-runs serve "$@" &
+worker=$!
+trap 'kill -TERM "$worker" 2>/dev/null || true' TERM INT
+status=0
+wait "$worker" || status=$?
+# A signal interrupts the first wait; wait again for the worker's own exit.
+if kill -0 "$worker" 2>/dev/null; then wait "$worker" || status=$?; fi
+exit "$status"
