@@ -425,60 +425,41 @@ async fn probe_accepts_a_conditional_store(store: RunStore) {
     store.probe().await.unwrap();
 }
 
+/// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
+macro_rules! cases {
+    ($backend:ident: $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (s, _g) = open(stringify!($backend)).await;
+                super::$case(s).await;
+            }
+        )+
+    };
+}
+
+/// The whole suite for one backend (`$tasks` x `$per_task` concurrent patches).
 macro_rules! suite {
     ($backend:ident, $tasks:expr, $per_task:expr) => {
         mod $backend {
             use super::*;
 
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn create_then_get() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::create_then_get(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn create_is_idempotent() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::create_is_idempotent(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn missing_run() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::missing_run(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn corrupt_object_is_reported_never_overwritten() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::corrupt_object_is_reported_never_overwritten(s).await;
-            }
+            cases!($backend:
+                create_then_get,
+                create_is_idempotent,
+                missing_run,
+                corrupt_object_is_reported_never_overwritten,
+                redelivered_patch_changes_nothing,
+                blobs_are_stored_once_and_verified,
+                listing_pages_and_filters,
+                delete_leaves_tombstone_and_releases_blobs,
+                probe_accepts_a_conditional_store,
+            );
+
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn concurrent_patches_all_apply() {
                 let (s, _g) = open(stringify!($backend)).await;
                 super::concurrent_patches_all_apply(s, $tasks, $per_task).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn redelivered_patch_changes_nothing() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::redelivered_patch_changes_nothing(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn blobs_are_stored_once_and_verified() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::blobs_are_stored_once_and_verified(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn listing_pages_and_filters() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::listing_pages_and_filters(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn delete_leaves_tombstone_and_releases_blobs() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::delete_leaves_tombstone_and_releases_blobs(s).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn probe_accepts_a_conditional_store() {
-                let (s, _g) = open(stringify!($backend)).await;
-                super::probe_accepts_a_conditional_store(s).await;
             }
         }
     };
