@@ -35,6 +35,9 @@ use object_store::{
 };
 use sha2::{Digest, Sha256};
 
+/// Objects up to this size are read on the calling thread (see `get_opts`).
+const INLINE_READ_MAX: u64 = 256 * 1024;
+
 /// Number of lock files keys are spread over (a bounded set, whatever the number of runs).
 const LOCK_STRIPES: u32 = 1024;
 
@@ -411,25 +414,32 @@ impl ObjectStore for LocalStore {
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
         let path = self.inner.path_to_filesystem(location)?;
-        let loc = location.clone();
-        let (bytes, modified) = tokio::task::spawn_blocking(move || {
-            let read = std::fs::read(&path).and_then(|b| {
-                let m = std::fs::metadata(&path)?.modified()?;
-                Ok((b, m))
-            });
-            match read {
-                Ok(v) => Ok(v),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    Err(object_store::Error::NotFound {
-                        path: loc.to_string(),
-                        source: Box::new(e),
-                    })
-                }
-                Err(e) => Err(generic(e)),
-            }
-        })
-        .await
-        .map_err(generic)??;
+        let not_found = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => object_store::Error::NotFound {
+                path: location.to_string(),
+                source: Box::new(e),
+            },
+            _ => generic(e),
+        };
+        // Run records are a few KB and almost always in the page cache: open, fstat and read
+        // them on the calling thread (a hop to the blocking pool costs more than the read).
+        // Larger objects (blobs) are read on the blocking pool.
+        let mut file = File::open(&path).map_err(not_found)?;
+        let md = file.metadata().map_err(generic)?;
+        let modified = md.modified().map_err(generic)?;
+        let bytes = if md.len() <= INLINE_READ_MAX {
+            let mut buf = Vec::with_capacity(md.len() as usize);
+            std::io::Read::read_to_end(&mut file, &mut buf).map_err(generic)?;
+            buf
+        } else {
+            tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::with_capacity(md.len() as usize);
+                std::io::Read::read_to_end(&mut file, &mut buf).map(|_| buf)
+            })
+            .await
+            .map_err(generic)?
+            .map_err(generic)?
+        };
         let len = bytes.len() as u64;
         let meta = ObjectMeta {
             location: location.clone(),
