@@ -553,8 +553,7 @@ impl RunStore {
                 .await
                 .map_err(|e| self.os_err(e, "list runs"))?
         } else {
-            let mut all: Vec<RunId> = self
-                .store
+            self.store
                 .list_with_delimiter(prefix)
                 .await
                 .map_err(|e| self.os_err(e, "list runs"))?
@@ -562,10 +561,9 @@ impl RunStore {
                 .iter()
                 .filter(|m| m.location > offset)
                 .filter_map(to_id)
-                .collect();
-            all.sort();
-            all
+                .collect()
         };
+        // Local listings come back in directory order; a key-ordered listing is already sorted.
         ids.sort();
         let mut page = ListPage {
             runs: Vec::new(),
