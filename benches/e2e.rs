@@ -18,7 +18,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +26,7 @@ use futures::StreamExt;
 use rmos_runs::domain::command::{Command as DomainCommand, CommandKind, Context};
 use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
 use serde_json::json;
+use support::worker::Worker;
 
 const CREATES: usize = 2000;
 const S3_CREATES: usize = 300;
@@ -53,77 +53,47 @@ fn record(i: usize) -> Vec<u8> {
     .into_bytes()
 }
 
-struct Worker(Child);
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A `VmRSS` / `VmHWM` style field of /proc/<pid>/status, in MiB (0 when unreadable).
+fn proc_status_mib(pid: libc::pid_t, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
-impl Worker {
-    fn start(nats: &support::NatsServer, env: &[(&str, String)]) -> Worker {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rmos-runs"));
-        cmd.arg("serve")
-            .env("NATS_URL", nats.url())
-            .env("RUST_LOG", "error")
-            .env("RMOS_CONCURRENCY", "256")
-            .env("RMOS_METRICS_ADDR", "off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Worker(cmd.spawn().expect("start worker"))
-    }
-
-    /// Current resident set in MiB, from /proc.
-    fn rss_now(&self) -> f64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    }
-
-    /// (peak RSS in MiB, CPU seconds so far) from /proc.
-    fn usage(&self) -> (f64, f64) {
-        let pid = self.0.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command name: utime is the 14th field, stime the 15th overall.
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (hwm_kb / 1024.0, (ticks(11) + ticks(12)) / hz)
-    }
+/// (peak RSS in MiB, CPU seconds so far) of a process, from /proc.
+fn usage(pid: libc::pid_t) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: utime is the 14th field, stime the 15th overall.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (proc_status_mib(pid, "VmHWM:"), (ticks(11) + ticks(12)) / hz)
 }
 
-async fn wait_ready(client: &async_nats::Client) {
-    let ready = Instant::now();
-    while client
-        .request("rmos.runs.get", "run_000000000000".into())
-        .await
-        .is_err()
-    {
-        assert!(
-            ready.elapsed() < Duration::from_secs(30),
-            "worker did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// `rmos-runs serve` for the benchmark (quiet logs, 256 in flight, no metrics endpoint),
+/// through the test harness's worker; returns once it answers `get`.
+async fn start_worker(
+    nats: &support::NatsServer,
+    dir: &std::path::Path,
+    extra: &[(String, String)],
+) -> Worker {
+    let mut env: Vec<(String, String)> = [
+        ("RUST_LOG", "error"),
+        ("RMOS_CONCURRENCY", "256"),
+        ("RMOS_METRICS_ADDR", "off"),
+    ]
+    .iter()
+    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+    .collect();
+    env.extend(extra.iter().cloned());
+    Worker::start_with(nats, dir, "bench", &env).await
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -351,12 +321,8 @@ fn row(
 async fn main() {
     let nats = support::NatsServer::start().await;
     let dir = fresh_dir("e2e-local-");
-    let worker = Worker::start(
-        &nats,
-        &[("RMOS_RUNS_DIR", dir.path().display().to_string())],
-    );
+    let worker = start_worker(&nats, dir.path(), &[]).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
-    wait_ready(&client).await;
     // A trivial responder for the raw request-reply ceiling.
     let echo = client
         .queue_subscribe("ceiling.echo", "q".into())
@@ -376,7 +342,7 @@ async fn main() {
     });
 
     let mut results = serde_json::Map::new();
-    let (rss0, cpu0) = worker.usage();
+    let (rss0, cpu0) = usage(worker.pid());
     println!("rmos-runs end-to-end benchmark: cargo bench --bench e2e");
     println!(
         "{} creates per local cell, {S3_CREATES} on S3; 2 CPUs shared by broker, worker, store and load",
@@ -466,7 +432,7 @@ async fn main() {
             "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99}),
         );
     }
-    let (rss, cpu) = worker.usage();
+    let (rss, cpu) = usage(worker.pid());
     let cpu_per_1000 = (cpu - cpu0) / commands as f64 * 1000.0;
     // Optional soak: SOAK_SECONDS of patches with 256 in flight over 1,000 runs (patches, so the
     // store does not grow without bound), resident set sampled every 30 s
@@ -496,7 +462,7 @@ async fn main() {
         let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
         while soak_start.elapsed() < Duration::from_secs(soak) {
             if soak_start.elapsed() >= next_sample {
-                let r = worker.rss_now();
+                let r = proc_status_mib(worker.pid(), "VmRSS:");
                 println!(
                     "  t={:>4} s  rss {r:.1} MiB  patches {sent}",
                     soak_start.elapsed().as_secs()
@@ -534,7 +500,7 @@ async fn main() {
                 }
             }
         }
-        let r = worker.rss_now();
+        let r = proc_status_mib(worker.pid(), "VmRSS:");
         println!(
             "  t={:>4} s  rss {r:.1} MiB  patches {sent} (end)",
             soak_start.elapsed().as_secs()
@@ -559,14 +525,11 @@ async fn main() {
     let bucket = support::unique_bucket();
     s3.create_bucket(&bucket).await;
     let nats2 = support::NatsServer::start().await;
-    let mut env: Vec<(&str, String)> = vec![("RMOS_STORE_URL", format!("s3://{bucket}/runs"))];
-    let vars = s3.env_for(&bucket);
-    for (k, v) in &vars {
-        env.push((k.as_str(), v.clone()));
-    }
-    let _s3_worker = Worker::start(&nats2, &env);
+    let mut env = s3.env_for(&bucket);
+    env.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
+    let s3_dir = fresh_dir("e2e-s3-");
+    let _s3_worker = start_worker(&nats2, s3_dir.path(), &env).await;
     let client2 = async_nats::connect(nats2.url()).await.unwrap();
-    wait_ready(&client2).await;
     let rate = creates(&client2, S3_CREATES, 16, 0).await;
     let opts = support::s3_options(&s3.endpoint());
     let store = RunStore::open(
