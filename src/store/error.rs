@@ -66,9 +66,11 @@ impl StoreError {
         if chain.contains("EntityTooLarge") || chain.contains("413 Payload Too Large") {
             return StoreError::TooLarge(text);
         }
+        // Named markers only: a bare "507" also matches durations and ids in the message
+        // ("after 1.913838507s").
         if [
             "XMinioStorageFull",
-            "507",
+            "507 Insufficient Storage",
             "QuotaExceeded",
             "InsufficientStorage",
             "No space left",
@@ -104,4 +106,32 @@ fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generic(msg: &str) -> OsError {
+        OsError::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::other(msg.to_owned())),
+        }
+    }
+
+    #[test]
+    fn classification_uses_named_markers_not_digits() {
+        let e = StoreError::from_object_store(
+            generic("GET http://h/b/k in 1.913838507s, after 10 retries - HTTP error"),
+            "read k",
+        );
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        let e = StoreError::from_object_store(
+            generic("Server returned non-2xx status code: 507 Insufficient Storage"),
+            "write k",
+        );
+        assert!(matches!(e, StoreError::InsufficientStorage(_)), "{e}");
+        let e = StoreError::from_object_store(generic("<Code>XMinioStorageFull</Code>"), "write k");
+        assert!(matches!(e, StoreError::InsufficientStorage(_)), "{e}");
+    }
 }
