@@ -3,6 +3,7 @@
 //! `scripts/bench_chart.py` turns into `docs/benchmarks.svg`.
 //!
 //!     cargo bench --bench e2e            (or: make bench)
+//!     BENCH_ONLY=gets cargo bench --bench e2e     (parts: creates,patches,gets,soak,s3)
 //!
 //! Figures:
 //! - creates/s: JetStream publish of 2-5 KB run records -> `rmos.runs.stored` received, with 1,
@@ -10,7 +11,8 @@
 //! - ceilings: the broker's own rate for the same shape (JetStream publish + consume + ack with
 //!   no storage, same in-flight count; and consume + ack of pre-published messages), and the
 //!   store's own rate (conditional creates through `RunStore`, no broker, same concurrency);
-//! - get latency p50/p99/p99.9 and requests/s at 1, 16, 64 requesters vs raw request-reply;
+//! - get latency p50/p99/p99.9 and requests/s at 1, 16, 64 requesters vs raw request-reply
+//!   (a responder in a process of its own answering with the bytes of a real get reply);
 //! - contended patches/s on one run from 32 publishers, and the count of lost updates;
 //! - worker peak RSS and CPU seconds per 1,000 commands.
 
@@ -137,16 +139,46 @@ async fn creates(client: &async_nats::Client, n: usize, in_flight: usize, offset
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// The store's own rate: the same creates through `RunStore::execute`, no broker.
+/// Creates one 3-4 KB run and waits for its `stored` event; returns its id.
+async fn one_run(client: &async_nats::Client) -> String {
+    let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
+    let body = record(1_000_050);
+    let js = jetstream::new(client.clone());
+    js.publish("rmos.runs.create", body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(30), stored.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    v["run_id"].as_str().unwrap().to_owned()
+}
+
+/// The store's own rate: the same creates through `RunStore::execute`, no broker, driven by
+/// `concurrency` tokio tasks (so decoding and hashing spread over the cores, as in the worker).
 async fn store_ceiling(store: &RunStore, n: usize, concurrency: usize, offset: usize) -> f64 {
+    let store = Arc::new(store.clone());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
-    futures::stream::iter(0..n)
-        .for_each_concurrent(concurrency, |i| async move {
-            let cmd =
-                DomainCommand::decode(CommandKind::Create, &record(offset + i), None).unwrap();
-            store.execute(&cmd, &Context::now()).await.unwrap();
-        })
-        .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (store, next) = (store.clone(), next.clone());
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let cmd =
+                    DomainCommand::decode(CommandKind::Create, &record(offset + i), None).unwrap();
+                store.execute(&cmd, &Context::now()).await.unwrap();
+            }
+        });
+    }
+    tasks.join_all().await;
     n as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -317,29 +349,70 @@ fn row(
     );
 }
 
+/// The raw request-reply ceiling's responder: a process of its own (as the worker is), on its
+/// own connection, answering every request on `ceiling.echo` with the bytes of a real get
+/// reply, so the broker moves the same message shape as for a get and nothing else is done.
+async fn echo_responder(url: String, body_file: String) {
+    let body = bytes::Bytes::from(std::fs::read(body_file).unwrap());
+    let client = async_nats::connect(url).await.unwrap();
+    let mut requests = client
+        .queue_subscribe("ceiling.echo", "q".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    println!("ready");
+    while let Some(m) = requests.next().await {
+        if let Some(reply) = m.reply {
+            let _ = client.publish(reply, body.clone()).await;
+        }
+    }
+}
+
+/// Starts `echo_responder` in a child process (this binary, re-executed) and waits until it
+/// is subscribed.
+fn spawn_echo(
+    nats: &support::NatsServer,
+    body: &[u8],
+    dir: &std::path::Path,
+) -> std::process::Child {
+    use std::io::BufRead;
+    let body_file = dir.join("echo-body.json");
+    std::fs::write(&body_file, body).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("RMOS_BENCH_ECHO_URL", nats.url())
+        .env("RMOS_BENCH_ECHO_BODY", &body_file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "echo responder did not start");
+    child
+}
+
+/// Which parts to run: `BENCH_ONLY=creates,patches,gets,soak,s3` (default: all; the soak also
+/// needs SOAK_SECONDS).
+fn wanted(part: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').any(|p| p.trim() == part),
+        _ => true,
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if let (Ok(url), Ok(body)) = (
+        std::env::var("RMOS_BENCH_ECHO_URL"),
+        std::env::var("RMOS_BENCH_ECHO_BODY"),
+    ) {
+        return echo_responder(url, body).await;
+    }
     let nats = support::NatsServer::start().await;
     let dir = fresh_dir("e2e-local-");
     let worker = start_worker(&nats, dir.path(), &[]).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
-    // A trivial responder for the raw request-reply ceiling.
-    let echo = client
-        .queue_subscribe("ceiling.echo", "q".into())
-        .await
-        .unwrap();
-    let echo_client = client.clone();
-    tokio::spawn(async move {
-        echo.for_each_concurrent(64, |m| {
-            let c = echo_client.clone();
-            async move {
-                if let Some(r) = m.reply {
-                    let _ = c.publish(r, m.payload).await;
-                }
-            }
-        })
-        .await;
-    });
 
     let mut results = serde_json::Map::new();
     let (rss0, cpu0) = usage(worker.pid());
@@ -354,86 +427,90 @@ async fn main() {
     );
     let mut offset = 0;
     let mut commands = 0usize;
-    for in_flight in [1usize, 16, 256] {
-        let rate = creates(&client, CREATES, in_flight, offset).await;
-        offset += CREATES;
-        commands += CREATES;
-        let broker = broker_ceiling(&client, in_flight, false).await;
-        let store_dir = fresh_dir("e2e-store-");
-        let store = RunStore::open(
-            &StoreUrl::Local(store_dir.path().to_path_buf()),
-            &OpenOptions::default(),
-        )
-        .unwrap();
-        let store_rate = store_ceiling(&store, CREATES, in_flight, 0).await;
-        row(
-            &mut results,
-            &format!("local_vs_broker_{in_flight}"),
-            &format!("creates, local fsync, {in_flight} in flight / broker"),
-            rate,
-            broker,
-        );
-        row(
-            &mut results,
-            &format!("local_vs_store_{in_flight}"),
-            &format!("creates, local fsync, {in_flight} in flight / store"),
-            rate,
-            store_rate,
-        );
-    }
-    let consume_only = broker_ceiling(&client, 256, true).await;
-    println!(
-        "{:<52} {:>10.0}",
-        "broker: consume + ack of pre-published (reference)", consume_only
-    );
-    results.insert("broker_consume_only".into(), json!(consume_only));
-
-    let (patch_rate, lost) = contended_patches(&client).await;
-    commands += 641;
-    println!(
-        "{:<52} {:>10.0}   lost updates: {lost}",
-        "contended patches, 32 publishers x 20, one run", patch_rate
-    );
-    results.insert(
-        "contended_patches".into(),
-        json!({"rate": patch_rate, "lost_updates": lost}),
-    );
-
-    let page = client
-        .request("rmos.runs.list", r#"{"limit": 1, "tool_id": "T5"}"#.into())
-        .await
-        .unwrap();
-    let page: serde_json::Value = serde_json::from_slice(&page.payload).unwrap();
-    let run_id: &'static str = Box::leak(
-        page["runs"][0]["run_id"]
-            .as_str()
-            .expect("a stored run")
-            .to_owned()
-            .into_boxed_str(),
-    );
-    let arc_client = Arc::new(client.clone());
-    for c in [1usize, 16, 64] {
-        let (rps, p50, p99, p999) = requests(&arc_client, "rmos.runs.get", run_id, c).await;
-        let (raw_rps, raw_p50, raw_p99, _) = requests(&arc_client, "ceiling.echo", run_id, c).await;
-        row(
-            &mut results,
-            &format!("get_{c}"),
-            &format!("get, {c} requesters / raw request-reply"),
-            rps,
-            raw_rps,
-        );
+    if wanted("creates") {
+        for in_flight in [1usize, 16, 256] {
+            let rate = creates(&client, CREATES, in_flight, offset).await;
+            offset += CREATES;
+            commands += CREATES;
+            let broker = broker_ceiling(&client, in_flight, false).await;
+            let store_dir = fresh_dir("e2e-store-");
+            let store = RunStore::open(
+                &StoreUrl::Local(store_dir.path().to_path_buf()),
+                &OpenOptions::default(),
+            )
+            .unwrap();
+            let store_rate = store_ceiling(&store, CREATES, in_flight, 0).await;
+            row(
+                &mut results,
+                &format!("local_vs_broker_{in_flight}"),
+                &format!("creates, local fsync, {in_flight} in flight / broker"),
+                rate,
+                broker,
+            );
+            row(
+                &mut results,
+                &format!("local_vs_store_{in_flight}"),
+                &format!("creates, local fsync, {in_flight} in flight / store"),
+                rate,
+                store_rate,
+            );
+        }
+        let consume_only = broker_ceiling(&client, 256, true).await;
         println!(
-            "{:<52} p50 {p50:.2} ms  p99 {p99:.2} ms  p99.9 {p999:.2} ms  (raw p50 {raw_p50:.2}, p99 {raw_p99:.2})",
-            ""
+            "{:<52} {:>10.0}",
+            "broker: consume + ack of pre-published (reference)", consume_only
+        );
+        results.insert("broker_consume_only".into(), json!(consume_only));
+    }
+    if wanted("patches") {
+        let (patch_rate, lost) = contended_patches(&client).await;
+        commands += 641;
+        println!(
+            "{:<52} {:>10.0}   lost updates: {lost}",
+            "contended patches, 32 publishers x 20, one run", patch_rate
         );
         results.insert(
-            format!("get_latency_{c}"),
-            json!({"p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
-            "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99}),
+            "contended_patches".into(),
+            json!({"rate": patch_rate, "lost_updates": lost}),
         );
     }
-    let (rss, cpu) = usage(worker.pid());
-    let cpu_per_1000 = (cpu - cpu0) / commands as f64 * 1000.0;
+    // CPU per command over the creates and patches (gets are requests, not commands).
+    let (_, cpu_commands) = usage(worker.pid());
+    if wanted("gets") {
+        let run_id: &'static str = Box::leak(one_run(&client).await.into_boxed_str());
+        let reply = client
+            .request("rmos.runs.get", run_id.into())
+            .await
+            .unwrap();
+        let echo = spawn_echo(&nats, &reply.payload, dir.path());
+        let arc_client = Arc::new(client.clone());
+        let mut echo = echo;
+        for c in [1usize, 16, 64] {
+            let (rps, p50, p99, p999) = requests(&arc_client, "rmos.runs.get", run_id, c).await;
+            let (raw_rps, raw_p50, raw_p99, _) =
+                requests(&arc_client, "ceiling.echo", run_id, c).await;
+            row(
+                &mut results,
+                &format!("get_{c}"),
+                &format!("get, {c} requesters / raw request-reply"),
+                rps,
+                raw_rps,
+            );
+            println!(
+                "{:<52} p50 {p50:.2} ms  p99 {p99:.2} ms  p99.9 {p999:.2} ms  (raw p50 {raw_p50:.2}, p99 {raw_p99:.2})",
+                ""
+            );
+            results.insert(
+                format!("get_latency_{c}"),
+                json!({"p50_ms": p50, "p99_ms": p99, "p999_ms": p999,
+                "raw_p50_ms": raw_p50, "raw_p99_ms": raw_p99}),
+            );
+        }
+        let _ = echo.kill();
+        let _ = echo.wait();
+    }
+    let (rss, _) = usage(worker.pid());
+    let cpu_per_1000 = (cpu_commands - cpu0) / commands.max(1) as f64 * 1000.0;
     // Optional soak: SOAK_SECONDS of patches with 256 in flight over 1,000 runs (patches, so the
     // store does not grow without bound), resident set sampled every 30 s
     // (SOAK_SECONDS=600 cargo bench --bench e2e for the 10-minute soak).
@@ -441,7 +518,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    if soak > 0 {
+    if soak > 0 && wanted("soak") {
         println!(
             "soak: {soak} s of patches over 1,000 runs, 256 in flight; resident set every 30 s"
         );
@@ -512,7 +589,8 @@ async fn main() {
         );
     }
     println!(
-        "worker peak RSS {rss:.1} MiB (at start {rss0:.1}); CPU {cpu_per_1000:.3} s per 1,000 commands"
+        "worker peak RSS {rss:.1} MiB (at start {rss0:.1}); CPU {cpu_per_1000:.3} s per 1,000 \
+         commands (creates and patches; 0 when they were not run)"
     );
     results.insert(
         "worker".into(),
@@ -521,33 +599,34 @@ async fn main() {
     drop(worker);
 
     // S3 (moto, single-threaded: a strict test server, not a fast one).
-    let s3 = support::S3Server::start().await;
-    let bucket = support::unique_bucket();
-    s3.create_bucket(&bucket).await;
-    let nats2 = support::NatsServer::start().await;
-    let mut env = s3.env_for(&bucket);
-    env.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
-    let s3_dir = fresh_dir("e2e-s3-");
-    let _s3_worker = start_worker(&nats2, s3_dir.path(), &env).await;
-    let client2 = async_nats::connect(nats2.url()).await.unwrap();
-    let rate = creates(&client2, S3_CREATES, 16, 0).await;
-    let opts = support::s3_options(&s3.endpoint());
-    let store = RunStore::open(
-        &StoreUrl::S3 {
-            bucket: bucket.clone(),
-            prefix: "ceiling".into(),
-        },
-        &opts,
-    )
-    .unwrap();
-    let store_rate = store_ceiling(&store, S3_CREATES, 16, 0).await;
-    row(
-        &mut results,
-        "s3_vs_store_16",
-        "creates, S3 (moto), 16 in flight / store",
-        rate,
-        store_rate,
-    );
-
+    if wanted("s3") {
+        let s3 = support::S3Server::start().await;
+        let bucket = support::unique_bucket();
+        s3.create_bucket(&bucket).await;
+        let nats2 = support::NatsServer::start().await;
+        let mut env = s3.env_for(&bucket);
+        env.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
+        let s3_dir = fresh_dir("e2e-s3-");
+        let _s3_worker = start_worker(&nats2, s3_dir.path(), &env).await;
+        let client2 = async_nats::connect(nats2.url()).await.unwrap();
+        let rate = creates(&client2, S3_CREATES, 16, 0).await;
+        let opts = support::s3_options(&s3.endpoint());
+        let store = RunStore::open(
+            &StoreUrl::S3 {
+                bucket: bucket.clone(),
+                prefix: "ceiling".into(),
+            },
+            &opts,
+        )
+        .unwrap();
+        let store_rate = store_ceiling(&store, S3_CREATES, 16, 0).await;
+        row(
+            &mut results,
+            "s3_vs_store_16",
+            "creates, S3 (moto), 16 in flight / store",
+            rate,
+            store_rate,
+        );
+    }
     println!("BENCH_JSON {}", serde_json::Value::Object(results));
 }
