@@ -425,6 +425,73 @@ async fn probe_accepts_a_conditional_store(store: RunStore) {
     store.probe().await.unwrap();
 }
 
+async fn get_bytes_serves_what_is_stored(store: RunStore) {
+    // Written at the current schema: the stored bytes, as they are.
+    let id = run_id(20);
+    store
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), "T7")),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let key = store.artifact_key(&id);
+    let stored = store
+        .object_store()
+        .get(&key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(store.get_bytes(&id).await.unwrap(), stored);
+
+    // A seed file (no schema_version, no revision) is served decoded, with the defaults.
+    let seed_id = run_id(21);
+    let seed = json!({"run_id": seed_id.as_str(), "created_at_utc": "2025-01-02T03:04:05Z",
+                      "mode": "cam", "tool_id": "T1", "status": "OK", "meta": {"k": "v"}});
+    store
+        .object_store()
+        .put(
+            &store.artifact_key(&seed_id),
+            PutPayload::from(seed.to_string()),
+        )
+        .await
+        .unwrap();
+    let got: Value = serde_json::from_slice(&store.get_bytes(&seed_id).await.unwrap()).unwrap();
+    assert_eq!(got["schema_version"], 0);
+    assert_eq!(got["revision"], 1);
+    assert_eq!(got["explanation_status"], "NONE");
+    assert_eq!(got["meta"]["k"], "v");
+
+    // Deleted: not found. Missing: not found. Another run's bytes under this key: corrupt.
+    let del = cmd(
+        CommandKind::Delete,
+        json!({"run_id": id.as_str(), "reason": "test"}),
+    );
+    store.execute(&del, &ctx()).await.unwrap();
+    assert!(matches!(
+        store.get_bytes(&id).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.get_bytes(&run_id(22)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let wrong = run_id(23);
+    store
+        .object_store()
+        .put(&store.artifact_key(&wrong), PutPayload::from(stored))
+        .await
+        .unwrap();
+    match store.get_bytes(&wrong).await {
+        Err(StoreError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("instead of"), "{reason}")
+        }
+        other => panic!("expected corrupt, got {other:?}"),
+    }
+}
+
 /// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
 macro_rules! cases {
     ($backend:ident: $($case:ident),+ $(,)?) => {
@@ -454,6 +521,7 @@ macro_rules! suite {
                 listing_pages_and_filters,
                 delete_leaves_tombstone_and_releases_blobs,
                 probe_accepts_a_conditional_store,
+                get_bytes_serves_what_is_stored,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

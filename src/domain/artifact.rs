@@ -390,15 +390,14 @@ pub enum StoredRecord {
 impl StoredRecord {
     /// Decodes a stored object. Errors carry the reason the object is corrupt.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        // One parse for the common case: a tombstone (strict, `tombstone` first) fails at its
-        // first unknown field, then the artifact is read straight from the bytes.
-        if let Ok(t) = serde_json::from_slice::<Tombstone>(bytes)
-            && t.tombstone
-        {
-            return Ok(StoredRecord::Deleted(t));
-        }
+        // One parse for the common case: a live artifact. A tombstone lacks the artifact's
+        // required fields and fails that parse; one that did not would still show its
+        // `tombstone` key among the unknown fields, so it can never pass for a live run.
         match serde_json::from_slice::<RunArtifact>(bytes) {
-            Ok(a) => Ok(StoredRecord::Live(Box::new(a))),
+            Ok(a) if !a.extra.contains_key("tombstone") => Ok(StoredRecord::Live(Box::new(a))),
+            Ok(_) => serde_json::from_slice::<Tombstone>(bytes)
+                .map(StoredRecord::Deleted)
+                .map_err(|e| format!("bad tombstone: {e}")),
             Err(e) => {
                 // Say precisely why: not JSON at all, a bad tombstone, or a bad artifact.
                 let value: Value =
@@ -442,6 +441,28 @@ impl StoredRecord {
     }
 }
 
+/// The few fields of a stored object that say what it is, read without decoding the rest (a
+/// scan of the bytes with no allocation beyond the id): enough to serve a stored artifact
+/// as it is.
+#[derive(Debug, Deserialize)]
+pub struct RecordHead {
+    /// The run the object belongs to.
+    pub run_id: RunId,
+    /// `true` for a tombstone.
+    #[serde(default)]
+    pub tombstone: bool,
+    /// The schema version it was written at (0 for the seed's files).
+    #[serde(default)]
+    pub schema_version: u32,
+}
+
+impl RecordHead {
+    /// Reads the head of a stored object; the error says why it is not one.
+    pub fn peek(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a stored run: {e}"))
+    }
+}
+
 impl RunArtifact {
     /// Every blob this artifact references.
     pub fn blob_refs(&self) -> Vec<&BlobRef> {
@@ -470,6 +491,32 @@ mod tests {
         "created_at_utc": "2025-01-02T03:04:06+00:00", "request_id": null, "engine_id": "x", "engine_version": "1"}],
       "explanation_status": "READY", "explanation_summary": "ok", "meta": {"k": "v"}
     }"#;
+
+    #[test]
+    fn a_tombstone_never_decodes_as_a_live_run() {
+        // Even one carrying every field an artifact requires.
+        let t = r#"{"tombstone": true, "schema_version": 1, "run_id": "run_0123456789ab",
+            "revision": 3, "created_at_utc": "2025-01-02T03:04:05Z",
+            "deleted_at_utc": "2025-01-03T03:04:05Z", "reason": "retention"}"#;
+        assert!(matches!(
+            StoredRecord::decode(t.as_bytes()),
+            Ok(StoredRecord::Deleted(_))
+        ));
+        let with_artifact_fields = t.replacen(
+            "\"revision\": 3,",
+            "\"revision\": 3, \"mode\": \"cam\", \"tool_id\": \"T1\", \"status\": \"OK\",",
+            1,
+        );
+        let err = StoredRecord::decode(with_artifact_fields.as_bytes()).unwrap_err();
+        assert!(err.starts_with("bad tombstone"), "{err}");
+        let head = RecordHead::peek(t.as_bytes()).unwrap();
+        assert!(head.tombstone);
+        assert_eq!(head.run_id.as_str(), "run_0123456789ab");
+        let seed = RecordHead::peek(SEED.as_bytes()).unwrap();
+        assert!(!seed.tombstone);
+        assert_eq!(seed.schema_version, 0);
+        assert!(RecordHead::peek(b"[1, 2]").is_err());
+    }
 
     #[test]
     fn seed_files_load_with_defaults() {

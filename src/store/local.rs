@@ -63,6 +63,12 @@ fn generic(e: impl std::error::Error + Send + Sync + 'static) -> object_store::E
     }
 }
 
+/// Marks a read (in `GetOptions::extensions`) whose caller will not write back based on it:
+/// the store may then leave out the ETag, which here costs a SHA-256 of the whole object.
+/// Reads with `if_match` / `if_none_match` still get one, since they compare against it.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadOnlyGet;
+
 /// The ETag of a byte string: a quoted, shortened SHA-256.
 pub fn content_etag(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
@@ -424,28 +430,34 @@ impl ObjectStore for LocalStore {
         // Run records are a few KB and almost always in the page cache: open, fstat and read
         // them on the calling thread (a hop to the blocking pool costs more than the read).
         // Larger objects (blobs) are read on the blocking pool.
-        let mut file = File::open(&path).map_err(not_found)?;
+        let file = File::open(&path).map_err(not_found)?;
         let md = file.metadata().map_err(generic)?;
         let modified = md.modified().map_err(generic)?;
-        let bytes = if md.len() <= INLINE_READ_MAX {
-            let mut buf = Vec::with_capacity(md.len() as usize);
-            std::io::Read::read_to_end(&mut file, &mut buf).map_err(generic)?;
-            buf
+        // Objects are replaced by rename, never written in place, so the size from fstat is
+        // the size: read exactly that (no extra read to find the end).
+        let size = md.len();
+        let read_all = move |mut file: File| -> std::io::Result<Vec<u8>> {
+            let mut buf = vec![0; size as usize];
+            std::io::Read::read_exact(&mut file, &mut buf)?;
+            Ok(buf)
+        };
+        let bytes = if size <= INLINE_READ_MAX {
+            read_all(file).map_err(generic)?
         } else {
-            tokio::task::spawn_blocking(move || {
-                let mut buf = Vec::with_capacity(md.len() as usize);
-                std::io::Read::read_to_end(&mut file, &mut buf).map(|_| buf)
-            })
-            .await
-            .map_err(generic)?
-            .map_err(generic)?
+            tokio::task::spawn_blocking(move || read_all(file))
+                .await
+                .map_err(generic)?
+                .map_err(generic)?
         };
         let len = bytes.len() as u64;
+        let etag_needed = options.if_match.is_some()
+            || options.if_none_match.is_some()
+            || options.extensions.get::<ReadOnlyGet>().is_none();
         let meta = ObjectMeta {
             location: location.clone(),
             last_modified: modified.into(),
             size: len,
-            e_tag: Some(content_etag(&bytes)),
+            e_tag: etag_needed.then(|| content_etag(&bytes)),
             version: None,
         };
         options.check_preconditions(&meta)?;

@@ -27,11 +27,14 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use object_store::{
+    GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::artifact::{
-    ExplanationStatus, RiskLevel, RunArtifact, RunStatus, Sha256Hex, StoredRecord, Timestamp,
+    ExplanationStatus, RecordHead, RiskLevel, RunArtifact, RunStatus, SCHEMA_VERSION, Sha256Hex,
+    StoredRecord, Timestamp,
 };
 use crate::domain::command::{Command, Context, Decision, EventKind, NewBlob};
 use crate::domain::hashing::sha256_json;
@@ -189,6 +192,13 @@ impl std::fmt::Debug for RunStore {
     }
 }
 
+/// Options for a read nothing will be written back from (the store may skip the version).
+fn read_only() -> GetOptions {
+    let mut options = GetOptions::default();
+    options.extensions.insert(local::ReadOnlyGet);
+    options
+}
+
 fn is_race(e: &object_store::Error) -> bool {
     // object_store 0.14 can surface a lost If-Match race as AlreadyExists (HTTP 409).
     matches!(
@@ -269,8 +279,16 @@ impl RunStore {
 
     /// Loads a run's record with its version; `None` when there is none.
     pub async fn load(&self, id: &RunId) -> Result<Option<Versioned<StoredRecord>>, StoreError> {
-        let key = self.artifact_key(id);
-        let got = match self.store.get(&key).await {
+        self.read(id, GetOptions::default()).await
+    }
+
+    /// Reads a run's stored bytes with their version.
+    async fn read_raw(
+        &self,
+        key: &Path,
+        options: GetOptions,
+    ) -> Result<Option<(UpdateVersion, Bytes)>, StoreError> {
+        let got = match self.store.get_opts(key, options).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.os_err(e, &format!("read {key}"))),
@@ -283,6 +301,19 @@ impl RunStore {
             .bytes()
             .await
             .map_err(|e| self.os_err(e, &format!("read {key}")))?;
+        Ok(Some((version, bytes)))
+    }
+
+    /// Reads and decodes a run's record.
+    async fn read(
+        &self,
+        id: &RunId,
+        options: GetOptions,
+    ) -> Result<Option<Versioned<StoredRecord>>, StoreError> {
+        let key = self.artifact_key(id);
+        let Some((version, bytes)) = self.read_raw(&key, options).await? else {
+            return Ok(None);
+        };
         let value = StoredRecord::decode(&bytes).map_err(|reason| StoreError::Corrupt {
             key: key.to_string(),
             reason,
@@ -298,12 +329,47 @@ impl RunStore {
 
     /// The live artifact of a run (`NotFound` when missing or deleted).
     pub async fn get(&self, id: &RunId) -> Result<RunArtifact, StoreError> {
-        match self.load(id).await? {
+        match self.read(id, read_only()).await? {
             Some(Versioned {
                 value: StoredRecord::Live(a),
                 ..
             }) => Ok(*a),
             _ => Err(StoreError::NotFound(id.clone())),
+        }
+    }
+
+    /// The live artifact of a run as stored JSON (`NotFound` when missing or deleted).
+    ///
+    /// An object written at the current schema version is returned byte for byte, after
+    /// checking only its head (this run, not a tombstone): it was encoded from a typed
+    /// artifact, and `verify` is what checks its contents. Older objects (the seed's files)
+    /// are decoded and encoded again, so readers see every field, with its default where the
+    /// file had none (revision 1, for one).
+    pub async fn get_bytes(&self, id: &RunId) -> Result<Bytes, StoreError> {
+        let key = self.artifact_key(id);
+        let Some((_, bytes)) = self.read_raw(&key, read_only()).await? else {
+            return Err(StoreError::NotFound(id.clone()));
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: key.to_string(),
+            reason,
+        };
+        let head = RecordHead::peek(&bytes).map_err(corrupt)?;
+        if &head.run_id != id {
+            return Err(corrupt(format!(
+                "holds run {} instead of {id}",
+                head.run_id
+            )));
+        }
+        if head.tombstone {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        if head.schema_version == SCHEMA_VERSION {
+            return Ok(bytes);
+        }
+        match StoredRecord::decode(&bytes).map_err(corrupt)? {
+            live @ StoredRecord::Live(_) => Ok(Bytes::from(live.encode())),
+            StoredRecord::Deleted(_) => Err(StoreError::NotFound(id.clone())),
         }
     }
 
@@ -572,7 +638,7 @@ impl RunStore {
         };
         let mut scanned = 0usize;
         let mut reads = futures::stream::iter(ids.iter().cloned())
-            .map(|id| async move { (id.clone(), self.load(&id).await) })
+            .map(|id| async move { (id.clone(), self.read(&id, read_only()).await) })
             .buffered(16);
         let mut last: Option<RunId> = None;
         while let Some((id, loaded)) = reads.next().await {

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::events::{error_reply, ok_headers};
 use super::metrics::Metrics;
 use super::{Subjects, WireError, request_id};
+use crate::domain::artifact::StoredRecord;
 use crate::domain::error::Rejection;
 use crate::domain::ids::{RequestId, RunId};
 use crate::store::{ListQuery, RunStore, StoreError};
@@ -195,23 +196,24 @@ impl Api {
             include_outputs: false,
         })
         .map_err(|r| WireError::from(&r))?;
-        let mut artifact = self
-            .store
-            .get(&q.run_id)
-            .await
-            .map_err(|e| self.store_err(e))?;
-        if q.include_outputs {
-            artifact = self
+        let bytes = if q.include_outputs {
+            let artifact = self
+                .store
+                .get(&q.run_id)
+                .await
+                .map_err(|e| self.store_err(e))?;
+            let artifact = self
                 .store
                 .inline_outputs(artifact)
                 .await
                 .map_err(|e| self.store_err(e))?;
-        }
-        let bytes = serde_json::to_vec(&artifact).map_err(|e| WireError {
-            code: "internal",
-            status: 500,
-            message: e.to_string(),
-        })?;
+            Bytes::from(StoredRecord::Live(Box::new(artifact)).encode())
+        } else {
+            self.store
+                .get_bytes(&q.run_id)
+                .await
+                .map_err(|e| self.store_err(e))?
+        };
         let max = self.client.server_info().max_payload;
         if bytes.len() > max {
             return Err(WireError::from(&Rejection::too_large(format!(
@@ -221,7 +223,7 @@ impl Api {
                 bytes.len()
             ))));
         }
-        Ok(Bytes::from(bytes))
+        Ok(bytes)
     }
 
     async fn list(&self, body: &[u8]) -> Result<Bytes, WireError> {
