@@ -410,12 +410,17 @@ impl RunStore {
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
             }
-            let mode = match &current {
+            // While the write waits (a group commit holds many at once), keep only the bytes
+            // and what the outcome reports: decoded records are several times their size.
+            let mode = match current {
                 None => PutMode::Create,
-                Some(v) => PutMode::Update(v.version.clone()),
+                Some(v) => PutMode::Update(v.version),
             };
+            let revision = record.revision();
+            let artifact_sha256 = record_sha256(&record);
             let key = self.artifact_key(id);
             let payload = PutPayload::from(record.encode());
+            drop(record);
             match self
                 .store
                 .put_opts(&key, payload, PutOptions::from(mode))
@@ -430,10 +435,10 @@ impl RunStore {
                     }
                     return Ok(Outcome {
                         run_id: id.clone(),
-                        revision: record.revision(),
+                        revision,
                         event,
                         changed: true,
-                        artifact_sha256: record_sha256(&record),
+                        artifact_sha256,
                         conflicts,
                     });
                 }
