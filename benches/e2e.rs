@@ -322,14 +322,17 @@ async fn contended_patches(client: &async_nats::Client) -> (f64, u64) {
     (rate, lost)
 }
 
-fn fresh_dir(tag: &str) -> tempfile::TempDir {
-    // Never /tmp if it is tmpfs, never a just-deleted tree: a fresh dir under target/.
+fn fresh_dir(tag: &str) -> std::path::PathBuf {
+    // Never /tmp if it is tmpfs, never a just-deleted tree: a fresh dir under target/. It is
+    // kept afterwards: deleting thousands of files slows file creation on this machine's
+    // ext4 for minutes, which would then be measured by the next run (`make clean` frees it).
     let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
         .prefix(tag)
         .tempdir_in(&base)
         .unwrap()
+        .keep()
 }
 
 fn row(
@@ -411,7 +414,7 @@ async fn main() {
     }
     let nats = support::NatsServer::start().await;
     let dir = fresh_dir("e2e-local-");
-    let worker = start_worker(&nats, dir.path(), &[]).await;
+    let worker = start_worker(&nats, &dir, &[]).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
 
     let mut results = serde_json::Map::new();
@@ -435,7 +438,7 @@ async fn main() {
             let broker = broker_ceiling(&client, in_flight, false).await;
             let store_dir = fresh_dir("e2e-store-");
             let store = RunStore::open(
-                &StoreUrl::Local(store_dir.path().to_path_buf()),
+                &StoreUrl::Local(store_dir.clone()),
                 &OpenOptions::default(),
             )
             .unwrap();
@@ -482,7 +485,7 @@ async fn main() {
             .request("rmos.runs.get", run_id.into())
             .await
             .unwrap();
-        let echo = spawn_echo(&nats, &reply.payload, dir.path());
+        let echo = spawn_echo(&nats, &reply.payload, &dir);
         let arc_client = Arc::new(client.clone());
         let mut echo = echo;
         for c in [1usize, 16, 64] {
@@ -607,7 +610,7 @@ async fn main() {
         let mut env = s3.env_for(&bucket);
         env.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
         let s3_dir = fresh_dir("e2e-s3-");
-        let _s3_worker = start_worker(&nats2, s3_dir.path(), &env).await;
+        let _s3_worker = start_worker(&nats2, &s3_dir, &env).await;
         let client2 = async_nats::connect(nats2.url()).await.unwrap();
         let rate = creates(&client2, S3_CREATES, 16, 0).await;
         let opts = support::s3_options(&s3.endpoint());
