@@ -437,11 +437,9 @@ async fn main() {
             commands += CREATES;
             let broker = broker_ceiling(&client, in_flight, false).await;
             let store_dir = fresh_dir("e2e-store-");
-            let store = RunStore::open(
-                &StoreUrl::Local(store_dir.clone()),
-                &OpenOptions::default(),
-            )
-            .unwrap();
+            let store =
+                RunStore::open(&StoreUrl::Local(store_dir.clone()), &OpenOptions::default())
+                    .unwrap();
             let store_rate = store_ceiling(&store, CREATES, in_flight, 0).await;
             row(
                 &mut results,
