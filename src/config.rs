@@ -106,6 +106,7 @@ struct FileConfig {
     stream_max_age: Option<String>,
     ack_wait: Option<String>,
     max_deliver: Option<i64>,
+    forget_acked_after: Option<String>,
     blob_threshold: Option<usize>,
     max_payload_bytes: Option<usize>,
     max_json_depth: Option<usize>,
@@ -172,6 +173,8 @@ pub struct Config {
     pub ack_wait: Duration,
     /// Deliveries before the broker gives up on a message (-1: never).
     pub max_deliver: i64,
+    /// How long after the consumer acknowledged a command a run still remembers its id.
+    pub forget_acked_after: Duration,
     /// Domain limits (blob threshold, payload size, depth, meta, advisory body).
     pub limits: crate::domain::command::Limits,
     /// fsync local writes.
@@ -354,6 +357,11 @@ impl Config {
             stream_max_age: dur("stream_max_age", f.stream_max_age, Duration::ZERO)?,
             ack_wait: dur("ack_wait", f.ack_wait, Duration::from_secs(30))?,
             max_deliver,
+            forget_acked_after: dur(
+                "forget_acked_after",
+                f.forget_acked_after,
+                Duration::from_secs(120),
+            )?,
             limits,
             fsync: f.fsync.unwrap_or(true),
             s3_sse,

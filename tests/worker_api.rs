@@ -601,3 +601,62 @@ async fn sigterm_leaves_nothing_pending_ack() {
         worker.log()
     );
 }
+
+/// A run forgets the ids of patches once the consumer's ack floor has passed them (plus
+/// `forget_acked_after`), so a run patched again and again keeps a small record; redelivery
+/// protection for what is not yet acknowledged stays (the domain tests cover that part).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_patch_ids_are_forgotten() {
+    let env = Env::new().await;
+    let config = env.tmp.path().join("rmos.toml");
+    std::fs::write(&config, "forget_acked_after = \"1s\"\n").expect("write config");
+    let vars = vec![("RMOS_CONFIG".to_owned(), config.display().to_string())];
+    let worker = Worker::start_with(&env.nats, &env.runs_dir(), "a", &vars).await;
+    let events = env.events().await;
+
+    let run_id = "run_00000000f0f0";
+    let r = rid("create");
+    env.publish("create", &r, bytes_of(&create_payload(Some(run_id), "T1")))
+        .await;
+    assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+    let env = &env;
+    let patch = move |i: usize| async move {
+        let r = rid(&format!("patch-{i}"));
+        let body = json!({"run_id": run_id, "meta_updates": {format!("k{i}"): i}});
+        env.publish("patch_meta", &r, bytes_of(&body)).await;
+        r
+    };
+    for i in 0..30 {
+        let r = patch(i).await;
+        assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+    }
+    let a = env.get_ok(run_id).await;
+    assert_eq!(a["revision"], 31);
+    let before = a["applied_commands"].as_array().map_or(0, Vec::len);
+    assert!(
+        before >= 20,
+        "the floor is not known yet, so ids are kept: {a}"
+    );
+
+    // Once the floor (read every second) is a second old, the next patch drops the rest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 30;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let r = patch(i).await;
+        assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+        i += 1;
+        let a = env.get_ok(run_id).await;
+        let kept = a["applied_commands"].as_array().map_or(0, Vec::len);
+        if kept <= 2 {
+            assert_eq!(a["revision"], 1 + i as u64, "{a}");
+            assert!(a["applied_commands"][0]["seq"].as_u64().is_some(), "{a}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {kept} ids after 30 s: {a}\n{}",
+            worker.log()
+        );
+    }
+}

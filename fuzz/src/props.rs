@@ -9,7 +9,9 @@
 #![allow(dead_code)] // each user (a fuzz target, the test file) calls a subset
 
 use rmos_runs::domain::artifact::{StoredRecord, Timestamp};
-use rmos_runs::domain::command::{Command, CommandKind, Context, Decision, Limits, merge_patch};
+use rmos_runs::domain::command::{
+    Command, CommandKind, Context, Decision, Limits, StreamPosition, merge_patch,
+};
 use rmos_runs::domain::hashing::{canonical_json, sha256_bytes, sha256_json};
 use rmos_runs::domain::ids::{AdvisoryId, CommandId, Mode, RequestId, RunId, ToolId};
 use serde_json::Value;
@@ -25,6 +27,10 @@ pub fn fuzz_context() -> Context {
         now: Timestamp::parse("2026-01-02T03:04:05.678Z").expect("fixed timestamp"),
         request_id: RequestId::parse("req_fuzz").expect("fixed request id"),
         command_id: Some(CommandId::parse("cmd-fuzz-1").expect("fixed command id")),
+        stream: Some(StreamPosition {
+            seq: 7,
+            acked_through: 3,
+        }),
         limits: Limits {
             blob_threshold: 64,
             ..Limits::default()

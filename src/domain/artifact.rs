@@ -337,9 +337,10 @@ pub struct RunArtifact {
     /// the same content is a no-op, a different one a conflict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_sha256: Option<Sha256Hex>,
-    /// Ids of the most recent commands applied, so a redelivery changes nothing twice.
+    /// Commands applied recently enough that their message could still be delivered again,
+    /// so a redelivery changes nothing twice (see `command::remember`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub applied_commands: Vec<CommandId>,
+    pub applied_commands: Vec<AppliedCommand>,
     /// Fields written by other producers that this version does not know; kept as they are.
     #[serde(flatten)]
     pub extra: JsonMap,
@@ -347,6 +348,45 @@ pub struct RunArtifact {
 
 fn one() -> u64 {
     1
+}
+
+/// A command applied to a run, remembered so that a redelivery of it changes nothing.
+///
+/// Stored as the bare id, or as `{"id": ..., "seq": ...}` when it came from the stream: the
+/// sequence lets the run forget it once the consumer has acknowledged every message up to
+/// it, since an acknowledged message is never delivered again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedCommand {
+    /// The command's identity (`Nats-Msg-Id`, or `js:<stream>:<sequence>`).
+    pub id: CommandId,
+    /// The stream sequence of the message that carried it (none in core mode).
+    pub seq: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum AppliedRepr<Id> {
+    Bare(Id),
+    Stream { id: Id, seq: u64 },
+}
+
+impl Serialize for AppliedCommand {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.seq {
+            None => AppliedRepr::Bare(&self.id),
+            Some(seq) => AppliedRepr::Stream { id: &self.id, seq },
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for AppliedCommand {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match AppliedRepr::<CommandId>::deserialize(deserializer)? {
+            AppliedRepr::Bare(id) => Self { id, seq: None },
+            AppliedRepr::Stream { id, seq } => Self { id, seq: Some(seq) },
+        })
+    }
 }
 
 /// What remains of a deleted run, so that a late redelivery of its create cannot bring it back.

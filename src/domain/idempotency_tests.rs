@@ -45,6 +45,7 @@ fn apply(current: Option<StoredRecord>, cmd: &Command, id: &CommandId) -> Option
         now: Timestamp::parse("2026-01-01T00:00:00Z").unwrap(),
         request_id: RequestId::parse("req-1").unwrap(),
         command_id: Some(id.clone()),
+        stream: None,
         limits: Limits::default(),
     };
     match cmd.decide(current.as_ref(), &ctx) {
@@ -90,4 +91,73 @@ proptest! {
         }
         prop_assert_eq!(clean, dirty);
     }
+}
+
+/// A run forgets the patches whose messages the stream has acknowledged, keeps the others,
+/// and still recognises a redelivery of any of those it keeps.
+#[test]
+fn acknowledged_patches_are_forgotten_the_others_kept() {
+    use super::command::StreamPosition;
+    let create = Command::decode(
+        CommandKind::Create,
+        json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": RUN})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let decide = |current: Option<StoredRecord>, n: u64, acked_through: u64| {
+        let id = CommandId::parse(&format!("js:RMOS_RUNS:{n}")).unwrap();
+        let patch = Command::decode(
+            CommandKind::PatchMeta,
+            json!({"run_id": RUN, "meta_updates": {"n": n}})
+                .to_string()
+                .as_bytes(),
+            None,
+        )
+        .unwrap();
+        let ctx = Context {
+            command_id: Some(id),
+            stream: Some(StreamPosition {
+                seq: n,
+                acked_through,
+            }),
+            ..Context::now()
+        };
+        patch.decide(current.as_ref(), &ctx).unwrap()
+    };
+    let write = |d: Decision| match d {
+        Decision::Write { record, .. } => Some(record),
+        Decision::Unchanged { .. } => panic!("expected a write"),
+    };
+    let mut rec = match create.decide(None, &Context::now()).unwrap() {
+        Decision::Write { record, .. } => Some(record),
+        Decision::Unchanged { .. } => unreachable!(),
+    };
+    for n in 1..=10 {
+        rec = write(decide(rec, n, 0));
+    }
+    let seqs = |r: &Option<StoredRecord>| match r {
+        Some(StoredRecord::Live(a)) => a.applied_commands.iter().filter_map(|c| c.seq).collect(),
+        _ => Vec::new(),
+    };
+    assert_eq!(seqs(&rec), (1..=10).collect::<Vec<u64>>());
+    // The floor reaches 8: 1-8 are forgotten, 9 and 10 kept, 11 added.
+    rec = write(decide(rec, 11, 8));
+    assert_eq!(seqs(&rec), vec![9, 10, 11]);
+    // A redelivery of 10 (not yet acknowledged) changes nothing.
+    assert!(matches!(
+        decide(rec.clone(), 10, 8),
+        Decision::Unchanged { .. }
+    ));
+    // Stored as {"id", "seq"}; ids stored bare by earlier versions still load.
+    let Some(StoredRecord::Live(a)) = &rec else {
+        panic!("live")
+    };
+    let v = serde_json::to_value(&a.applied_commands).unwrap();
+    assert_eq!(v[0], json!({"id": "js:RMOS_RUNS:9", "seq": 9}));
+    let old: Vec<super::artifact::AppliedCommand> =
+        serde_json::from_value(json!(["msg-1", {"id": "msg-2", "seq": 2}])).unwrap();
+    assert_eq!(old[0].seq, None);
+    assert_eq!(old[1].seq, Some(2));
 }

@@ -6,9 +6,11 @@
 //! growing delay and comes back. A command that can never succeed is kept as a dead letter,
 //! announced on `rejected`, and acked, so a poison message never stalls the consumer.
 
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_nats::{Client, HeaderMap};
@@ -22,10 +24,13 @@ use super::events::{self, RejectedEvent, Source};
 use super::metrics::{CommandOutcome, Metrics};
 use super::{Subjects, WireError, msg_id, request_id};
 use crate::domain::artifact::Timestamp;
-use crate::domain::command::{Command, CommandKind, Context, Limits};
+use crate::domain::command::{Command, CommandKind, Context, Limits, StreamPosition};
 use crate::domain::error::RejectCode;
 use crate::domain::ids::{CommandId, RequestId, RunId};
 use crate::store::{Outcome, RunStore, StoreError};
+
+/// How often the consumer's ack floor is read.
+const ACK_FLOOR_POLL: Duration = Duration::from_secs(1);
 
 /// Ingestion settings.
 #[derive(Clone, Debug)]
@@ -44,6 +49,8 @@ pub struct IngestSettings {
     pub ack_wait: Duration,
     /// Max deliveries (-1: unlimited).
     pub max_deliver: i64,
+    /// How long after the consumer's ack floor passed a command its id is still remembered.
+    pub forget_acked_after: Duration,
     /// Domain limits.
     pub limits: Limits,
     /// Deliveries a patch/advisory for an unknown run is retried before it is rejected.
@@ -115,6 +122,8 @@ pub struct Ingest {
     /// "Run not found yet" results per stream sequence: only these use up a patch's or an
     /// advisory's waiting budget, not deliveries that failed for other reasons (store down).
     not_found: std::sync::Mutex<std::collections::HashMap<u64, i64>>,
+    /// The consumer's ack floor as it was `forget_acked_after` ago (0: not known yet).
+    acked_through: AtomicU64,
 }
 
 impl Ingest {
@@ -133,6 +142,7 @@ impl Ingest {
             settings,
             locks: RunLocks::new(),
             not_found: std::sync::Mutex::new(std::collections::HashMap::new()),
+            acked_through: AtomicU64::new(0),
             metrics,
         })
     }
@@ -170,6 +180,39 @@ impl Ingest {
             .map_err(|e| IngestError::Setup(format!("consumer {}: {e}", s.consumer)))
     }
 
+    /// Follows the consumer's ack floor (every message up to it is acknowledged, so never
+    /// delivered again) and publishes it as `acked_through` once it is `forget_acked_after`
+    /// old: a copy of a message redelivered just before its first delivery's late ack may
+    /// still be in another worker's hands for a while. Runs forget the commands at or below
+    /// it (`command::remember`), so their records stay small however often they are patched.
+    async fn follow_ack_floor(
+        self: Arc<Self>,
+        consumer: consumer::PullConsumer,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut seen: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut tick = tokio::time::interval(ACK_FLOOR_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            match consumer.get_info().await {
+                Ok(info) => seen.push_back((Instant::now(), info.ack_floor.stream_sequence)),
+                Err(e) => tracing::debug!(error = %e, "consumer info unavailable; ack floor kept"),
+            }
+            // Stored, not maxed: a floor that goes down means the stream was recreated and
+            // its sequences start again.
+            while let Some(&(at, floor)) = seen.front()
+                && at.elapsed() >= self.settings.forget_acked_after
+            {
+                self.acked_through.store(floor, Ordering::Relaxed);
+                seen.pop_front();
+            }
+        }
+    }
+
     /// Consumes the stream until `shutdown` turns true, then finishes what it holds.
     ///
     /// Messages are pulled in batches (one pull request of up to twice the concurrency,
@@ -181,6 +224,10 @@ impl Ingest {
         consumer: consumer::PullConsumer,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
+        tokio::spawn(
+            self.clone()
+                .follow_ack_floor(consumer.clone(), shutdown.clone()),
+        );
         let batch_size = self.settings.concurrency * 2;
         let mut failures = 0u32;
         while !*shutdown.borrow() {
@@ -356,6 +403,10 @@ impl Ingest {
             now: Timestamp::now(),
             request_id: rid.clone(),
             command_id: command_id.and_then(|c| CommandId::parse(&c).ok()),
+            stream: seq.map(|seq| StreamPosition {
+                seq,
+                acked_through: self.acked_through.load(Ordering::Relaxed),
+            }),
             limits: self.settings.limits.clone(),
         };
         let run_id = cmd.run_id().clone();

@@ -9,7 +9,7 @@ pub mod patch_meta;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::artifact::{JsonMap, Sha256Hex, StoredRecord};
+use super::artifact::{AppliedCommand, JsonMap, Sha256Hex, StoredRecord};
 use super::error::Rejection;
 use super::hashing::sha256_json;
 use super::ids::{CommandId, RequestId, RunId};
@@ -248,6 +248,8 @@ pub struct Context {
     pub request_id: RequestId,
     /// The identity of the message, for redelivery detection of patches.
     pub command_id: Option<CommandId>,
+    /// Where the message sits in the stream (JetStream ingest only).
+    pub stream: Option<StreamPosition>,
     /// Limits.
     pub limits: Limits,
 }
@@ -259,9 +261,21 @@ impl Context {
             now: Timestamp::now(),
             request_id: RequestId::generate(),
             command_id: None,
+            stream: None,
             limits: Limits::default(),
         }
     }
+}
+
+/// A command message's place in the stream, and how far the stream is known to be done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The stream sequence of the message carrying the command.
+    pub seq: u64,
+    /// Every message up to this sequence was acknowledged long enough ago that none of them
+    /// can still be delivered (0: nothing known). Applied commands at or below it are
+    /// forgotten.
+    pub acked_through: u64,
 }
 
 /// A body to be stored as its own object before the record that references it.
@@ -328,9 +342,23 @@ pub(crate) fn hash_of<T: serde::Serialize>(value: &T) -> Sha256Hex {
     Sha256Hex::from_computed(sha256_json(&v))
 }
 
-/// Remembers `id` in a bounded, oldest-first list.
-pub(crate) fn remember(list: &mut Vec<CommandId>, id: &CommandId, cap: usize) {
-    list.push(id.clone());
+/// Remembers an applied command in an oldest-first list, and forgets the ones that can no
+/// longer come back: those whose message the stream has acknowledged (at or below
+/// `acked_through`). At most `cap` are kept in any case (commands from core NATS, which has no
+/// sequence, are only ever dropped by the cap).
+pub(crate) fn remember(
+    list: &mut Vec<AppliedCommand>,
+    id: &CommandId,
+    stream: Option<StreamPosition>,
+    cap: usize,
+) {
+    if let Some(pos) = stream {
+        list.retain(|c| c.seq.is_none_or(|seq| seq > pos.acked_through));
+    }
+    list.push(AppliedCommand {
+        id: id.clone(),
+        seq: stream.map(|pos| pos.seq),
+    });
     if list.len() > cap {
         let excess = list.len() - cap;
         list.drain(..excess);

@@ -52,7 +52,7 @@ impl PatchMeta {
     ) -> Result<Decision, Rejection> {
         let artifact = live(current, &self.run_id)?;
         if let Some(id) = &ctx.command_id
-            && artifact.applied_commands.contains(id)
+            && artifact.applied_commands.iter().any(|c| &c.id == id)
         {
             return Ok(Decision::Unchanged {
                 event: EventKind::MetaPatched,
@@ -82,6 +82,7 @@ impl PatchMeta {
             remember(
                 &mut next.applied_commands,
                 id,
+                ctx.stream,
                 ctx.limits.remembered_commands,
             );
         }
