@@ -35,8 +35,8 @@ use object_store::{
 };
 use sha2::{Digest, Sha256};
 
-/// Objects up to this size are read on the calling thread (see `get_opts`).
-const INLINE_READ_MAX: u64 = 256 * 1024;
+/// Objects up to this size are read and staged on the calling thread (see `read_whole`, `write`).
+const INLINE_IO_MAX: u64 = 256 * 1024;
 
 /// Number of lock files keys are spread over (a bounded set, whatever the number of runs).
 const LOCK_STRIPES: u32 = 1024;
@@ -103,33 +103,39 @@ impl LocalStore {
         self.root.join(".locks").join(format!("{stripe:03x}.lock"))
     }
 
-    /// Takes the key's exclusive lock (blocking in a worker thread); released on drop.
+    /// Takes the key's exclusive lock; released on drop. An uncontended lock is taken on the
+    /// calling thread; only a wait for another holder goes to the blocking pool.
     async fn lock(&self, location: &Path) -> Result<File> {
         let path = self.lock_file(location);
-        tokio::task::spawn_blocking(move || -> std::io::Result<File> {
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path)?;
-            file.lock()?;
-            Ok(file)
-        })
-        .await
-        .map_err(generic)?
-        .map_err(generic)
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(generic)?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+                    .await
+                    .map_err(generic)?
+                    .map_err(generic)
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(generic(e)),
+        }
     }
 
     async fn read_current(&self, location: &Path) -> Result<Option<Vec<u8>>> {
         let path = self.inner.path_to_filesystem(location)?;
-        tokio::task::spawn_blocking(move || match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
+        match File::open(&path) {
+            Ok(file) => read_whole(file)
+                .await
+                .map(|(b, _)| Some(b))
+                .map_err(generic),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(generic(e)),
-        })
-        .await
-        .map_err(generic)?
+        }
     }
 
     /// Stages `bytes` next to `dest`, then publishes them: through the group commit when fsync
@@ -141,13 +147,19 @@ impl LocalStore {
         bytes: Bytes,
         how: Publish,
     ) -> Result<()> {
-        let (staged, new_dirs) = tokio::task::spawn_blocking({
-            let dest = dest.clone();
-            move || stage(&dest, &bytes)
-        })
-        .await
-        .map_err(generic)?
-        .map_err(generic)?;
+        // A small file is staged on the calling thread: the write only fills the page cache
+        // (the fsync barrier comes later, on the blocking pool), cheaper than a thread hop.
+        let (staged, new_dirs) = if bytes.len() as u64 <= INLINE_IO_MAX {
+            stage(&dest, &bytes).map_err(generic)?
+        } else {
+            tokio::task::spawn_blocking({
+                let dest = dest.clone();
+                move || stage(&dest, &bytes)
+            })
+            .await
+            .map_err(generic)?
+            .map_err(generic)?
+        };
         let item = Staged {
             staged,
             dest,
@@ -189,6 +201,30 @@ struct Staged {
     how: Publish,
     /// Directories created for it, whose entries in their parents must be made durable too.
     new_dirs: Vec<PathBuf>,
+}
+
+/// Reads an open file whole, with its metadata.
+///
+/// Run records are a few KB and almost always in the page cache: they are read on the calling
+/// thread (a hop to the blocking pool costs more than the read); larger objects (blobs) on the
+/// blocking pool. Objects are replaced by rename, never written in place, so the size from
+/// fstat is the size: exactly that much is read (no extra read to find the end).
+async fn read_whole(file: File) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
+    let md = file.metadata()?;
+    let size = md.len();
+    let read_all = move |mut file: File| -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0; size as usize];
+        std::io::Read::read_exact(&mut file, &mut buf)?;
+        Ok(buf)
+    };
+    let bytes = if size <= INLINE_IO_MAX {
+        read_all(file)?
+    } else {
+        tokio::task::spawn_blocking(move || read_all(file))
+            .await
+            .map_err(std::io::Error::other)??
+    };
+    Ok((bytes, md))
 }
 
 /// Writes `bytes` to a hidden sibling of `dest` (no fsync: the batch barrier does that).
@@ -427,28 +463,9 @@ impl ObjectStore for LocalStore {
             },
             _ => generic(e),
         };
-        // Run records are a few KB and almost always in the page cache: open, fstat and read
-        // them on the calling thread (a hop to the blocking pool costs more than the read).
-        // Larger objects (blobs) are read on the blocking pool.
         let file = File::open(&path).map_err(not_found)?;
-        let md = file.metadata().map_err(generic)?;
+        let (bytes, md) = read_whole(file).await.map_err(generic)?;
         let modified = md.modified().map_err(generic)?;
-        // Objects are replaced by rename, never written in place, so the size from fstat is
-        // the size: read exactly that (no extra read to find the end).
-        let size = md.len();
-        let read_all = move |mut file: File| -> std::io::Result<Vec<u8>> {
-            let mut buf = vec![0; size as usize];
-            std::io::Read::read_exact(&mut file, &mut buf)?;
-            Ok(buf)
-        };
-        let bytes = if size <= INLINE_READ_MAX {
-            read_all(file).map_err(generic)?
-        } else {
-            tokio::task::spawn_blocking(move || read_all(file))
-                .await
-                .map_err(generic)?
-                .map_err(generic)?
-        };
         let len = bytes.len() as u64;
         let etag_needed = options.if_match.is_some()
             || options.if_none_match.is_some()
