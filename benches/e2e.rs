@@ -432,7 +432,28 @@ async fn main() {
     let mut commands = 0usize;
     if wanted("creates") {
         for in_flight in [1usize, 16, 256] {
+            // CPU seconds of each process over the cell, to show where the cores went.
+            let pids = [
+                worker.pid(),
+                nats.pid().map_or(0, |p| p as libc::pid_t),
+                std::process::id() as libc::pid_t,
+            ];
+            let cpu_before = pids.map(|p| usage(p).1);
+            let started = Instant::now();
             let rate = creates(&client, CREATES, in_flight, offset).await;
+            let secs = started.elapsed().as_secs_f64();
+            let cores = [0, 1, 2].map(|i| (usage(pids[i]).1 - cpu_before[i]) / secs);
+            println!(
+                "{:<52} worker {:.2}, broker {:.2}, load generator {:.2} cores",
+                format!("  CPU while {in_flight} in flight:"),
+                cores[0],
+                cores[1],
+                cores[2]
+            );
+            results.insert(
+                format!("cpu_cores_creates_{in_flight}"),
+                json!({"worker": cores[0], "broker": cores[1], "load_generator": cores[2]}),
+            );
             offset += CREATES;
             commands += CREATES;
             let broker = broker_ceiling(&client, in_flight, false).await;

@@ -315,6 +315,12 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id, while it runs (benchmarks read its CPU time).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store directory passed as `-sd` (kept across restarts).
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("js")
