@@ -11,7 +11,7 @@ use rmos_runs::domain::command::{Command, CommandKind, Context, Limits};
 use rmos_runs::domain::error::RejectCode;
 use rmos_runs::domain::ids::{CommandId, RunId};
 use rmos_runs::domain::verify::CheckStatus;
-use rmos_runs::store::{ListQuery, OpenOptions, RunStore, StoreError, StoreUrl};
+use rmos_runs::store::{ListQuery, OpenOptions, Outcome, RunStore, StoreError, StoreUrl};
 use serde_json::{Value, json};
 
 /// Keeps whatever backs a store (temp dir, S3 server) alive for the test's duration.
@@ -72,19 +72,36 @@ fn create_body(run: &str, tool: &str) -> Value {
            "outputs": {"gcode_text": "G21\nG90\n"}})
 }
 
+/// Creates run `id` (with `create_body`) and returns the outcome.
+async fn create(store: &RunStore, id: &RunId, tool: &str) -> Outcome {
+    store
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), tool)),
+            &ctx(),
+        )
+        .await
+        .unwrap()
+}
+
+/// The bytes stored under `key`, read past `RunStore`.
+async fn raw(store: &RunStore, key: &object_store::path::Path) -> bytes::Bytes {
+    store
+        .object_store()
+        .get(key)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+}
+
 fn run_id(n: u32) -> RunId {
     RunId::parse(&format!("run_{n:012x}")).unwrap()
 }
 
 async fn create_then_get(store: RunStore) {
     let id = run_id(1);
-    let out = store
-        .execute(
-            &cmd(CommandKind::Create, create_body(id.as_str(), "T102")),
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    let out = create(&store, &id, "T102").await;
     assert!(out.changed);
     assert_eq!(out.revision, 1);
     let a = store.get(&id).await.unwrap();
@@ -150,26 +167,13 @@ async fn corrupt_object_is_reported_never_overwritten(store: RunStore) {
         store.execute(&create, &ctx()).await,
         Err(StoreError::Corrupt { .. })
     ));
-    let bytes = store
-        .object_store()
-        .get(&key)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bytes = raw(&store, &key).await;
     assert!(bytes.ends_with(b"trunc"), "corrupt object was overwritten");
 }
 
 async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32) {
     let id = run_id(5);
-    store
-        .execute(
-            &cmd(CommandKind::Create, create_body(id.as_str(), "T1")),
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    create(&store, &id, "T1").await;
     let store = Arc::new(store);
     let mut handles = Vec::new();
     for t in 0..tasks {
@@ -200,13 +204,7 @@ async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32
 
 async fn redelivered_patch_changes_nothing(store: RunStore) {
     let id = run_id(6);
-    store
-        .execute(
-            &cmd(CommandKind::Create, create_body(id.as_str(), "T1")),
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    create(&store, &id, "T1").await;
     let p = cmd(
         CommandKind::PatchMeta,
         json!({"run_id": id.as_str(), "meta_updates": {"n": 1}}),
@@ -260,15 +258,7 @@ async fn blobs_are_stored_once_and_verified(store: RunStore) {
 
     // A flipped byte in a stored body is caught.
     let key = store.blob_key(&blob.sha256);
-    let mut bytes = store
-        .object_store()
-        .get(&key)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+    let mut bytes = raw(&store, &key).await.to_vec();
     bytes[10] ^= 0x01;
     store
         .object_store()
@@ -428,22 +418,9 @@ async fn probe_accepts_a_conditional_store(store: RunStore) {
 async fn get_bytes_serves_what_is_stored(store: RunStore) {
     // Written at the current schema: the stored bytes, as they are.
     let id = run_id(20);
-    store
-        .execute(
-            &cmd(CommandKind::Create, create_body(id.as_str(), "T7")),
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    create(&store, &id, "T7").await;
     let key = store.artifact_key(&id);
-    let stored = store
-        .object_store()
-        .get(&key)
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let stored = raw(&store, &key).await;
     assert_eq!(store.get_bytes(&id).await.unwrap(), stored);
 
     // A seed file (no schema_version, no revision) is served decoded, with the defaults.
