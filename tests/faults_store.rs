@@ -487,3 +487,87 @@ async fn outage_does_not_use_up_the_not_found_retries_of_a_patch() {
     }
     assert_eq!(env.get_ok(run).await["revision"], 2);
 }
+
+/// A store slower than `ack_wait`: another process holds every key lock of the local store
+/// for four times `ack_wait` while a patch is in hand. The worker tells the broker the command
+/// is still being worked on, so it is not delivered a second time: one `stored` event, from
+/// the first delivery. (Without the in-progress signal the broker redelivers it after
+/// `ack_wait` and a second, unchanged outcome follows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_store_does_not_get_a_command_redelivered() {
+    let env = Env::new().await;
+    let config = env.tmp.path().join("rmos.toml");
+    std::fs::write(&config, "ack_wait = \"1s\"\n").expect("write config");
+    let vars = vec![("RMOS_CONFIG".to_owned(), config.display().to_string())];
+    let dir = env.runs_dir();
+    let worker = Worker::start_with(&env.nats, &dir, "slow", &vars).await;
+    let events = env.events().await;
+
+    let run = "run_00000000510e";
+    publish(
+        &env,
+        "create",
+        "slow-create",
+        &create_payload(Some(run), "T1"),
+    )
+    .await;
+    wait_all(
+        &events,
+        &["slow-create".into()],
+        Duration::from_secs(30),
+        || worker.log(),
+    )
+    .await;
+
+    // Hold every stripe of the store's key locks, as a second process would.
+    let locks: Vec<std::fs::File> = (0..1024u32)
+        .map(|stripe| {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.join(".locks").join(format!("{stripe:03x}.lock")))
+                .expect("open lock file");
+            f.lock().expect("take lock");
+            f
+        })
+        .collect();
+    publish(
+        &env,
+        "patch_meta",
+        "slow-patch",
+        &json!({"run_id": run, "meta_updates": {"slow": true}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        events.snapshot().iter().all(|e| e.rid != "slow-patch"),
+        "the patch finished while the store was held"
+    );
+    drop(locks);
+
+    wait_all(
+        &events,
+        &["slow-patch".into()],
+        Duration::from_secs(30),
+        || worker.log(),
+    )
+    .await;
+    // Give a redelivered copy time to finish too, then count outcomes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let outcomes: Vec<Event> = events
+        .snapshot()
+        .into_iter()
+        .filter(|e| e.rid == "slow-patch")
+        .collect();
+    assert_eq!(outcomes.len(), 1, "{outcomes:#?}\n{}", worker.log());
+    assert_eq!(outcomes[0].kind, "stored");
+    assert_eq!(outcomes[0].body["changed"], true);
+    assert_eq!(
+        outcomes[0].body["source"]["delivered"], 1,
+        "{:?}",
+        outcomes[0].body
+    );
+    assert_eq!(record(&dir, run)["revision"], 2);
+}

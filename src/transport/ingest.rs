@@ -1,7 +1,8 @@
 //! Command ingestion: a durable JetStream pull consumer (or core queue subscriptions),
 //! decode → store → event → ack, with bounded concurrency and per-run serialization.
 //!
-//! A message is acked only after its effect is stored and its `stored` event published.
+//! A message is acked only after its effect is stored and its `stored` event published; while
+//! a command is being worked on, the broker is told so every third of `ack_wait`.
 //! Store trouble is never turned into a rejection: the message is negatively acked with a
 //! growing delay and comes back. A command that can never succeed is kept as a dead letter,
 //! announced on `rejected`, and acked, so a poison message never stalls the consumer.
@@ -28,6 +29,30 @@ use crate::domain::command::{Command, CommandKind, Context, Limits, StreamPositi
 use crate::domain::error::RejectCode;
 use crate::domain::ids::{CommandId, RequestId, RunId};
 use crate::store::{Outcome, RunStore, StoreError};
+
+/// Runs `work` while telling the broker, every third of `ack_wait`, that the message is still
+/// being worked on, so that a slow store does not get it redelivered to another worker
+/// meanwhile (which would do the work twice, and let a late first ack pass the copy).
+async fn in_progress<T>(
+    msg: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let period = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            _ = beat.tick() => {
+                if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                    tracing::debug!(error = %e, "in-progress signal not sent");
+                }
+            }
+        }
+    }
+}
 
 /// How often the consumer's ack floor is read.
 const ACK_FLOOR_POLL: Duration = Duration::from_secs(1);
@@ -298,9 +323,12 @@ impl Ingest {
             outcome = tracing::field::Empty, ms = tracing::field::Empty);
         async {
             let started = std::time::Instant::now();
-            let verdict = self
-                .handle(&msg.message, command_id, &rid, delivered, seq)
-                .await;
+            let verdict = in_progress(
+                &msg,
+                self.settings.ack_wait,
+                self.handle(&msg.message, command_id, &rid, delivered, seq),
+            )
+            .await;
             let (ack, result) = match verdict {
                 Verdict::Done(outcome) => {
                     self.metrics.conflicts(outcome.conflicts);
