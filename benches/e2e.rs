@@ -325,7 +325,7 @@ async fn contended_patches(client: &async_nats::Client) -> (f64, u64) {
 fn fresh_dir(tag: &str) -> std::path::PathBuf {
     // Never /tmp if it is tmpfs, never a just-deleted tree: a fresh dir under target/. It is
     // kept afterwards: deleting thousands of files slows file creation on this machine's
-    // ext4 for minutes, which would then be measured by the next run (`make clean` frees it).
+    // ext4 for minutes, which would then be measured by the next run (`cargo clean` frees it).
     let base = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
     std::fs::create_dir_all(&base).unwrap();
     tempfile::Builder::new()
