@@ -381,12 +381,20 @@ fn spawn_echo(
     use std::io::BufRead;
     let body_file = dir.join("echo-body.json");
     std::fs::write(&body_file, body).unwrap();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
         .env("RMOS_BENCH_ECHO_URL", nats.url())
         .env("RMOS_BENCH_ECHO_BODY", &body_file)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; the responder dies with the benchmark, even on a
+    // panic that skips the kill below.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -504,9 +512,8 @@ async fn main() {
             .request("rmos.runs.get", run_id.into())
             .await
             .unwrap();
-        let echo = spawn_echo(&nats, &reply.payload, &dir);
+        let mut echo = spawn_echo(&nats, &reply.payload, &dir);
         let arc_client = Arc::new(client.clone());
-        let mut echo = echo;
         for c in [1usize, 16, 64] {
             let (rps, p50, p99, p999) = requests(&arc_client, "rmos.runs.get", run_id, c).await;
             let (raw_rps, raw_p50, raw_p99, _) =
