@@ -199,6 +199,23 @@ fn read_only() -> GetOptions {
     options
 }
 
+/// Maps the reason an object under `key` is not a valid record to the store's error.
+fn corrupt(key: &Path) -> impl Fn(String) -> StoreError + '_ {
+    move |reason| StoreError::Corrupt {
+        key: key.to_string(),
+        reason,
+    }
+}
+
+/// A record stored under run `id`'s key must be that run's; anything else is corrupt.
+fn owned_by(key: &Path, found: &RunId, id: &RunId) -> Result<(), StoreError> {
+    if found == id {
+        Ok(())
+    } else {
+        Err(corrupt(key)(format!("holds run {found} instead of {id}")))
+    }
+}
+
 fn is_race(e: &object_store::Error) -> bool {
     // object_store 0.14 can surface a lost If-Match race as AlreadyExists (HTTP 409).
     matches!(
@@ -314,16 +331,8 @@ impl RunStore {
         let Some((version, bytes)) = self.read_raw(&key, options).await? else {
             return Ok(None);
         };
-        let value = StoredRecord::decode(&bytes).map_err(|reason| StoreError::Corrupt {
-            key: key.to_string(),
-            reason,
-        })?;
-        if value.run_id() != id {
-            return Err(StoreError::Corrupt {
-                key: key.to_string(),
-                reason: format!("holds run {} instead of {id}", value.run_id()),
-            });
-        }
+        let value = StoredRecord::decode(&bytes).map_err(corrupt(&key))?;
+        owned_by(&key, value.run_id(), id)?;
         Ok(Some(Versioned { value, version }))
     }
 
@@ -350,24 +359,15 @@ impl RunStore {
         let Some((_, bytes)) = self.read_raw(&key, read_only()).await? else {
             return Err(StoreError::NotFound(id.clone()));
         };
-        let corrupt = |reason: String| StoreError::Corrupt {
-            key: key.to_string(),
-            reason,
-        };
-        let head = RecordHead::peek(&bytes).map_err(corrupt)?;
-        if &head.run_id != id {
-            return Err(corrupt(format!(
-                "holds run {} instead of {id}",
-                head.run_id
-            )));
-        }
+        let head = RecordHead::peek(&bytes).map_err(corrupt(&key))?;
+        owned_by(&key, &head.run_id, id)?;
         if head.tombstone {
             return Err(StoreError::NotFound(id.clone()));
         }
         if head.schema_version == SCHEMA_VERSION {
             return Ok(bytes);
         }
-        match StoredRecord::decode(&bytes).map_err(corrupt)? {
+        match StoredRecord::decode(&bytes).map_err(corrupt(&key))? {
             live @ StoredRecord::Live(_) => Ok(Bytes::from(live.encode())),
             StoredRecord::Deleted(_) => Err(StoreError::NotFound(id.clone())),
         }
