@@ -496,11 +496,8 @@ async fn outage_does_not_use_up_the_not_found_retries_of_a_patch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_store_does_not_get_a_command_redelivered() {
     let env = Env::new().await;
-    let config = env.tmp.path().join("rmos.toml");
-    std::fs::write(&config, "ack_wait = \"1s\"\n").expect("write config");
-    let vars = vec![("RMOS_CONFIG".to_owned(), config.display().to_string())];
     let dir = env.runs_dir();
-    let worker = Worker::start_with(&env.nats, &dir, "slow", &vars).await;
+    let worker = env.worker_with_config("slow", "ack_wait = \"1s\"\n").await;
     let events = env.events().await;
 
     let run = "run_00000000510e";

@@ -608,10 +608,9 @@ async fn sigterm_leaves_nothing_pending_ack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_patch_ids_are_forgotten() {
     let env = Env::new().await;
-    let config = env.tmp.path().join("rmos.toml");
-    std::fs::write(&config, "forget_acked_after = \"1s\"\n").expect("write config");
-    let vars = vec![("RMOS_CONFIG".to_owned(), config.display().to_string())];
-    let worker = Worker::start_with(&env.nats, &env.runs_dir(), "a", &vars).await;
+    let worker = env
+        .worker_with_config("a", "forget_acked_after = \"1s\"\n")
+        .await;
     let events = env.events().await;
 
     let run_id = "run_00000000f0f0";

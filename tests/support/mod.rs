@@ -316,7 +316,6 @@ impl NatsServer {
     }
 
     /// The server's process id, while it runs (benchmarks read its CPU time).
-    #[allow(dead_code)]
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

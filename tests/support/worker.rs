@@ -226,6 +226,14 @@ impl Env {
         Worker::start(&self.nats, &self.runs_dir(), name).await
     }
 
+    /// A worker reading `toml` as its configuration file (`RMOS_CONFIG`).
+    pub async fn worker_with_config(&self, name: &str, toml: &str) -> Worker {
+        let config = self.tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&config, toml).expect("write config");
+        let vars = [("RMOS_CONFIG".to_owned(), config.display().to_string())];
+        Worker::start_with(&self.nats, &self.runs_dir(), name, &vars).await
+    }
+
     /// Subscribes to `stored` and `rejected` (before anything is published).
     pub async fn events(&self) -> Events {
         Events::subscribe(&self.client).await
