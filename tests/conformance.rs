@@ -11,7 +11,7 @@ use rmos_runs::domain::command::{Command, CommandKind, Context, Limits};
 use rmos_runs::domain::error::RejectCode;
 use rmos_runs::domain::ids::{CommandId, RunId};
 use rmos_runs::domain::verify::CheckStatus;
-use rmos_runs::store::{ListQuery, OpenOptions, Outcome, RunStore, StoreError, StoreUrl};
+use rmos_runs::store::{ListQuery, OpenOptions, Order, Outcome, RunStore, StoreError, StoreUrl};
 use serde_json::{Value, json};
 
 /// Keeps whatever backs a store (temp dir, S3 server) alive for the test's duration.
@@ -308,6 +308,7 @@ async fn listing_pages_and_filters(store: RunStore) {
     let mut seen = Vec::new();
     let mut q = ListQuery {
         limit: Some(5),
+        order: Some(Order::Id),
         ..Default::default()
     };
     loop {

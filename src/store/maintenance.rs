@@ -167,7 +167,7 @@ enum GcItem {
 }
 
 /// Every run id with a record at the top level of the store (live, tombstone or corrupt).
-async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> {
+pub(super) async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> {
     let prefix = (!store.prefix.as_ref().is_empty()).then_some(&store.prefix);
     let depth = store.prefix.parts().count() + 1;
     let listed = store
