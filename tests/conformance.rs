@@ -11,8 +11,8 @@ use rmos_runs::domain::command::{Command, CommandKind, Context, Limits};
 use rmos_runs::domain::error::RejectCode;
 use rmos_runs::domain::ids::{CommandId, RunId};
 use rmos_runs::domain::verify::CheckStatus;
-use rmos_runs::store::{ListQuery, OpenOptions, Order, Outcome, RunStore, StoreError, StoreUrl};
 use rmos_runs::store::RunSummary;
+use rmos_runs::store::{ListQuery, OpenOptions, Order, Outcome, RunStore, StoreError, StoreUrl};
 use serde_json::{Value, json};
 
 /// Keeps whatever backs a store (temp dir, S3 server) alive for the test's duration.
@@ -517,7 +517,8 @@ fn model_matches(r: &RunSummary, q: &ListQuery) -> bool {
         && q.tool_id.as_ref().is_none_or(|t| *t == r.tool_id)
         && q.status.is_none_or(|s| s == r.status)
         && q.risk_level.is_none_or(|s| Some(s) == r.risk_level)
-        && q.explanation_status.is_none_or(|s| s == r.explanation_status)
+        && q.explanation_status
+            .is_none_or(|s| s == r.explanation_status)
         && q.since.is_none_or(|s| r.created_at_utc >= s)
         && q.until.is_none_or(|u| r.created_at_utc < u)
 }
@@ -528,7 +529,11 @@ fn model_matches(r: &RunSummary, q: &ListQuery) -> bool {
 async fn index_matches_a_model(store: RunStore) {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x1d3a);
-    let n = if store.url().starts_with("s3") { 80 } else { 240 };
+    let n = if store.url().starts_with("s3") {
+        80
+    } else {
+        240
+    };
     let modes = ["cam", "saw", "drill"];
     let tools = ["T1", "T2", "T3.a", "T4:b/c", "T5"];
     let statuses = ["OK", "BLOCKED", "ERROR"];
@@ -546,7 +551,12 @@ async fn index_matches_a_model(store: RunStore) {
         let secs = rng.random_range(0..5) * 86_400 + rng.random_range(0..3) * 3_600;
         let frac = ["", ".5", ".500001", ".999"][rng.random_range(0..4)];
         let at = chrono::DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap();
-        create_at(&store, body, &format!("{}{frac}Z", at.format("%Y-%m-%dT%H:%M:%S"))).await;
+        create_at(
+            &store,
+            body,
+            &format!("{}{frac}Z", at.format("%Y-%m-%dT%H:%M:%S")),
+        )
+        .await;
         ids.push(id);
     }
     let mut live: Vec<RunId> = Vec::new();
@@ -555,7 +565,10 @@ async fn index_matches_a_model(store: RunStore) {
             0 => {
                 store
                     .execute(
-                        &cmd(CommandKind::Delete, json!({"run_id": id.as_str(), "reason": "t"})),
+                        &cmd(
+                            CommandKind::Delete,
+                            json!({"run_id": id.as_str(), "reason": "t"}),
+                        ),
                         &ctx(),
                     )
                     .await
@@ -605,14 +618,22 @@ async fn index_matches_a_model(store: RunStore) {
             q.status = Some(statuses[rng.random_range(0..3)].parse().unwrap());
         }
         if pick(&mut rng, 0.2) {
-            q.risk_level = Some(["GREEN", "YELLOW", "RED"][rng.random_range(0..3)].parse().unwrap());
+            q.risk_level = Some(
+                ["GREEN", "YELLOW", "RED"][rng.random_range(0..3)]
+                    .parse()
+                    .unwrap(),
+            );
         }
         if pick(&mut rng, 0.2) {
-            q.explanation_status =
-                Some(["NONE", "PENDING", "READY"][rng.random_range(0..3)].parse().unwrap());
+            q.explanation_status = Some(
+                ["NONE", "PENDING", "READY"][rng.random_range(0..3)]
+                    .parse()
+                    .unwrap(),
+            );
         }
         let t = |rng: &mut rand::rngs::StdRng| {
-            let at = 1_790_000_000 + rng.random_range(0..6) * 86_400 + rng.random_range(0..3) * 3_600;
+            let at =
+                1_790_000_000 + rng.random_range(0..6) * 86_400 + rng.random_range(0..3) * 3_600;
             chrono::DateTime::from_timestamp(at, 500_000_000).unwrap()
         };
         if pick(&mut rng, 0.3) {
@@ -627,14 +648,21 @@ async fn index_matches_a_model(store: RunStore) {
             assert!(store.list(&q).await.is_err(), "since >= until accepted");
             q.since = None;
         }
-        let mut want: Vec<RunSummary> = all.iter().filter(|r| model_matches(r, &q)).cloned().collect();
+        let mut want: Vec<RunSummary> = all
+            .iter()
+            .filter(|r| model_matches(r, &q))
+            .cloned()
+            .collect();
         model_order(order, &mut want);
         let got = walk(&store, q.clone()).await;
         assert_eq!(got, want, "round {round}: {q:?}");
     }
     // A cursor continues only its own listing.
     let first = store
-        .list(&ListQuery { limit: Some(2), ..Default::default() })
+        .list(&ListQuery {
+            limit: Some(2),
+            ..Default::default()
+        })
         .await
         .unwrap();
     let other = ListQuery {
@@ -649,7 +677,11 @@ async fn index_matches_a_model(store: RunStore) {
     }
     // A version 1 cursor (a run id) continues in run id order.
     let after = store
-        .list(&ListQuery { limit: Some(3), cursor: Some(live[0].to_string()), ..Default::default() })
+        .list(&ListQuery {
+            limit: Some(3),
+            cursor: Some(live[0].to_string()),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert!(after.runs.iter().all(|r| r.run_id > live[0]));
@@ -661,7 +693,11 @@ async fn index_matches_a_model(store: RunStore) {
 /// Runs created and deleted while a client pages through the rest: every run that exists
 /// throughout is listed exactly once, in every order.
 async fn index_pages_hold_under_concurrent_changes(store: RunStore) {
-    let n = if store.url().starts_with("s3") { 30 } else { 120 };
+    let n = if store.url().starts_with("s3") {
+        30
+    } else {
+        120
+    };
     let stable: Vec<RunId> = (0..n).map(|i| run_id(0x2000 + i)).collect();
     for (i, id) in stable.iter().enumerate() {
         let at = format!("2026-03-01T00:00:{:02}.{:03}Z", i % 60, i % 7);
@@ -683,7 +719,10 @@ async fn index_pages_hold_under_concurrent_changes(store: RunStore) {
                     let exists = store.get(id).await.is_ok();
                     if exists {
                         let body = json!({"run_id": id.as_str(), "reason": "churn"});
-                        store.execute(&cmd(CommandKind::Delete, body), &ctx()).await.unwrap();
+                        store
+                            .execute(&cmd(CommandKind::Delete, body), &ctx())
+                            .await
+                            .unwrap();
                     } else if store.load(id).await.unwrap().is_none() {
                         let at = format!("2026-03-01T00:00:{:02}.{:03}Z", i % 60, 5);
                         create_at(&store, create_body(id.as_str(), "T9"), &at).await;
@@ -691,12 +730,19 @@ async fn index_pages_hold_under_concurrent_changes(store: RunStore) {
                     // Patches move a run's entries: they must neither hide nor repeat it.
                     let body = json!({"run_id": stable[i % stable.len()].as_str(),
                                       "meta_updates": {"i": i}});
-                    store.execute(&cmd(CommandKind::PatchMeta, body), &ctx()).await.unwrap();
+                    store
+                        .execute(&cmd(CommandKind::PatchMeta, body), &ctx())
+                        .await
+                        .unwrap();
                 }
             })
         };
         let mut seen: Vec<RunId> = Vec::new();
-        let mut q = ListQuery { limit: Some(7), order: Some(order), ..Default::default() };
+        let mut q = ListQuery {
+            limit: Some(7),
+            order: Some(order),
+            ..Default::default()
+        };
         loop {
             let page = store.list(&q).await.unwrap();
             seen.extend(page.runs.iter().map(|r| r.run_id.clone()));
@@ -728,24 +774,39 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
         async move {
             store
                 .object_store()
-                .put(&object_store::path::Path::from(key.as_str()), PutPayload::new())
+                .put(
+                    &object_store::path::Path::from(key.as_str()),
+                    PutPayload::new(),
+                )
                 .await
                 .unwrap();
         }
     };
     let prefixed = |rel: &str| {
-        if store.url().starts_with("s3") { format!("runs/{rel}") } else { rel.to_owned() }
+        if store.url().starts_with("s3") {
+            format!("runs/{rel}")
+        } else {
+            rel.to_owned()
+        }
     };
     // 1. A create died after its entries, before its record: the redelivered create (stamped
     //    later) must leave one entry set, the record's.
     let id = run_id(0x4001);
     let body = create_body(id.as_str(), "T1");
-    let ghost_ctx = Context { now: "2026-04-01T00:00:00Z".parse().unwrap(), ..Context::now() };
-    let ghost = match cmd(CommandKind::Create, body.clone()).decide(None, &ghost_ctx).unwrap() {
+    let ghost_ctx = Context {
+        now: "2026-04-01T00:00:00Z".parse().unwrap(),
+        ..Context::now()
+    };
+    let ghost = match cmd(CommandKind::Create, body.clone())
+        .decide(None, &ghost_ctx)
+        .unwrap()
+    {
         rmos_runs::domain::command::Decision::Write { record, .. } => record,
         other => panic!("{other:?}"),
     };
-    let StoredRecord::Live(ghost) = ghost else { panic!("tombstone") };
+    let StoredRecord::Live(ghost) = ghost else {
+        panic!("tombstone")
+    };
     for k in entry_keys(&RunSummary::from(ghost.as_ref())) {
         put_raw(prefixed(&k)).await;
     }
@@ -754,8 +815,18 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
         redelivered: true,
         ..Context::now()
     };
-    store.execute(&cmd(CommandKind::Create, body), &redelivery).await.unwrap();
-    let all = walk(&store, ListQuery { limit: Some(10), ..Default::default() }).await;
+    store
+        .execute(&cmd(CommandKind::Create, body), &redelivery)
+        .await
+        .unwrap();
+    let all = walk(
+        &store,
+        ListQuery {
+            limit: Some(10),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(all.len(), 1, "{all:?}");
     assert_eq!(all[0].created_at_utc.to_string(), "2026-04-01T00:00:31Z");
     assert!(store.reindex(true).await.unwrap().consistent());
@@ -764,13 +835,22 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
     //    the patch applied and drops them.
     let a = store.get(&id).await.unwrap();
     let old = entry_keys(&RunSummary::from(&a));
-    let patch = cmd(CommandKind::PatchMeta, json!({"run_id": id.as_str(), "meta_updates": {"x": 1}}));
+    let patch = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"x": 1}}),
+    );
     store.execute(&patch, &ctx_with_id("p-1")).await.unwrap();
     for k in &old {
         put_raw(prefixed(k)).await;
     }
-    assert!(!store.reindex(true).await.unwrap().consistent(), "stale entries not reported");
-    let again = Context { redelivered: true, ..ctx_with_id("p-1") };
+    assert!(
+        !store.reindex(true).await.unwrap().consistent(),
+        "stale entries not reported"
+    );
+    let again = Context {
+        redelivered: true,
+        ..ctx_with_id("p-1")
+    };
     assert!(!store.execute(&patch, &again).await.unwrap().changed);
     assert!(store.reindex(true).await.unwrap().consistent());
     let page = store.list(&ListQuery::default()).await.unwrap();
@@ -786,21 +866,43 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
             .await
             .unwrap();
     }
-    assert!(store.list(&ListQuery::default()).await.unwrap().runs.is_empty());
+    assert!(
+        store
+            .list(&ListQuery::default())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
     let fixed = store.reindex(false).await.unwrap();
     assert_eq!(fixed.missing, 3, "{fixed:?}");
     assert!(store.reindex(true).await.unwrap().consistent());
-    assert_eq!(store.list(&ListQuery::default()).await.unwrap().runs.len(), 1);
+    assert_eq!(
+        store.list(&ListQuery::default()).await.unwrap().runs.len(),
+        1
+    );
 
     // 4. Deleted: no entry left.
     store
-        .execute(&cmd(CommandKind::Delete, json!({"run_id": id.as_str(), "reason": "t"})), &ctx())
+        .execute(
+            &cmd(
+                CommandKind::Delete,
+                json!({"run_id": id.as_str(), "reason": "t"}),
+            ),
+            &ctx(),
+        )
         .await
         .unwrap();
-    assert!(store.list(&ListQuery::default()).await.unwrap().runs.is_empty());
+    assert!(
+        store
+            .list(&ListQuery::default())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
     assert!(store.reindex(true).await.unwrap().consistent());
 }
-
 
 /// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
 macro_rules! cases {

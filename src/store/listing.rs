@@ -68,6 +68,29 @@ impl ReindexReport {
     }
 }
 
+impl std::fmt::Display for ReindexReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.check_only { "found" } else { "repaired" };
+        writeln!(
+            f,
+            "reindex: {} records, {} live runs; {verb} {} missing and {} stale entries; {} in flight",
+            self.records, self.live, self.missing, self.stale, self.in_flight
+        )?;
+        for c in &self.corrupt {
+            writeln!(f, "  corrupt: {c}")?;
+        }
+        if self.check_only {
+            let verdict = if self.consistent() {
+                "index consistent"
+            } else {
+                "index drift: run `rmos-runs reindex` to repair"
+            };
+            writeln!(f, "{verdict}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Where a walk is in one directory.
 struct Frame {
     /// Path of the directory relative to the tree root (empty for the root).
