@@ -42,7 +42,6 @@ use rmos_runs::store::{ListQuery, OpenOptions, Order, RunStore, StoreUrl};
 use serde_json::{Value, json};
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 const COMMAND: &str = "cargo bench --bench index";
@@ -102,7 +101,7 @@ async fn fill(store: &RunStore, n: u64, base_ms: i64) {
                 let (cmd, ctx) = create_at(i, base_ms);
                 store.execute(&cmd, &ctx).await.expect("create");
                 let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if d % 100_000 == 0 {
+                if d.is_multiple_of(100_000) {
                     eprintln!("  filled {d}/{n} in {:.0} s", start.elapsed().as_secs_f64());
                 }
             }
@@ -263,6 +262,9 @@ impl ObjectStore for Counting {
     }
 }
 
+/// What the replaced scan checks on each record it reads.
+type Filter = Box<dyn Fn(&Value) -> bool + Sync>;
+
 struct Row {
     what: &'static str,
     index_ms: f64,
@@ -296,7 +298,7 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
         f(&mut q);
         q
     };
-    let cases: Vec<(&'static str, ListQuery, Box<dyn Fn(&Value) -> bool + Sync>)> = vec![
+    let cases: Vec<(&'static str, ListQuery, Filter)> = vec![
         ("first page, newest first", q(&|_| {}), Box::new(|_| true)),
         (
             "first 50 of one tool (1 %)",
