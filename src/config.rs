@@ -474,7 +474,6 @@ fn limits_from(f: &FileConfig) -> Result<crate::domain::command::Limits, ConfigE
             d.max_advisory_body_bytes,
         )?,
         max_advisories: positive("max_advisories", f.max_advisories, d.max_advisories)?,
-        ..d
     })
 }
 
