@@ -183,15 +183,7 @@ async fn list_all_orders_and_reindex() {
         "{out:?}"
     );
 
-    let reindex = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .args(args)
-            .env("RMOS_RUNS_DIR", &dir)
-            .env_remove("RMOS_STORE_URL")
-            .env_remove("RMOS_CONFIG")
-            .output()
-            .expect("run cli")
-    };
+    let reindex = |args: &[&str]| on_store(&dir, args);
     let out = reindex(&["reindex", "--check"]);
     assert_eq!(
         out.status.code(),
@@ -218,6 +210,17 @@ async fn list_all_orders_and_reindex() {
     );
     assert!(entry.exists(), "reindex wrote the entry back");
     assert_eq!(reindex(&["reindex", "--check"]).status.code(), Some(0));
+}
+
+/// The CLI run directly on the local store `dir` (maintenance commands), no broker.
+fn on_store(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(args)
+        .env("RMOS_RUNS_DIR", dir)
+        .env_remove("RMOS_STORE_URL")
+        .env_remove("RMOS_CONFIG")
+        .output()
+        .expect("run cli")
 }
 
 fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -249,15 +252,7 @@ async fn verify_all_sweeps_and_exits_non_zero() {
         store.execute(&cmd, &Context::now()).await.unwrap();
     }
     store.mark_index_complete().await.unwrap();
-    let sweep = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .args(args)
-            .env("RMOS_RUNS_DIR", &dir)
-            .env_remove("RMOS_STORE_URL")
-            .env_remove("RMOS_CONFIG")
-            .output()
-            .expect("run cli")
-    };
+    let sweep = |args: &[&str]| on_store(&dir, args);
     let out = sweep(&["verify", "--all"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(
