@@ -537,11 +537,19 @@ impl RunStore {
                 }
                 Err(e) if is_race(&e) => {
                     // We hold the revision, so whoever changed the record rolled ours forward
-                    // (then it is done), or wrote around the history (then decide again).
-                    if let Some(now) = self.load(id).await?
-                        && now.value.revision() == revision
-                        && record_sha256(&now.value) == artifact_sha256
-                    {
+                    // (then it is done, even if more changes followed) or wrote around the
+                    // history (a restore, an edit by hand: then decide again).
+                    let rolled = match self.load(id).await? {
+                        Some(now) if now.value.revision() == revision => {
+                            record_sha256(&now.value) == artifact_sha256
+                        }
+                        Some(now) if now.value.revision() > revision => self
+                            .revision(id, revision)
+                            .await?
+                            .is_some_and(|r| r.artifact_sha256 == artifact_sha256),
+                        _ => false,
+                    };
+                    if rolled {
                         for sha in &released {
                             self.release_blob(sha, id).await?;
                         }
