@@ -119,6 +119,8 @@ struct FileConfig {
     s3_sse_bucket_key: Option<bool>,
     connect_timeout: Option<String>,
     retention: Option<String>,
+    stall_after: Option<String>,
+    task_restarts: Option<u32>,
 }
 
 /// A configuration error: one line naming the key.
@@ -186,6 +188,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `serve` deletes runs older than this, hourly (`None`: off, the default).
     pub retention: Option<Duration>,
+    /// `/readyz` fails when ingest has consumed nothing for this long while the consumer has
+    /// undelivered commands.
+    pub stall_after: Duration,
+    /// Consecutive failures of a supervised task after which `serve` exits non-zero.
+    pub task_restarts: u32,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `12h`, `90d` (a bare number is seconds).
@@ -371,6 +378,16 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             retention: retention_from(f.retention.as_deref())?,
+            stall_after: match dur("stall_after", f.stall_after, Duration::from_secs(60))? {
+                d if d.is_zero() => {
+                    return Err(ConfigError("stall_after: must be above zero".into()));
+                }
+                d => d,
+            },
+            task_restarts: match f.task_restarts.unwrap_or(5) {
+                0 => return Err(ConfigError("task_restarts: must be at least 1".into())),
+                n => n,
+            },
         })
     }
 }
