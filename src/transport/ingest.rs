@@ -208,6 +208,8 @@ enum Verdict {
 }
 
 /// A command message as it arrived.
+// One per message, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Delivery {
     /// From the durable consumer: acked or negatively acked, redelivered by the broker.
     JetStream(jetstream::Message),
