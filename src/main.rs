@@ -467,7 +467,12 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         faults,
     };
 
-    let api = Api::new(client.clone(), store.clone(), cfg.concurrency, metrics);
+    let api = Api::new(
+        client.clone(),
+        store.clone(),
+        cfg.concurrency,
+        metrics.clone(),
+    );
     let mode = cfg.ingest;
     let mut tasks: Vec<TaskFuture> = Vec::new();
     tasks.push(Box::pin({
@@ -537,7 +542,10 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         } => Some(e),
     };
     match &gave_up {
-        None => tracing::info!("shutting down: finishing in-flight commands"),
+        None => tracing::info!(
+            in_flight = metrics.in_flight(),
+            "shutting down: finishing in-flight commands"
+        ),
         Some(e) => tracing::error!(error = %e, "a task keeps failing; stopping the worker"),
     }
     let _ = stop_tx.send(true);

@@ -471,29 +471,28 @@ async fn two_workers_concurrent_patches_all_apply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_and_loses_nothing() {
     let env = Env::new().await;
-    let mut worker = env.worker("a").await;
-
+    // A backlog first, so the worker is busy with commands when the signal comes (a first
+    // worker only sets up the stream and consumer).
+    env.worker("setup").await.kill9();
     const N: usize = 300;
-    let publisher = {
-        let js = env.js.clone();
-        tokio::spawn(async move {
-            for i in 0..N {
-                let run_id = format!("run_{:012x}", 0x5000 + i);
-                let mut h = HeaderMap::new();
-                h.insert("X-Request-Id", format!("term-{i}").as_str());
-                js.publish_with_headers(
-                    format!("{PREFIX}.create"),
-                    h,
-                    bytes_of(&create_payload(Some(&run_id), "T1")),
-                )
-                .await
-                .expect("publish")
-                .await
-                .expect("PubAck");
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    for i in 0..N {
+        let run_id = format!("run_{:012x}", 0x5000 + i);
+        env.publish(
+            "create",
+            &format!("term-{i}"),
+            bytes_of(&create_payload(Some(&run_id), "T1")),
+        )
+        .await;
+    }
+    let vars = [
+        ("RUST_LOG".to_owned(), "info".to_owned()),
+        ("RMOS_LOG_FORMAT".to_owned(), "json".to_owned()),
+    ];
+    let mut worker = Worker::start_with(&env.nats, &env.runs_dir(), "a", &vars).await;
+    support::eventually(Duration::from_secs(30), async || {
+        support::ensure(env.run_files() >= 20, || "creates under way".to_owned())
+    })
+    .await;
     let before = env.run_files();
     worker.sigterm();
     let status = worker.wait(Duration::from_secs(30)).await;
@@ -503,12 +502,30 @@ async fn sigterm_exits_zero_and_loses_nothing() {
         "exit status {status}; log:\n{}",
         worker.log()
     );
-    publisher.await.expect("every create PubAck'd");
     let at_stop = env.run_files();
-    let pending = ack_pending(&env).await;
-    eprintln!(
-        "run files: {before} at SIGTERM, {at_stop} after exit; ack pending after exit: {pending}"
+    assert!(
+        before < N,
+        "the backlog was done before the signal: proves nothing"
     );
+    // The worker held commands when it was told to stop, and finished them.
+    let log = worker.full_log();
+    let in_flight = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "shutting down: finishing in-flight commands")
+        .and_then(|v| v["fields"]["in_flight"].as_i64())
+        .unwrap_or_else(|| panic!("no in-flight count logged at shutdown:\n{}", worker.log()));
+    assert!(
+        in_flight > 0,
+        "nothing in flight at SIGTERM: the test proves nothing\n{}",
+        worker.log()
+    );
+    let pending = ack_pending(&env).await;
+    assert_eq!(
+        pending, 0,
+        "messages left awaiting an ack after a graceful stop"
+    );
+    eprintln!("run files: {before} at SIGTERM ({in_flight} in flight), {at_stop} after exit");
 
     let started = Instant::now();
     let w2 = env.worker("b").await;
@@ -549,16 +566,7 @@ async fn sigterm_exits_zero_and_loses_nothing() {
 
 /// Messages delivered to the durable consumer and not yet acked.
 async fn ack_pending(env: &Env) -> usize {
-    let stream = env.js.get_stream("RMOS_RUNS").await.expect("stream");
-    let mut consumer: jetstream::consumer::PullConsumer = stream
-        .get_consumer("rmos-runs-worker")
-        .await
-        .expect("consumer");
-    consumer
-        .info()
-        .await
-        .expect("consumer info")
-        .num_ack_pending
+    env.consumer_info().await.num_ack_pending
 }
 
 /// The protocol: on SIGTERM the worker "finishes and acks what it holds". Messages it pulled

@@ -224,6 +224,11 @@ impl Metrics {
         InFlight(self)
     }
 
+    /// Commands being processed now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// A command (`None`: not on a command subject) ended with `outcome` after `elapsed`.
     pub fn command_finished(
         &self,

@@ -1049,7 +1049,7 @@ impl Drop for ToggleProxy {
 /// A tmpfs of a fixed size mounted on a fresh temp dir; unmounted on Drop.
 ///
 /// Needs `CAP_SYS_ADMIN` (root outside a restricted container); [`TmpfsMount::try_mount`]
-/// reports why it cannot mount so the caller can skip.
+/// reports why it cannot mount, so the caller fails with the reason.
 pub struct TmpfsMount {
     dir: Option<tempfile::TempDir>,
 }
