@@ -179,6 +179,21 @@ async fn list_pages_over_120_runs() {
         .await;
     assert_eq!(status.as_deref(), Some("413"), "{body}");
     assert_eq!(body["error"]["code"], "too_large");
+    // A body that is not UTF-8 is refused, not read as an empty query.
+    let (status, body) = env
+        .request(
+            "list",
+            &rid("list"),
+            Bytes::from_static(b"{\"limit\": \xff}"),
+        )
+        .await;
+    assert_eq!(status.as_deref(), Some("400"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not UTF-8")),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -516,30 +516,6 @@ impl Ingest {
         }
     }
 
-    /// The identity of a command message for "already applied": its `Nats-Msg-Id` (hashed
-    /// when it is not a valid id, so de-duplication still holds), else the stream position,
-    /// else (core NATS, which has neither) an id of this message alone, so that two distinct
-    /// publishes of the same payload are two commands.
-    fn command_id(&self, mid: Option<&str>, seq: Option<u64>) -> CommandId {
-        let text = match (mid, seq) {
-            (Some(m), _) => match CommandId::parse(m) {
-                Ok(id) => return id,
-                Err(_) => format!(
-                    "msg-sha256:{}",
-                    crate::domain::hashing::sha256_bytes(m.as_bytes())
-                ),
-            },
-            (None, Some(seq)) => format!(
-                "js:{}@{}:{seq}",
-                self.settings.stream,
-                self.stream_epoch.load(Ordering::Relaxed)
-            ),
-            (None, None) => format!("core:{:032x}", rand::random::<u128>()),
-        };
-        // Every form above is printable ASCII well under the length limit.
-        CommandId::parse(&text).unwrap_or_else(|_| unreachable_id())
-    }
-
     /// Takes one delivery from arrival to its settlement.
     async fn process(&self, delivery: Delivery) {
         let msg = delivery.message();
@@ -552,7 +528,16 @@ impl Ingest {
         };
         self.progress.touch();
         let mid = msg_id(msg.headers.as_ref());
-        let command_id = self.command_id(mid.as_deref(), seq);
+        let command_id = command_id(
+            mid.as_deref(),
+            seq.map(|seq| {
+                (
+                    self.settings.stream.as_str(),
+                    self.stream_epoch.load(Ordering::Relaxed),
+                    seq,
+                )
+            }),
+        );
         let source = Source {
             subject: msg.subject.to_string(),
             stream_seq: seq,
@@ -942,6 +927,27 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// The identity of a command message for "already applied": its `Nats-Msg-Id` (hashed when
+/// it is not a valid id, so de-duplication still holds), else its stream position (stream
+/// name, the stream's creation time in Unix ms, sequence), else (core NATS, which has
+/// neither) an id of this message alone, so that two publishes of the same payload are two
+/// commands.
+fn command_id(mid: Option<&str>, position: Option<(&str, u64, u64)>) -> CommandId {
+    let text = match (mid, position) {
+        (Some(m), _) => match CommandId::parse(m) {
+            Ok(id) => return id,
+            Err(_) => format!(
+                "msg-sha256:{}",
+                crate::domain::hashing::sha256_bytes(m.as_bytes())
+            ),
+        },
+        (None, Some((stream, epoch, seq))) => format!("js:{stream}@{epoch}:{seq}"),
+        (None, None) => format!("core:{:032x}", rand::random::<u128>()),
+    };
+    // Every form above is printable ASCII well under the length limit.
+    CommandId::parse(&text).unwrap_or_else(|_| unreachable_id())
+}
+
 /// A command id that cannot be formed (never reached: every id built above is valid).
 #[cold]
 fn unreachable_id() -> CommandId {
@@ -996,6 +1002,27 @@ mod tests {
             .map(|n| redelivery_delay(*n).as_millis() as u64)
             .collect();
         assert_eq!(d, [500, 1000, 2000, 60_000, 60_000, 60_000]);
+    }
+
+    #[test]
+    fn command_ids() {
+        let id = |mid, pos| command_id(mid, pos).as_str().to_owned();
+        assert_eq!(id(Some("order-7"), Some(("S", 1, 2))), "order-7");
+        // An id the type refuses still de-duplicates, through its hash.
+        let long = "x".repeat(300);
+        let hashed = id(Some(&long), None);
+        assert!(hashed.starts_with("msg-sha256:"), "{hashed}");
+        assert_eq!(hashed, id(Some(&long), Some(("S", 1, 2))));
+        let other = "y".repeat(300);
+        assert_ne!(hashed, id(Some(&other), None));
+        assert_eq!(id(None, Some(("RMOS_RUNS", 17, 5))), "js:RMOS_RUNS@17:5");
+        // A re-created stream (another creation time) never repeats an old id.
+        assert_ne!(
+            id(None, Some(("RMOS_RUNS", 17, 5))),
+            id(None, Some(("RMOS_RUNS", 18, 5)))
+        );
+        // Core NATS: every message is its own command.
+        assert_ne!(id(None, None), id(None, None));
     }
 
     #[test]
