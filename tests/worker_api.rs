@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::worker::*;
