@@ -186,9 +186,15 @@ fn missing_and_deleted_runs_are_told_apart_by_kind() {
     let (patch, id) = command(0, &Step::Patch(1, Some(1)));
     let ctx = Context::now();
     let e = patch.decide(None, &ctx).unwrap_err();
-    assert_eq!((e.code, e.kind), (RejectCode::NotFound, RejectKind::Missing));
+    assert_eq!(
+        (e.code, e.kind),
+        (RejectCode::NotFound, RejectKind::Missing)
+    );
     let live = apply(None, &create, &id);
     let dead = apply(live, &delete, &CommandId::parse("del-1").unwrap());
     let e = patch.decide(dead.as_ref(), &ctx).unwrap_err();
-    assert_eq!((e.code, e.kind), (RejectCode::NotFound, RejectKind::Deleted));
+    assert_eq!(
+        (e.code, e.kind),
+        (RejectCode::NotFound, RejectKind::Deleted)
+    );
 }
