@@ -576,3 +576,89 @@ async fn slow_store_does_not_get_a_command_redelivered() {
     );
     assert_eq!(record(&dir, run)["revision"], 2);
 }
+
+/// Messages pulled in a batch but waiting for a free slot behind a slow store are told in
+/// progress too. Worker A (one slot, so pulls of two) holds two patches while the store is held
+/// for 4 s with `ack_wait` 1 s: one being worked on, one waiting. Worker B, started meanwhile,
+/// keeps a pull request open. Each patch gets exactly one outcome, from its first delivery.
+/// (Without the beat the waiting patch expires, B receives it again, and once the store is
+/// free both copies run: a second, unchanged outcome.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_messages_are_not_redelivered_behind_a_slow_store() {
+    let env = Env::new().await;
+    let dir = env.runs_dir();
+    let config = "ack_wait = \"1s\"\nconcurrency = 1\n";
+    let a = env.worker_with_config("slow-wait-a", config).await;
+    let events = env.events().await;
+    let runs: Vec<String> = (0..2).map(|i| format!("run_0000000051{i:02x}")).collect();
+    let creates: Vec<String> = runs.iter().map(|r| format!("create-{r}")).collect();
+    for (run, rid) in runs.iter().zip(&creates) {
+        publish(&env, "create", rid, &create_payload(Some(run), "T1")).await;
+    }
+    wait_all(&events, &creates, Duration::from_secs(30), || a.log()).await;
+
+    let locks: Vec<std::fs::File> = (0..1024u32)
+        .map(|stripe| {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(dir.join(".locks").join(format!("{stripe:03x}.lock")))
+                .expect("open lock file");
+            f.lock().expect("take lock");
+            f
+        })
+        .collect();
+    let patches: Vec<String> = runs.iter().map(|r| format!("patch-{r}")).collect();
+    for (run, rid) in runs.iter().zip(&patches) {
+        publish(
+            &env,
+            "patch_meta",
+            rid,
+            &json!({"run_id": run, "meta_updates": {"slow": true}}),
+        )
+        .await;
+    }
+    // A holds both before B exists.
+    support::eventually(Duration::from_secs(10), async || {
+        let info = env.consumer_info().await;
+        support::ensure(info.num_ack_pending == 2, || format!("{info:?}"))
+    })
+    .await;
+    let b = env.worker_with_config("slow-wait-b", config).await;
+    // The store stays held for four times ack_wait (the fault itself, not a wait for an
+    // outcome).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        events.snapshot().iter().all(|e| !patches.contains(&e.rid)),
+        "a patch finished while the store was held"
+    );
+    drop(locks);
+
+    wait_all(&events, &patches, Duration::from_secs(60), || a.log()).await;
+    env.consumer_settled(Duration::from_secs(30)).await;
+    for rid in &patches {
+        let outcomes: Vec<Event> = events
+            .snapshot()
+            .into_iter()
+            .filter(|e| &e.rid == rid)
+            .collect();
+        assert_eq!(
+            outcomes.len(),
+            1,
+            "{outcomes:#?}\nA:\n{}\nB:\n{}",
+            a.log(),
+            b.log()
+        );
+        assert_eq!(
+            outcomes[0].body["source"]["delivered"], 1,
+            "{:?}",
+            outcomes[0].body
+        );
+        assert_eq!(outcomes[0].body["changed"], true);
+    }
+    for run in &runs {
+        assert_eq!(record(&dir, run)["revision"], 2);
+    }
+}
