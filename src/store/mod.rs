@@ -8,6 +8,8 @@
 //! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
 //! index/{time,tool,id}/...      the listing index: one empty object per run and tree,
 //!                               whose name is the run's summary (see [`index`])
+//! history/<run_id>/<revision>.json  every revision, immutable: the audit trail and its hash
+//!                               chain (see [`history`])
 //! _probe/<random>               short-lived objects of the start-up probe
 //! dead_letters/<date>/<id>.json  rejected commands, kept as received with the reason
 //! ```
@@ -17,6 +19,7 @@
 //! exponential backoff, a bounded number of times.
 
 pub mod error;
+pub mod history;
 pub mod index;
 mod listing;
 pub mod local;
@@ -134,6 +137,25 @@ pub struct ListQuery {
     pub until: Option<Timestamp>,
 }
 
+impl ListQuery {
+    /// Parses a list request's JSON body; a rejection names the field at fault.
+    pub fn parse(body: &str) -> Result<Self, crate::domain::error::Rejection> {
+        use crate::domain::error::Rejection;
+        let value: serde_json::Value = serde_json::from_str(body)
+            .map_err(|e| Rejection::invalid(format!("list request is not JSON: {e}")))?;
+        let serde_json::Value::Object(fields) = &value else {
+            return Err(Rejection::invalid("list request must be a JSON object"));
+        };
+        for (name, v) in fields {
+            let one = serde_json::Value::Object([(name.clone(), v.clone())].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<ListQuery>(one) {
+                return Err(Rejection::invalid(format!("list request: {name}: {e}")));
+            }
+        }
+        serde_json::from_value(value).map_err(|e| Rejection::invalid(format!("list request: {e}")))
+    }
+}
+
 /// Default page size.
 pub const DEFAULT_PAGE: usize = 50;
 /// Largest page size.
@@ -176,6 +198,8 @@ pub struct RunStore {
     local: Option<local::LocalStore>,
     /// Set once `index/_built` has been seen (it is never removed).
     index_built: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether commands maintain the index (off only in benchmarks measuring its cost).
+    indexing: bool,
     retry: RetryPolicy,
     url: String,
 }
@@ -228,6 +252,7 @@ impl RunStore {
             sorted_listing: backend.sorted_listing,
             local: backend.local,
             index_built: Arc::default(),
+            indexing: true,
             retry: RetryPolicy::default(),
             url: url.to_string(),
         })
@@ -245,9 +270,17 @@ impl RunStore {
             sorted_listing,
             local: None,
             index_built: Arc::default(),
+            indexing: true,
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
         }
+    }
+
+    /// A store whose commands leave the listing index alone. For benchmarks that measure what
+    /// the index costs a write, never for a store anyone lists: its index would fall behind.
+    pub fn without_index(mut self) -> Self {
+        self.indexing = false;
+        self
     }
 
     /// Replaces the retry policy.
@@ -384,14 +417,16 @@ impl RunStore {
         loop {
             let current = self.load(id).await?;
             let decision = cmd.decide(current.as_ref().map(|v| &v.value), ctx)?;
-            let (record, blobs, event, released) = match decision {
+            let (mut record, blobs, event, released) = match decision {
                 Decision::Unchanged { event } => {
                     let Some(cur) = current else {
                         return Err(StoreError::NotFound(id.clone()));
                     };
                     // A command seen before: its first delivery may have died before the
                     // index caught up with the record.
-                    self.reindex_run(id).await?;
+                    if self.indexing {
+                        self.reindex_run(id).await?;
+                    }
                     return Ok(Outcome {
                         run_id: id.clone(),
                         revision: cur.value.revision(),
@@ -411,14 +446,43 @@ impl RunStore {
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
             }
+            // The revision first (after its blobs, so a roll-forward finds them): it decides
+            // which of two racing changes makes this revision (see `history`).
+            history::link(&mut record, current.as_ref().map(|v| &v.value));
+            let rev = history::Revision::new(
+                &record,
+                event.as_str(),
+                ctx.now,
+                Some(ctx.request_id.to_string()),
+                ctx.command_id.as_ref().map(ToString::to_string),
+                ctx.stream.as_ref().map(|s| s.seq),
+            );
+            if !self.claim_revision(&rev, current.as_ref()).await? {
+                conflicts += 1;
+                if conflicts >= self.retry.max_attempts {
+                    return Err(StoreError::Contention {
+                        run_id: id.clone(),
+                        attempts: conflicts,
+                    });
+                }
+                let delay = delays.next().unwrap_or(self.retry.max_delay);
+                tracing::debug!(run_id = %id, conflicts, ?delay, "revision taken; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
             // Index entries: the new ones go in before the record (a reader may briefly see a
             // run's next entry, never none), the old ones go after it. On the local store the
             // record's barrier makes the new entries durable with it.
             let old_entries = current
                 .as_ref()
+                .filter(|_| self.indexing)
                 .map(|v| listing::entries_of(&v.value))
                 .unwrap_or_default();
-            let new_entries = listing::entries_of(&record);
+            let new_entries = if self.indexing {
+                listing::entries_of(&record)
+            } else {
+                Vec::new()
+            };
             let added: Vec<String> = new_entries
                 .iter()
                 .filter(|k| !old_entries.contains(k))
@@ -437,7 +501,7 @@ impl RunStore {
                 Some(v) => PutMode::Update(v.version),
             };
             let revision = record.revision();
-            let artifact_sha256 = record_sha256(&record);
+            let artifact_sha256 = rev.artifact_sha256;
             let key = self.artifact_key(id);
             let payload = PutPayload::from(record.encode());
             drop(record);
@@ -454,7 +518,7 @@ impl RunStore {
                         self.release_blob(sha, id).await?;
                     }
                     self.remove_entries(&gone).await?;
-                    if ctx.redelivered {
+                    if ctx.redelivered && self.indexing {
                         // An earlier delivery may have died between its entries and its
                         // record, leaving entries no record backs.
                         self.reindex_run(id).await?;
@@ -469,6 +533,25 @@ impl RunStore {
                     });
                 }
                 Err(e) if is_race(&e) => {
+                    // We hold the revision, so whoever changed the record rolled ours forward
+                    // (then it is done), or wrote around the history (then decide again).
+                    if let Some(now) = self.load(id).await?
+                        && now.value.revision() == revision
+                        && record_sha256(&now.value) == artifact_sha256
+                    {
+                        for sha in &released {
+                            self.release_blob(sha, id).await?;
+                        }
+                        self.remove_entries(&gone).await?;
+                        return Ok(Outcome {
+                            run_id: id.clone(),
+                            revision,
+                            event,
+                            changed: true,
+                            artifact_sha256,
+                            conflicts,
+                        });
+                    }
                     // Another writer won: our entries describe a record that will never be.
                     self.remove_entries(&added).await?;
                     conflicts += 1;
