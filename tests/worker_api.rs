@@ -553,11 +553,7 @@ async fn sigterm_exits_zero_and_loses_nothing() {
         "nothing in flight at SIGTERM: the test proves nothing\n{}",
         worker.log()
     );
-    let pending = ack_pending(&env).await;
-    assert_eq!(
-        pending, 0,
-        "messages left awaiting an ack after a graceful stop"
-    );
+    acks_settle(&env, &worker).await;
     eprintln!("run files: {before} at SIGTERM ({in_flight} in flight), {at_stop} after exit");
 
     let started = Instant::now();
@@ -597,9 +593,21 @@ async fn sigterm_exits_zero_and_loses_nothing() {
     assert_eq!(env.run_files(), N);
 }
 
-/// Messages delivered to the durable consumer and not yet acked.
-async fn ack_pending(env: &Env) -> usize {
-    env.consumer_info().await.num_ack_pending
+/// Waits until the broker has applied the acks of a worker that exited: it received them
+/// before the worker's final flush, but nats-server 2.11+ applies acks asynchronously, so
+/// `consumer info` may lag by a moment. Fails if any delivered message stays unacked, well
+/// within `ack_wait` (30 s), so no expiry is involved.
+async fn acks_settle(env: &Env, worker: &Worker) {
+    support::eventually(Duration::from_secs(5), async || {
+        let pending = env.consumer_info().await.num_ack_pending;
+        support::ensure(pending == 0, || {
+            format!(
+                "{pending} messages left awaiting an ack after a graceful stop; log:\n{}",
+                worker.log()
+            )
+        })
+    })
+    .await;
 }
 
 /// The protocol: on SIGTERM the worker "finishes and acks what it holds". Messages it pulled
@@ -635,12 +643,8 @@ async fn sigterm_leaves_nothing_pending_ack() {
         stored < 300,
         "worker finished everything before SIGTERM; test proves nothing"
     );
-    assert_eq!(
-        ack_pending(&env).await,
-        0,
-        "messages left pending ack after a graceful stop ({stored} of 300 stored): {}",
-        worker.log()
-    );
+    eprintln!("{stored} of 300 stored at exit");
+    acks_settle(&env, &worker).await;
 }
 
 /// A run forgets the ids of patches once the consumer's ack floor has passed them (plus

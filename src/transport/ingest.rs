@@ -305,7 +305,7 @@ impl Ingest {
     pub async fn ensure_stream(&self) -> Result<consumer::PullConsumer, IngestError> {
         let js = jetstream::new(self.client.clone());
         let s = &self.settings;
-        let mut stream = js
+        let stream = js
             .get_or_create_stream(stream::Config {
                 name: s.stream.clone(),
                 subjects: self.subjects.commands(),
@@ -318,11 +318,10 @@ impl Ingest {
             })
             .await
             .map_err(|e| IngestError::Setup(format!("stream {}: {e}", s.stream)))?;
+        // The create (or get) response carries the stream's creation time.
         let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000_000;
         self.stream_epoch
             .store(u64::try_from(created).unwrap_or(0), Ordering::Relaxed);
-        // Informs the caller of a stream created just now, fresh from the server.
-        let _ = stream.info().await;
         stream
             .get_or_create_consumer(
                 &s.consumer,
