@@ -43,6 +43,9 @@ pub struct Overrides {
     #[arg(long, env = "NATS_NKEY", global = true)]
     pub nats_nkey: Option<PathBuf>,
     /// CA bundle for the broker's TLS certificate.
+    /// nkey seed file whose key signs every revision's hash (history); off when unset.
+    #[arg(long, env = "RMOS_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
     #[arg(long, env = "NATS_CA", global = true)]
     pub nats_ca: Option<PathBuf>,
     /// Client certificate for TLS.
@@ -113,6 +116,7 @@ struct FileConfig {
     max_meta_keys: Option<usize>,
     max_meta_bytes: Option<usize>,
     max_advisory_body_bytes: Option<usize>,
+    max_advisories: Option<usize>,
     fsync: Option<bool>,
     s3_sse: Option<String>,
     s3_sse_kms_key_id: Option<String>,
@@ -121,6 +125,8 @@ struct FileConfig {
     retention: Option<String>,
     stall_after: Option<String>,
     task_restarts: Option<u32>,
+    signing_key: Option<PathBuf>,
+    trusted_keys: Option<Vec<String>>,
 }
 
 /// A configuration error: one line naming the key.
@@ -193,6 +199,10 @@ pub struct Config {
     pub stall_after: Duration,
     /// Consecutive failures of a supervised task after which `serve` exits non-zero.
     pub task_restarts: u32,
+    /// nkey seed file signing every revision (`None`: revisions are not signed).
+    pub signing_key: Option<PathBuf>,
+    /// Public nkeys whose revision signatures `verify` accepts (besides the signing key's).
+    pub trusted_keys: Vec<String>,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `12h`, `90d` (a bare number is seconds).
@@ -388,8 +398,19 @@ impl Config {
                 0 => return Err(ConfigError("task_restarts: must be at least 1".into())),
                 n => n,
             },
+            signing_key: o.signing_key.clone().or(f.signing_key),
+            trusted_keys: trusted_keys_from(f.trusted_keys.unwrap_or_default())?,
         })
     }
+}
+
+/// `trusted_keys`: each a public nkey (`U...`, `A...`, `O...`, `S`eeds refused: never a secret).
+fn trusted_keys_from(keys: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for k in &keys {
+        nkeys::KeyPair::from_public_key(k)
+            .map_err(|e| ConfigError(format!("trusted_keys: {k:?} is not a public nkey ({e})")))?;
+    }
+    Ok(keys)
 }
 
 /// `s3_sse` ("AES256", "aws:kms", "aws:kms:dsse"), with a KMS key id and bucket key for KMS.
@@ -469,6 +490,7 @@ fn limits_from(f: &FileConfig) -> Result<crate::domain::command::Limits, ConfigE
             f.max_advisory_body_bytes,
             d.max_advisory_body_bytes,
         )?,
+        max_advisories: positive("max_advisories", f.max_advisories, d.max_advisories)?,
     })
 }
 

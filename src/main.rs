@@ -11,6 +11,7 @@ use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::domain::ids::RequestId;
+use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
@@ -132,7 +133,18 @@ enum Cmd {
     /// fails).
     Verify {
         /// Run id.
-        run_id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        run_id: Option<String>,
+        /// Sweep every live run, directly on the configured store (in run id order, from the
+        /// index): list every one that fails, with its reason; exit 5 if any does.
+        #[arg(long)]
+        all: bool,
+        /// With --all: start after this run (resume an interrupted sweep).
+        #[arg(long, requires = "all")]
+        after: Option<String>,
+        /// With --all: runs checked at once.
+        #[arg(long, default_value_t = 8, requires = "all")]
+        concurrency: usize,
     },
     /// Publish a create command (JSON from --file or stdin) and wait for its outcome.
     Create(PayloadArgs),
@@ -369,7 +381,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
             }
         }
-        Cmd::Verify { run_id } => verify_run(&cfg, run_id, timeout, cli.json).await,
+        Cmd::Verify {
+            run_id: Some(run_id),
+            ..
+        } => verify_run(&cfg, run_id, timeout, cli.json).await,
+        Cmd::Verify {
+            after, concurrency, ..
+        } => {
+            let store = open_store(&cfg.store_url, &cfg, false).await?;
+            let after = after
+                .map(|a| rmos_runs::domain::ids::RunId::parse(&a))
+                .transpose()
+                .map_err(|r| anyhow!("--after: {}", r.message))?;
+            let r = store
+                .sweep(after, concurrency, |r| {
+                    if let Some(last) = &r.last {
+                        eprintln!("verify --all: {} runs checked, through {last}", r.checked);
+                    }
+                })
+                .await
+                .map_err(|e| anyhow!(e))?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                print!("{r}");
+            }
+            if r.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: EXIT_VERIFY_FAILED,
+                    message: format!("{} runs failed verification", r.failed.len()),
+                })
+            }
+        }
         Cmd::Create(a) => publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await,
         Cmd::PatchMeta(a) => {
             publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await
@@ -429,9 +474,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The revision signing key (from `signing_key`) and the trusted keys.
+fn signing(cfg: &Config) -> Result<Signing, Failure> {
+    let key = match &cfg.signing_key {
+        Some(path) => Some(Signing::load_seed(path).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
+    Ok(Signing::new(key, cfg.trusted_keys.clone()))
+}
+
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
-    let store = RunStore::open(url, &cfg.store_options())?;
+    let store = RunStore::open(url, &cfg.store_options())?.with_signing(signing(cfg)?);
     if write {
         store
             .probe()
@@ -516,6 +570,8 @@ fn print_config(cfg: &Config) {
         "retention_s": cfg.retention.map(|d| d.as_secs()),
         "stall_after_s": cfg.stall_after.as_secs(),
         "task_restarts": cfg.task_restarts,
+        "signing_key": cfg.signing_key,
+        "trusted_keys": cfg.trusted_keys,
         "aws_secret_access_key": std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(|_| "****"),
     });
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -523,7 +579,7 @@ fn print_config(cfg: &Config) {
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
-    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?;
+    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?);
     store
         .probe()
         .await

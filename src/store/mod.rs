@@ -200,6 +200,8 @@ pub struct RunStore {
     index_built: Arc<std::sync::atomic::AtomicBool>,
     /// Whether commands maintain the index (off only in benchmarks measuring its cost).
     indexing: bool,
+    /// The key signing revisions, and the keys `verify` trusts.
+    signing: Arc<history::Signing>,
     retry: RetryPolicy,
     url: String,
 }
@@ -253,6 +255,7 @@ impl RunStore {
             local: backend.local,
             index_built: Arc::default(),
             indexing: true,
+            signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: url.to_string(),
         })
@@ -271,6 +274,7 @@ impl RunStore {
             local: None,
             index_built: Arc::default(),
             indexing: true,
+            signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
         }
@@ -280,6 +284,12 @@ impl RunStore {
     /// the index costs a write, never for a store anyone lists: its index would fall behind.
     pub fn without_index(mut self) -> Self {
         self.indexing = false;
+        self
+    }
+
+    /// Signs every revision with `signing`'s key and checks signatures against its trusted keys.
+    pub fn with_signing(mut self, signing: history::Signing) -> Self {
+        self.signing = Arc::new(signing);
         self
     }
 
@@ -449,7 +459,7 @@ impl RunStore {
             // The revision first (after its blobs, so a roll-forward finds them): it decides
             // which of two racing changes makes this revision (see `history`).
             history::link(&mut record, current.as_ref().map(|v| &v.value));
-            let rev = history::Revision::new(
+            let mut rev = history::Revision::new(
                 &record,
                 event.as_str(),
                 ctx.now,
@@ -457,17 +467,10 @@ impl RunStore {
                 ctx.command_id.as_ref().map(ToString::to_string),
                 ctx.stream.as_ref().map(|s| s.seq),
             );
+            self.sign_revision(&mut rev)?;
             if !self.claim_revision(&rev, current.as_ref()).await? {
-                conflicts += 1;
-                if conflicts >= self.retry.max_attempts {
-                    return Err(StoreError::Contention {
-                        run_id: id.clone(),
-                        attempts: conflicts,
-                    });
-                }
-                let delay = delays.next().unwrap_or(self.retry.max_delay);
-                tracing::debug!(run_id = %id, conflicts, ?delay, "revision taken; retrying");
-                tokio::time::sleep(delay).await;
+                self.back_off(id, &mut conflicts, &mut delays, "revision taken")
+                    .await?;
                 continue;
             }
             // Index entries: the new ones go in before the record (a reader may briefly see a
@@ -554,22 +557,36 @@ impl RunStore {
                     }
                     // Another writer won: our entries describe a record that will never be.
                     self.remove_entries(&added).await?;
-                    conflicts += 1;
-                    if conflicts >= self.retry.max_attempts {
-                        return Err(StoreError::Contention {
-                            run_id: id.clone(),
-                            attempts: conflicts,
-                        });
-                    }
-                    let delay = delays.next().unwrap_or(self.retry.max_delay);
-                    tracing::debug!(run_id = %id, conflicts, ?delay, "lost a write race; retrying");
-                    tokio::time::sleep(delay).await;
+                    self.back_off(id, &mut conflicts, &mut delays, "lost a write race")
+                        .await?;
                 }
                 // The outcome is unknown (a lost response may hide a write that landed): the
                 // entries stay, and the redelivery's reconciliation settles them.
                 Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
             }
         }
+    }
+
+    /// Counts a lost race and waits its jittered delay; `Contention` once the policy's
+    /// attempts are spent.
+    async fn back_off(
+        &self,
+        id: &RunId,
+        conflicts: &mut u32,
+        delays: &mut impl Iterator<Item = Duration>,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        *conflicts += 1;
+        if *conflicts >= self.retry.max_attempts {
+            return Err(StoreError::Contention {
+                run_id: id.clone(),
+                attempts: *conflicts,
+            });
+        }
+        let delay = delays.next().unwrap_or(self.retry.max_delay);
+        tracing::debug!(run_id = %id, conflicts = *conflicts, ?delay, "{why}; retrying");
+        tokio::time::sleep(delay).await;
+        Ok(())
     }
 
     /// Stores a blob for `run` (marker first, so a concurrent release sees the reference).
