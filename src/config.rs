@@ -123,6 +123,8 @@ struct FileConfig {
     s3_sse_bucket_key: Option<bool>,
     connect_timeout: Option<String>,
     retention: Option<String>,
+    stall_after: Option<String>,
+    task_restarts: Option<u32>,
     signing_key: Option<PathBuf>,
     trusted_keys: Option<Vec<String>>,
 }
@@ -192,6 +194,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `serve` deletes runs older than this, hourly (`None`: off, the default).
     pub retention: Option<Duration>,
+    /// `/readyz` fails when ingest has consumed nothing for this long while the consumer has
+    /// undelivered commands.
+    pub stall_after: Duration,
+    /// Consecutive failures of a supervised task after which `serve` exits non-zero.
+    pub task_restarts: u32,
     /// nkey seed file signing every revision (`None`: revisions are not signed).
     pub signing_key: Option<PathBuf>,
     /// Public nkeys whose revision signatures `verify` accepts (besides the signing key's).
@@ -381,6 +388,16 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             retention: retention_from(f.retention.as_deref())?,
+            stall_after: match dur("stall_after", f.stall_after, Duration::from_secs(60))? {
+                d if d.is_zero() => {
+                    return Err(ConfigError("stall_after: must be above zero".into()));
+                }
+                d => d,
+            },
+            task_restarts: match f.task_restarts.unwrap_or(5) {
+                0 => return Err(ConfigError("task_restarts: must be at least 1".into())),
+                n => n,
+            },
             signing_key: o.signing_key.clone().or(f.signing_key),
             trusted_keys: trusted_keys_from(f.trusted_keys.unwrap_or_default())?,
         })

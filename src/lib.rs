@@ -6,4 +6,5 @@
 pub mod config;
 pub mod domain;
 pub mod store;
+pub mod supervisor;
 pub mod transport;

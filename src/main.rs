@@ -14,9 +14,10 @@ use rmos_runs::domain::ids::RequestId;
 use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::{RunStore, StoreUrl};
+use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
 use rmos_runs::transport::ingest::{Ingest, IngestSettings};
-use rmos_runs::transport::metrics::{Health, HttpSettings, Metrics};
+use rmos_runs::transport::metrics::{Health, HttpSettings, JetStreamCheck, Metrics};
 use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
 use tokio::sync::watch;
 
@@ -567,6 +568,8 @@ fn print_config(cfg: &Config) {
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
         "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
         "retention_s": cfg.retention.map(|d| d.as_secs()),
+        "stall_after_s": cfg.stall_after.as_secs(),
+        "task_restarts": cfg.task_restarts,
         "signing_key": cfg.signing_key,
         "trusted_keys": cfg.trusted_keys,
         "aws_secret_access_key": std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(|_| "****"),
@@ -591,21 +594,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
-    let http = rmos_runs::transport::metrics::start(
-        &HttpSettings {
-            addr: cfg.metrics_addr.clone(),
-            required: cfg.metrics_addr_explicit,
-        },
-        metrics.clone(),
-        Health::new(
-            client.clone(),
-            store.clone(),
-            (cfg.ingest == IngestMode::JetStream).then(|| cfg.stream.clone()),
-        ),
-        stop_rx.clone(),
-    )
-    .await
-    .map_err(|e| anyhow!(e))?;
+    let board = TaskBoard::new();
 
     let ingest = Ingest::new(
         client.clone(),
@@ -625,53 +614,141 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         },
         metrics.clone(),
     );
-    let consumer = match cfg.ingest {
-        IngestMode::JetStream => Some(ingest.ensure_stream().await?),
-        IngestMode::Core => None,
-    };
-    let api = Api::new(client.clone(), store.clone(), cfg.concurrency, metrics);
-    let service = api
-        .serve(&subjects, stop_rx.clone())
+    // Set up once here so that a broker without JetStream, or a stream that cannot be made,
+    // stops start-up with its reason; the ingest task ensures them again on each start.
+    if cfg.ingest == IngestMode::JetStream {
+        ingest.ensure_stream().await?;
+    }
+    let http = rmos_runs::transport::metrics::start(
+        &HttpSettings {
+            addr: cfg.metrics_addr.clone(),
+            required: cfg.metrics_addr_explicit,
+        },
+        metrics.clone(),
+        Health::new(
+            client.clone(),
+            store.clone(),
+            (cfg.ingest == IngestMode::JetStream).then(|| JetStreamCheck {
+                stream: cfg.stream.clone(),
+                consumer: cfg.consumer.clone(),
+                progress: ingest.progress(),
+                stall_after: cfg.stall_after,
+            }),
+            board.clone(),
+        ),
+        stop_rx.clone(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?;
+    let faults = FaultHook::from_env(&client, &cfg.subject_prefix)
         .await
-        .map_err(|e| anyhow!("service: {e}"))?;
-    let worker = tokio::spawn({
-        let ingest = ingest.clone();
+        .map_err(|e| anyhow!("fault hook: {e}"))?;
+    let supervisor = Supervisor {
+        board,
+        metrics: metrics.clone(),
+        shutdown: stop_rx.clone(),
+        max_failures: cfg.task_restarts,
+        faults,
+    };
+
+    let api = Api::new(
+        client.clone(),
+        store.clone(),
+        cfg.concurrency,
+        metrics.clone(),
+    );
+    let mode = cfg.ingest;
+    let mut tasks: Vec<TaskFuture> = Vec::new();
+    tasks.push(Box::pin({
+        let supervisor = supervisor.clone();
         let stop = stop_rx.clone();
         async move {
-            match consumer {
-                Some(c) => ingest.run_jetstream(c, stop).await,
-                None => ingest.run_core(stop).await,
-            }
+            supervisor
+                .supervise("ingest", || {
+                    let ingest = ingest.clone();
+                    let stop = stop.clone();
+                    Box::pin(async move {
+                        match mode {
+                            IngestMode::JetStream => ingest.run_jetstream(stop).await,
+                            IngestMode::Core => ingest.run_core(stop).await,
+                        }
+                        .map_err(|e| e.to_string())
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())
         }
-    });
-    let retention = cfg.retention.map(|age| {
-        let schedule = RetentionSchedule::hourly(age);
-        tokio::spawn(maintenance::retention_loop(
-            store.clone(),
-            schedule,
-            stop_rx.clone(),
-        ))
-    });
+    }));
+    tasks.push(Box::pin({
+        let supervisor = supervisor.clone();
+        let stop = stop_rx.clone();
+        async move {
+            supervisor
+                .supervise("requests", || {
+                    Box::pin(api.clone().run(subjects.clone(), stop.clone()))
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }));
+    if let Some(age) = cfg.retention {
+        let supervisor = supervisor.clone();
+        let stop = stop_rx.clone();
+        let store = store.clone();
+        tasks.push(Box::pin(async move {
+            supervisor
+                .supervise("retention", || {
+                    let schedule = RetentionSchedule::hourly(age);
+                    let (store, stop) = (store.clone(), stop.clone());
+                    Box::pin(async move {
+                        maintenance::retention_loop(store, schedule, stop).await;
+                        Ok(())
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
+    let mut tasks: futures::stream::FuturesUnordered<_> = tasks.into_iter().collect();
     tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix,
         ingest = ?cfg.ingest, "rmos-runs worker ready");
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight commands");
-    let _ = stop_tx.send(true);
-    match worker.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "ingest stopped with an error"),
-        Err(e) => tracing::error!(error = %e, "ingest task failed"),
+    let gave_up = tokio::select! {
+        _ = shutdown_signal() => None,
+        Some(Err(e)) = async {
+            // The first supervisor that gives up; one that returns Ok only does so on shutdown.
+            loop {
+                match tasks.next().await {
+                    Some(Ok(())) => continue,
+                    other => return other,
+                }
+            }
+        } => Some(e),
+    };
+    match &gave_up {
+        None => tracing::info!(
+            in_flight = metrics.in_flight(),
+            "shutting down: finishing in-flight commands"
+        ),
+        Some(e) => tracing::error!(error = %e, "a task keeps failing; stopping the worker"),
     }
-    if let Some(task) = retention {
-        let _ = task.await;
+    let _ = stop_tx.send(true);
+    while let Some(r) = tasks.next().await {
+        if let Err(e) = r {
+            tracing::error!(error = %e, "task stopped with an error");
+        }
     }
     if let Some(task) = http {
         let _ = task.await;
     }
-    let _ = service.stop().await;
     client.flush().await.ok();
     client.drain().await.ok();
+    if let Some(e) = gave_up {
+        return Err(Failure {
+            code: 1,
+            message: e,
+        });
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -297,6 +297,50 @@ async fn blobs_are_stored_once_and_verified(store: RunStore) {
     );
 }
 
+/// `include_outputs` never leaves a body out or answers it as null: a missing blob, or an op
+/// plan blob that is not JSON, is a corrupt run, named as such.
+async fn inline_outputs_reports_missing_and_corrupt_blobs(store: RunStore) {
+    let id = run_id(8);
+    let gcode = "G1 X10 Y10 F1200\n".repeat(6000);
+    let plan: serde_json::Map<String, Value> = (0..4000)
+        .map(|i| (format!("op{i:05}"), json!("pocket 6mm")))
+        .collect();
+    let body = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": id.as_str(),
+                      "outputs": {"gcode_text": gcode, "opplan_json": plan}});
+    store
+        .execute(&cmd(CommandKind::Create, body), &ctx())
+        .await
+        .unwrap();
+    let a = store.get(&id).await.unwrap();
+    let gcode_blob = a.outputs.gcode_blob.clone().expect("G-code is a blob");
+    let plan_blob = a.outputs.opplan_blob.clone().expect("op plan is a blob");
+    let full = store.inline_outputs(a.clone()).await.unwrap();
+    assert_eq!(full.outputs.opplan_json.as_ref(), Some(&plan));
+
+    let os = store.object_store();
+    os.put(
+        &store.blob_key(&plan_blob.sha256),
+        PutPayload::from_static(b"{not json"),
+    )
+    .await
+    .unwrap();
+    match store.inline_outputs(a.clone()).await {
+        Err(StoreError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("op plan blob is not JSON"), "{reason}")
+        }
+        other => panic!("a corrupt op plan answered as {other:?}"),
+    }
+    os.delete(&store.blob_key(&gcode_blob.sha256))
+        .await
+        .unwrap();
+    match store.inline_outputs(a).await {
+        Err(StoreError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("G-code blob is missing"), "{reason}")
+        }
+        other => panic!("a missing G-code blob answered as {other:?}"),
+    }
+}
+
 async fn listing_pages_and_filters(store: RunStore) {
     for n in 0..23u32 {
         let tool = if n % 3 == 0 { "T3" } else { "T1" };
@@ -1256,6 +1300,7 @@ macro_rules! suite {
                 corrupt_object_is_reported_never_overwritten,
                 redelivered_patch_changes_nothing,
                 blobs_are_stored_once_and_verified,
+                inline_outputs_reports_missing_and_corrupt_blobs,
                 listing_pages_and_filters,
                 delete_leaves_tombstone_and_releases_blobs,
                 probe_accepts_a_conditional_store,

@@ -14,16 +14,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream;
 use serde_json::Value;
 use support::worker::*;
-use support::{NatsCluster, NatsServer};
-
-/// Polls `cond` until it holds; panics with `what()` after `timeout`.
-async fn eventually(timeout: Duration, what: impl Fn() -> String, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out: {}", what());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use support::{NatsCluster, NatsServer, ensure, eventually};
 
 /// A publisher of creates with explicit run ids that keeps going through broker trouble and
 /// records which creates were PubAck'd.
@@ -100,11 +91,11 @@ impl Burst {
 /// Waits until `n` more creates are PubAck'd than `base`.
 async fn wait_acked(burst: &Burst, n: usize, timeout: Duration) {
     let base = burst.acked();
-    eventually(
-        timeout,
-        || format!("{n} more PubAcks after {base} (have {})", burst.acked()),
-        || burst.acked() >= base + n,
-    )
+    eventually(timeout, async || {
+        ensure(burst.acked() >= base + n, || {
+            format!("{n} more PubAcks after {base} (have {})", burst.acked())
+        })
+    })
     .await;
 }
 
@@ -123,10 +114,9 @@ fn stored_runs(dir: &Path) -> BTreeSet<String> {
 
 /// Every acked run is stored, once (revision 1), and nothing was dead-lettered.
 async fn assert_all_stored(dir: &Path, acked: &BTreeSet<String>, worker: &Worker) {
-    eventually(
-        Duration::from_secs(120),
-        || {
-            let stored = stored_runs(dir);
+    eventually(Duration::from_secs(120), async || {
+        let stored = stored_runs(dir);
+        ensure(stored.is_superset(acked), || {
             let missing: Vec<_> = acked.difference(&stored).take(10).collect();
             format!(
                 "{} of {} PubAck'd creates stored; first missing {missing:?}; worker log:\n{}",
@@ -134,9 +124,8 @@ async fn assert_all_stored(dir: &Path, acked: &BTreeSet<String>, worker: &Worker
                 acked.len(),
                 worker.log()
             )
-        },
-        || stored_runs(dir).is_superset(acked),
-    )
+        })
+    })
     .await;
     for run in acked {
         let rec: Value = serde_json::from_slice(
@@ -171,11 +160,11 @@ async fn broker_sigkill_during_burst_loses_nothing_acked() {
 
     let burst = Burst::start(vec![nats.url()], 0xb1, 20_000);
     wait_acked(&burst, 300, Duration::from_secs(60)).await;
-    eventually(
-        Duration::from_secs(60),
-        || format!("some runs stored; log:\n{}", worker.log()),
-        || stored_runs(&dir).len() >= 100,
-    )
+    eventually(Duration::from_secs(60), async || {
+        ensure(stored_runs(&dir).len() >= 100, || {
+            format!("some runs stored; log:\n{}", worker.log())
+        })
+    })
     .await;
     let acked_before = burst.acked();
     nats.kill(); // SIGKILL: no flush, no goodbye
@@ -246,11 +235,11 @@ async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
 
     let burst = Burst::start(cluster.url_list(), 0xc1, 20_000);
     wait_acked(&burst, 200, Duration::from_secs(60)).await;
-    eventually(
-        Duration::from_secs(60),
-        || format!("some runs stored; log:\n{}", worker.log()),
-        || stored_runs(&dir).len() >= 50,
-    )
+    eventually(Duration::from_secs(60), async || {
+        ensure(stored_runs(&dir).len() >= 50, || {
+            format!("some runs stored; log:\n{}", worker.log())
+        })
+    })
     .await;
     let leader = stream_leader(&client).await.expect("stream has a leader");
     let victim = cluster.index_of(&leader).expect("leader is a node");

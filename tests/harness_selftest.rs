@@ -292,11 +292,13 @@ async fn strip_conditional_proxy_makes_conditional_puts_silently_succeed() {
     // Dropping the proxy stops it.
     let port = proxy.port();
     drop(proxy);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).await.is_err(),
-        "proxy still accepting after drop"
-    );
+    support::eventually(Duration::from_secs(5), async || {
+        support::ensure(
+            TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+            || "proxy still accepting after drop".to_owned(),
+        )
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -330,9 +332,11 @@ async fn s3_server_instances_are_independent_and_env_is_complete() {
     let port = s3.port();
     assert_ne!(port, S3Server::shared().port());
     drop(s3);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).await.is_err(),
-        "S3 server still accepting after drop"
-    );
+    support::eventually(Duration::from_secs(5), async || {
+        support::ensure(
+            TcpStream::connect(("127.0.0.1", port)).await.is_err(),
+            || "S3 server still accepting after drop".to_owned(),
+        )
+    })
+    .await;
 }

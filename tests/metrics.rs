@@ -4,55 +4,13 @@
 
 mod support;
 
+use support::{eventually, http, scrape};
+
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::worker::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One HTTP/1.1 exchange: (status, body).
-async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-    sock.write_all(req.as_bytes()).await.expect("send request");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut raw))
-        .await
-        .expect("response within 10s (Connection: close)")
-        .expect("read response");
-    let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let lower = head.to_ascii_lowercase();
-    assert!(lower.contains("connection: close"), "{head}");
-    if method != "HEAD" {
-        assert!(
-            lower.contains(&format!("content-length: {}", body.len())),
-            "{head}"
-        );
-    }
-    (status, body.to_owned())
-}
-
-/// `/metrics` as series → value (`name{labels}` exactly as exposed).
-async fn scrape(port: u16) -> HashMap<String, f64> {
-    let (status, body) = http(port, "GET", "/metrics").await;
-    assert_eq!(status, 200, "{body}");
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (series, v) = l.rsplit_once(' ').expect(l);
-            (series.to_owned(), v.parse::<f64>().expect(l))
-        })
-        .collect()
-}
 
 fn get(m: &HashMap<String, f64>, series: &str) -> f64 {
     *m.get(series)
@@ -66,18 +24,6 @@ fn sum(m: &HashMap<String, f64>, name: &str, label: &str, exclude: Option<&str>)
         .filter(|(k, _)| exclude.is_none_or(|x| !k.contains(x)))
         .map(|(_, v)| *v)
         .sum()
-}
-
-/// Polls until `check` passes (returns `Ok`) or panics with its last complaint.
-async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(why) if Instant::now() >= deadline => panic!("after {timeout:?}: {why}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
 }
 
 /// TCP ports the process `pid` listens on (Linux: its socket fds matched against

@@ -5,22 +5,14 @@
 mod support;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::worker::*;
-
-/// Waits until `cond` holds, polling; panics with `what` after `timeout`.
-async fn eventually(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use support::{ensure, eventually};
 
 /// Every `run_*.json` record under the store directory, parsed.
 fn records(env: &Env) -> Vec<Value> {
@@ -64,8 +56,8 @@ async fn kill9_during_2000_creates_then_restart_stores_each_exactly_once() {
         }
     });
     // Kill the worker once a part of the stream is stored, while it is writing.
-    eventually(Duration::from_secs(60), "some runs stored", || {
-        env.run_files() >= 300
+    eventually(Duration::from_secs(60), async || {
+        ensure(env.run_files() >= 300, || "some runs stored".to_owned())
     })
     .await;
     worker.kill9();
@@ -77,12 +69,12 @@ async fn kill9_during_2000_creates_then_restart_stores_each_exactly_once() {
     );
 
     let _second = env.worker("b").await;
-    eventually(Duration::from_secs(120), "all runs stored", || {
-        env.run_files() >= N
+    eventually(Duration::from_secs(120), async || {
+        ensure(env.run_files() >= N, || "all runs stored".to_owned())
     })
     .await;
-    // Give redeliveries of anything in flight at the kill a moment to (not) add a run.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Redeliveries of anything in flight at the kill are settled too: none added a run.
+    env.consumer_settled(Duration::from_secs(60)).await;
     let recs = records(&env);
     assert_eq!(recs.len(), N, "runs stored != creates published");
     let indexes: HashSet<u64> = recs
@@ -129,8 +121,8 @@ async fn broker_restart_during_burst_loses_nothing_acked() {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     });
-    eventually(Duration::from_secs(30), "burst under way", || {
-        env.run_files() >= 100
+    eventually(Duration::from_secs(30), async || {
+        ensure(env.run_files() >= 100, || "burst under way".to_owned())
     })
     .await;
     env.nats.restart().await;
@@ -142,10 +134,13 @@ async fn broker_restart_during_burst_loses_nothing_acked() {
         acked.len()
     );
     let dir = env.runs_dir();
-    eventually(Duration::from_secs(90), "every acked create stored", || {
-        acked
-            .iter()
-            .all(|id| dir.join(format!("{id}.json")).exists())
+    eventually(Duration::from_secs(90), async || {
+        ensure(
+            acked
+                .iter()
+                .all(|id| dir.join(format!("{id}.json")).exists()),
+            || "every acked create stored".to_owned(),
+        )
     })
     .await;
     // The same worker process still serves requests after the restart.
@@ -193,6 +188,63 @@ async fn core_mode_replies_with_the_outcome() {
     assert_eq!(code.map(|c| c.to_string()), Some("400".to_owned()));
     let v: Value = serde_json::from_slice(&reply.payload).expect("json");
     assert_eq!(v["error"]["code"], "invalid_request");
+}
+
+/// Core NATS gives a message no identity of its own: a patch published again with the same
+/// payload is a new command, not a redelivery. A, B, then A again leaves meta at A, each
+/// answered `changed: true`; with a `Nats-Msg-Id` the same publish twice applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_mode_never_drops_a_distinct_patch() {
+    let env = Env::new().await;
+    let _worker = Worker::start_with(
+        &env.nats,
+        &env.runs_dir(),
+        "core",
+        &[("RMOS_INGEST".into(), "core".into())],
+    )
+    .await;
+    let run = "run_00000000ab0a";
+    let request = |subject: &'static str, body: Value, msg_id: Option<&'static str>| {
+        let client = env.client.clone();
+        async move {
+            let mut h = HeaderMap::new();
+            if let Some(m) = msg_id {
+                h.insert("Nats-Msg-Id", m);
+            }
+            let reply = client
+                .request_with_headers(subject, h, body.to_string().into())
+                .await
+                .expect("reply");
+            let v: Value = serde_json::from_slice(&reply.payload).expect("json");
+            assert!(
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error-Code"))
+                    .is_none(),
+                "{v}"
+            );
+            v
+        }
+    };
+    request("rmos.runs.create", create_payload(Some(run), "T1"), None).await;
+    let a = json!({"run_id": run, "meta_updates": {"state": "A"}});
+    let b = json!({"run_id": run, "meta_updates": {"state": "B"}});
+    for (patch, revision) in [(&a, 2), (&b, 3), (&a, 4)] {
+        let v = request("rmos.runs.patch_meta", patch.clone(), None).await;
+        assert_eq!(v["changed"], true, "{v}");
+        assert_eq!(v["revision"], revision, "{v}");
+    }
+    let stored = env.get_ok(run).await;
+    assert_eq!(stored["meta"]["state"], "A", "{stored}");
+    assert_eq!(stored["revision"], 4);
+
+    // With the publisher's id, a repeated publish is recognised.
+    for changed in [true, false] {
+        let v = request("rmos.runs.patch_meta", b.clone(), Some("toggle-b-1")).await;
+        assert_eq!(v["changed"], changed, "{v}");
+    }
+    assert_eq!(env.get_ok(run).await["meta"]["state"], "B");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,7 +342,15 @@ async fn store_outage_is_503_not_a_rejection() {
         create_payload(Some("run_0000000005e4"), "T1").to_string(),
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker has tried it and given it back for redelivery (at least twice delivered),
+    // and it has no outcome.
+    support::eventually(Duration::from_secs(30), async || {
+        let info = env.consumer_info().await;
+        support::ensure(info.num_redelivered >= 1, || {
+            format!("not redelivered yet: {info:?}; log:\n{}", worker.log())
+        })
+    })
+    .await;
     assert!(
         events.snapshot().iter().all(|e| e.rid != r),
         "a command was given an outcome while the store was down"

@@ -40,12 +40,28 @@ impl fmt::Display for RejectCode {
     }
 }
 
+/// Which refusal of a code this is, where the transport decides differently on them. The
+/// protocol code alone does not say it: both a run that does not exist yet and a run that was
+/// deleted are `not_found`, but only the first may still appear (its create on its way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RejectKind {
+    /// Nothing more to say than the code.
+    #[default]
+    Plain,
+    /// The run has no record at all (it may be created later).
+    Missing,
+    /// The run existed and was deleted: it never comes back.
+    Deleted,
+}
+
 /// A permanent refusal: retrying the same command can never succeed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Rejection {
     /// The protocol code.
     pub code: RejectCode,
+    /// The refusal's kind within its code (decisions are made on this, never on the message).
+    pub kind: RejectKind,
     /// A human-readable reason naming the field or value at fault.
     pub message: String,
 }
@@ -55,8 +71,22 @@ impl Rejection {
     pub fn new(code: RejectCode, message: impl Into<String>) -> Self {
         Self {
             code,
+            kind: RejectKind::Plain,
             message: message.into(),
         }
+    }
+    /// The same rejection with `kind`.
+    pub fn with_kind(mut self, kind: RejectKind) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// `not_found` for a run that has no record.
+    pub fn missing(message: impl Into<String>) -> Self {
+        Self::not_found(message).with_kind(RejectKind::Missing)
+    }
+    /// `not_found` for a run that was deleted.
+    pub fn deleted(message: impl Into<String>) -> Self {
+        Self::not_found(message).with_kind(RejectKind::Deleted)
     }
     /// `invalid_request`.
     pub fn invalid(message: impl Into<String>) -> Self {

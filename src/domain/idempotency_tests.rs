@@ -162,3 +162,40 @@ fn acknowledged_patches_are_forgotten_the_others_kept() {
     assert_eq!(old[0].seq, None);
     assert_eq!(old[1].seq, Some(2));
 }
+
+/// A patch for a run that never existed and one for a deleted run are both `not_found`, told
+/// apart by kind (the transport waits for the first's create, never for the second).
+#[test]
+fn missing_and_deleted_runs_are_told_apart_by_kind() {
+    use super::error::{RejectCode, RejectKind};
+    let create = Command::decode(
+        CommandKind::Create,
+        json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": RUN})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let delete = Command::decode(
+        CommandKind::Delete,
+        json!({"run_id": RUN, "reason": "retention"})
+            .to_string()
+            .as_bytes(),
+        None,
+    )
+    .unwrap();
+    let (patch, id) = command(0, &Step::Patch(1, Some(1)));
+    let ctx = Context::now();
+    let e = patch.decide(None, &ctx).unwrap_err();
+    assert_eq!(
+        (e.code, e.kind),
+        (RejectCode::NotFound, RejectKind::Missing)
+    );
+    let live = apply(None, &create, &id);
+    let dead = apply(live, &delete, &CommandId::parse("del-1").unwrap());
+    let e = patch.decide(dead.as_ref(), &ctx).unwrap_err();
+    assert_eq!(
+        (e.code, e.kind),
+        (RejectCode::NotFound, RejectKind::Deleted)
+    );
+}

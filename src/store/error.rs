@@ -54,58 +54,104 @@ impl StoreError {
     }
 
     /// Classifies an `object_store` error that is not an expected outcome
-    /// (not-found and precondition failures are handled by the callers).
+    /// (not-found and precondition failures are handled by the callers), on types and codes
+    /// only: the error variant, the OS error number, the HTTP transport error kind and the
+    /// HTTP status and S3 error code of the response ([`StoreFault`]).
     pub fn from_object_store(e: OsError, context: &str) -> StoreError {
         let text = format!("{context}: {e}");
-        if let Some(code) = io_code(&e)
-            && (code == libc::ENOSPC || code == libc::EDQUOT)
-        {
-            return StoreError::InsufficientStorage(text);
+        if matches!(
+            e,
+            OsError::PermissionDenied { .. } | OsError::Unauthenticated { .. }
+        ) {
+            return StoreError::Unusable(text);
         }
-        let chain = error_chain_text(&e);
-        if chain.contains("EntityTooLarge") || chain.contains("413 Payload Too Large") {
-            return StoreError::TooLarge(text);
+        match StoreFault::of(&e) {
+            StoreFault::Io(code) if code == libc::ENOSPC || code == libc::EDQUOT => {
+                StoreError::InsufficientStorage(text)
+            }
+            StoreFault::Io(code) if code == libc::EFBIG => StoreError::TooLarge(text),
+            StoreFault::Http { status, s3_code } => match (status, s3_code.as_deref()) {
+                (413, _) | (_, Some("EntityTooLarge")) => StoreError::TooLarge(text),
+                (507, _)
+                | (_, Some("XMinioStorageFull" | "QuotaExceeded" | "InsufficientStorage")) => {
+                    StoreError::InsufficientStorage(text)
+                }
+                _ => StoreError::Unavailable(text),
+            },
+            _ => StoreError::Unavailable(text),
         }
-        // Named markers only: a bare "507" also matches durations and ids in the message
-        // ("after 1.913838507s").
-        if [
-            "XMinioStorageFull",
-            "507 Insufficient Storage",
-            "QuotaExceeded",
-            "InsufficientStorage",
-            "No space left",
-        ]
-        .iter()
-        .any(|s| chain.contains(s))
-        {
-            return StoreError::InsufficientStorage(text);
-        }
-        StoreError::Unavailable(text)
     }
 }
 
-fn io_code(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(code) = io.raw_os_error()
-        {
-            return Some(code);
-        }
-        cur = err.source();
-    }
-    None
+/// What an `object_store` error says about its cause, read from types and codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreFault {
+    /// An OS error number (local filesystem).
+    Io(i32),
+    /// An HTTP response that was not a success: its status, and the S3 `<Code>` of its body.
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The S3 error code (`EntityTooLarge`, `XMinioStorageFull`, ...), when the body has one.
+        s3_code: Option<String>,
+    },
+    /// Nothing more specific.
+    Other,
 }
 
-fn error_chain_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = String::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        out.push_str(&err.to_string());
-        out.push_str(" | ");
-        cur = err.source();
+/// How object_store 0.14 renders the response of a failed HTTP request. Its `RetryError`
+/// (which has `status()`) is crate-private, so the status is read from this one field of the
+/// one error in the chain that renders it, never searched for in the whole message.
+const STATUS_PREFIX: &str = "Server returned non-2xx status code: ";
+/// How it renders an error in the body of a successful response.
+const ERROR_BODY_PREFIX: &str = "Server returned error response: ";
+
+impl StoreFault {
+    /// Walks `e`'s source chain for the innermost cause it can name.
+    pub fn of(e: &(dyn std::error::Error + 'static)) -> StoreFault {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && let Some(code) = io.raw_os_error()
+            {
+                return StoreFault::Io(code);
+            }
+            // The innermost source of a RetryError is the request error itself: it has no
+            // source of its own when it carries a status.
+            if err.source().is_none()
+                && let Some(fault) = Self::from_request_error(&err.to_string())
+            {
+                return fault;
+            }
+            cur = err.source();
+        }
+        StoreFault::Other
     }
-    out
+
+    /// `Server returned non-2xx status code: 507 Insufficient Storage: <body>`, or an error
+    /// body in a successful response (`Server returned error response: <body>`).
+    fn from_request_error(rendered: &str) -> Option<StoreFault> {
+        if let Some(body) = rendered.strip_prefix(ERROR_BODY_PREFIX) {
+            return Some(StoreFault::Http {
+                status: 200,
+                s3_code: s3_code(body),
+            });
+        }
+        let rest = rendered.strip_prefix(STATUS_PREFIX)?;
+        let status: u16 = rest.get(..3)?.parse().ok()?;
+        Some(StoreFault::Http {
+            status,
+            s3_code: s3_code(rest),
+        })
+    }
+}
+
+/// The `<Code>` element of an S3 error body.
+fn s3_code(body: &str) -> Option<String> {
+    let start = body.find("<Code>")? + "<Code>".len();
+    let len = body[start..].find("</Code>")?;
+    let code = body[start..start + len].trim();
+    (!code.is_empty()).then(|| code.to_owned())
 }
 
 #[cfg(test)]
@@ -119,19 +165,91 @@ mod tests {
         }
     }
 
+    /// An error whose chain ends in a request error rendered as object_store renders it.
+    #[derive(Debug)]
+    struct Outer(Inner);
+    #[derive(Debug)]
+    struct Inner(String);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "Error performing PUT http://h/b/k in 1.913838507s - {}",
+                self.0
+            )
+        }
+    }
+    impl std::fmt::Display for Inner {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    impl std::error::Error for Inner {}
+
+    fn http(status: &str, body: &str) -> OsError {
+        OsError::Generic {
+            store: "S3",
+            source: Box::new(Outer(Inner(format!("{STATUS_PREFIX}{status}: {body}")))),
+        }
+    }
+
     #[test]
-    fn classification_uses_named_markers_not_digits() {
+    fn classification_uses_status_and_code_not_text() {
+        // Digits and words in a message decide nothing.
         let e = StoreError::from_object_store(
-            generic("GET http://h/b/k in 1.913838507s, after 10 retries - HTTP error"),
+            generic("GET http://h/b/k in 1.913838507s, 507 Insufficient Storage, EntityTooLarge"),
             "read k",
         );
         assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        let e = StoreError::from_object_store(http("507 Insufficient Storage", ""), "write k");
+        assert!(matches!(e, StoreError::InsufficientStorage(_)), "{e}");
         let e = StoreError::from_object_store(
-            generic("Server returned non-2xx status code: 507 Insufficient Storage"),
+            http(
+                "400 Bad Request",
+                "<Error><Code>EntityTooLarge</Code></Error>",
+            ),
+            "write k",
+        );
+        assert!(matches!(e, StoreError::TooLarge(_)), "{e}");
+        let e = StoreError::from_object_store(http("413 Payload Too Large", ""), "write k");
+        assert!(matches!(e, StoreError::TooLarge(_)), "{e}");
+        let e = StoreError::from_object_store(
+            http(
+                "503 Service Unavailable",
+                "<Error><Code>XMinioStorageFull</Code></Error>",
+            ),
             "write k",
         );
         assert!(matches!(e, StoreError::InsufficientStorage(_)), "{e}");
-        let e = StoreError::from_object_store(generic("<Code>XMinioStorageFull</Code>"), "write k");
-        assert!(matches!(e, StoreError::InsufficientStorage(_)), "{e}");
+        let e = StoreError::from_object_store(
+            http("503 Service Unavailable", "<Code>SlowDown</Code>"),
+            "write k",
+        );
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+    }
+
+    #[test]
+    fn os_error_numbers() {
+        let io = |code| OsError::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(std::io::Error::from_raw_os_error(code)),
+        };
+        assert!(matches!(
+            StoreError::from_object_store(io(libc::ENOSPC), "w"),
+            StoreError::InsufficientStorage(_)
+        ));
+        assert!(matches!(
+            StoreError::from_object_store(io(libc::EFBIG), "w"),
+            StoreError::TooLarge(_)
+        ));
+        assert!(matches!(
+            StoreError::from_object_store(io(libc::EIO), "w"),
+            StoreError::Unavailable(_)
+        ));
     }
 }

@@ -693,22 +693,49 @@ impl RunStore {
         Ok(self.get_blob(sha).await?.is_some())
     }
 
-    /// The artifact with its outputs' bodies put back inline (for `include_outputs`).
+    /// The artifact with its outputs' bodies put back inline (for `include_outputs`). A body
+    /// whose blob is missing, or whose stored bytes are not what the artifact says (G-code that
+    /// is not UTF-8, an op plan that is not JSON), is `Corrupt`: never silently left out.
     pub async fn inline_outputs(
         &self,
         mut artifact: RunArtifact,
     ) -> Result<RunArtifact, StoreError> {
-        if let Some(r) = artifact.outputs.gcode_blob.clone()
-            && let Some(b) = self.get_blob(&r.sha256).await?
-        {
-            artifact.outputs.gcode_text = Some(String::from_utf8_lossy(&b).into_owned());
+        if let Some(r) = artifact.outputs.gcode_blob.clone() {
+            let b = self
+                .required_blob(&artifact.run_id, &r.sha256, "G-code")
+                .await?;
+            let text = String::from_utf8(b.to_vec()).map_err(|e| StoreError::Corrupt {
+                key: self.blob_key(&r.sha256).to_string(),
+                reason: format!("run {}: G-code blob is not UTF-8: {e}", artifact.run_id),
+            })?;
+            artifact.outputs.gcode_text = Some(text);
         }
-        if let Some(r) = artifact.outputs.opplan_blob.clone()
-            && let Some(b) = self.get_blob(&r.sha256).await?
-        {
-            artifact.outputs.opplan_json = serde_json::from_slice(&b).ok();
+        if let Some(r) = artifact.outputs.opplan_blob.clone() {
+            let b = self
+                .required_blob(&artifact.run_id, &r.sha256, "op plan")
+                .await?;
+            let plan = serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                key: self.blob_key(&r.sha256).to_string(),
+                reason: format!("run {}: op plan blob is not JSON: {e}", artifact.run_id),
+            })?;
+            artifact.outputs.opplan_json = Some(plan);
         }
         Ok(artifact)
+    }
+
+    /// A blob a run references; its absence is a corrupt run, named as such.
+    async fn required_blob(
+        &self,
+        run: &RunId,
+        sha: &Sha256Hex,
+        what: &str,
+    ) -> Result<Bytes, StoreError> {
+        self.get_blob(sha)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt {
+                key: self.blob_key(sha).to_string(),
+                reason: format!("run {run}: its {what} blob is missing"),
+            })
     }
 
     /// Recomputes every hash of a run, blobs included.

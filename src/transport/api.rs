@@ -113,12 +113,14 @@ impl Api {
         })
     }
 
-    /// Registers the service and serves until `shutdown` turns true.
-    pub async fn serve(
+    /// Registers the service and serves its endpoints until `shutdown` turns true. `Err` when
+    /// the service cannot be registered, or an endpoint's subscription ends while the worker
+    /// is not stopping (the supervisor then starts this again).
+    pub async fn run(
         self: Arc<Self>,
-        subjects: &Subjects,
+        subjects: Subjects,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<Service, async_nats::Error> {
+    ) -> Result<(), String> {
         let service = self
             .client
             .service_builder()
@@ -132,16 +134,23 @@ impl Api {
                 }
             })
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-            .await?;
+            .await
+            .map_err(|e| format!("service: {e}"))?;
+        // Stops the service's own handler (PING/INFO/STATS) however this returns, so a
+        // restarted run does not leave a stale instance answering discovery.
+        let service = StopOnDrop(Some(service));
+        let mut served = Vec::new();
         for name in ["get", "list", "verify", "history", "diff"] {
             let endpoint = service
+                .get()
                 .endpoint_builder()
                 .name(name)
                 .add(subjects.sub(name))
-                .await?;
+                .await
+                .map_err(|e| format!("endpoint {name}: {e}"))?;
             let this = self.clone();
             let mut stop = shutdown.clone();
-            tokio::spawn(async move {
+            served.push(Box::pin(async move {
                 let stop = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
@@ -152,9 +161,15 @@ impl Api {
                         async move { this.answer(name, req).await }
                     })
                     .await;
-            });
+                name
+            }));
         }
-        Ok(service)
+        let (ended, _, rest) = futures::future::select_all(served).await;
+        if *shutdown.borrow() {
+            futures::future::join_all(rest).await;
+            return Ok(());
+        }
+        Err(format!("endpoint {ended}: subscription ended"))
     }
 
     async fn answer(&self, name: &'static str, req: Request) {
@@ -292,7 +307,9 @@ impl Api {
     }
 
     async fn list(&self, body: &[u8]) -> Result<Bytes, WireError> {
-        let text = std::str::from_utf8(body).unwrap_or("").trim();
+        let text = std::str::from_utf8(body)
+            .map_err(|e| WireError::invalid(format!("list request body is not UTF-8: {e}")))?
+            .trim();
         let q: ListQuery = if text.is_empty() {
             ListQuery::default()
         } else {
@@ -403,6 +420,27 @@ impl Api {
             "changes": changes,
         });
         Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))
+    }
+}
+
+/// Stops a service when dropped.
+struct StopOnDrop(Option<Service>);
+
+impl StopOnDrop {
+    fn get(&self) -> &Service {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only on drop"))
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            tokio::spawn(async move {
+                let _ = s.stop().await;
+            });
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, ConnectOptions};
+use backon::{ExponentialBuilder, Retryable};
 
 use crate::config::Config;
 
@@ -52,39 +53,44 @@ async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectErro
         .max_reconnects(None))
 }
 
-/// Connects, retrying until `cfg.connect_timeout` has passed.
+/// Connects, retrying (100 ms doubling to 2 s, [`backon`]) until `cfg.connect_timeout` has
+/// passed. A refused credential or a TLS problem is not retried.
 pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
     let urls = cfg.nats_urls.join(",");
-    let deadline = Instant::now() + cfg.connect_timeout;
-    let mut delay = Duration::from_millis(100);
-    loop {
-        // The first failure is reported (no retry_on_initial_connect), so this loop owns the
-        // start-up budget; after that the client reconnects on its own, forever.
+    let started = Instant::now();
+    // The first failure is reported (no retry_on_initial_connect), so this loop owns the
+    // start-up budget; after that the client reconnects on its own, forever.
+    let attempt = || async {
         let opts = options(cfg, name).await?;
-        match opts.connect(cfg.nats_urls.as_slice()).await {
-            Ok(c) => return Ok(c),
-            Err(e) => {
-                let last = e.to_string();
-                // Retrying cannot fix a refused credential or a certificate problem.
-                if matches!(
-                    e.kind(),
-                    async_nats::ConnectErrorKind::Authentication
-                        | async_nats::ConnectErrorKind::AuthorizationViolation
-                        | async_nats::ConnectErrorKind::Tls
-                ) {
-                    return Err(ConnectError::Credentials(last));
+        opts.connect(cfg.nats_urls.as_slice()).await.map_err(|e| {
+            let last = e.to_string();
+            // Retrying cannot fix a refused credential or a certificate problem.
+            if matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::Authentication
+                    | async_nats::ConnectErrorKind::AuthorizationViolation
+                    | async_nats::ConnectErrorKind::Tls
+            ) {
+                ConnectError::Credentials(last)
+            } else {
+                ConnectError::Unreachable {
+                    urls: urls.clone(),
+                    secs: cfg.connect_timeout.as_secs(),
+                    last,
                 }
-                if Instant::now() + delay > deadline {
-                    return Err(ConnectError::Unreachable {
-                        urls,
-                        secs: cfg.connect_timeout.as_secs(),
-                        last,
-                    });
-                }
-                tracing::warn!(%urls, error = %last, "broker not reachable yet; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
-        }
-    }
+        })
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(2))
+                .without_max_times(),
+        )
+        .when(|e| matches!(e, ConnectError::Unreachable { .. }))
+        // Stop once the next attempt would start after the budget.
+        .adjust(|_, delay| delay.filter(|d| started.elapsed() + *d <= cfg.connect_timeout))
+        .notify(|e, _| tracing::warn!(%urls, error = %e, "broker not reachable yet; retrying"))
+        .await
 }

@@ -1,24 +1,33 @@
 //! Command ingestion: a durable JetStream pull consumer (or core queue subscriptions),
 //! decode → store → event → ack, with bounded concurrency and per-run serialization.
 //!
-//! A message is acked only after its effect is stored and its `stored` event published; while
-//! a command is being worked on, the broker is told so every third of `ack_wait`.
+//! A message is acked only after its effect is stored and its `stored` event published; from
+//! the moment it is pulled (also while it waits for a free slot), the broker is told every
+//! third of `ack_wait` that it is being worked on.
 //! Store trouble is never turned into a rejection: the message is negatively acked with a
 //! growing delay and comes back. A command that can never succeed is kept as a dead letter,
 //! announced on `rejected`, and acked, so a poison message never stalls the consumer.
+//!
+//! JetStream and core deliveries go through the same steps ([`Ingest::process`]) and are
+//! settled by one function ([`Ingest::settle`]); only the last step differs (ack or nak a
+//! JetStream message, reply to a core request). When the stream or the durable consumer
+//! disappears from the broker (its store lost, `nats stream rm`), ingest re-creates both as at
+//! start-up, logs a warning and counts it in `rmos_broker_state_recreated_total`.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use async_nats::{Client, HeaderMap};
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Semaphore, watch};
 use tracing::Instrument;
 
 use super::events::{self, RejectedEvent, Source};
@@ -26,13 +35,14 @@ use super::metrics::{CommandOutcome, Metrics};
 use super::{Subjects, WireError, msg_id, request_id};
 use crate::domain::artifact::Timestamp;
 use crate::domain::command::{Command, CommandKind, Context, Limits, StreamPosition};
-use crate::domain::error::RejectCode;
+use crate::domain::error::{RejectCode, RejectKind};
 use crate::domain::ids::{CommandId, RequestId, RunId};
 use crate::store::{Outcome, RunStore, StoreError};
 
 /// Runs `work` while telling the broker, every third of `ack_wait`, that the message is still
-/// being worked on, so that a slow store does not get it redelivered to another worker
-/// meanwhile (which would do the work twice, and let a late first ack pass the copy).
+/// being worked on, so that a slow store (or a wait for a free slot) does not get it
+/// redelivered to another worker meanwhile (which would do the work twice, and let a late
+/// first ack pass the copy).
 async fn in_progress<T>(
     msg: &jetstream::Message,
     ack_wait: Duration,
@@ -54,7 +64,7 @@ async fn in_progress<T>(
     }
 }
 
-/// How often the consumer's ack floor is read.
+/// How often the consumer's ack floor (and pending count) is read.
 const ACK_FLOOR_POLL: Duration = Duration::from_secs(1);
 
 /// Ingestion settings.
@@ -91,6 +101,81 @@ pub enum IngestError {
     /// A subscription failed.
     #[error("subscribe: {0}")]
     Subscribe(String),
+    /// The subscriptions ended while the worker was not stopping (connection closed).
+    #[error("command subscriptions ended")]
+    Ended,
+}
+
+/// Whether ingest is consuming: what `/readyz` reads to tell "idle" from "stuck".
+///
+/// A worker is stuck when the consumer has had undelivered messages for a while and this
+/// worker received or settled none meanwhile.
+#[derive(Debug)]
+pub struct IngestProgress {
+    origin: Instant,
+    /// Milliseconds after `origin` of the last message received or settled.
+    last_activity_ms: AtomicU64,
+    /// The consumer's undelivered messages at the last poll (`u64::MAX`: unknown).
+    pending: AtomicU64,
+    /// Milliseconds after `origin` since when `pending` has been above zero (`u64::MAX`: it
+    /// is not).
+    pending_since_ms: AtomicU64,
+}
+
+impl IngestProgress {
+    /// Nothing known yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            origin: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            pending: AtomicU64::new(u64::MAX),
+            pending_since_ms: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// A message was received or settled (or ingest (re)started).
+    pub fn touch(&self) {
+        self.last_activity_ms
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The consumer's undelivered count, `None` when it could not be read.
+    pub fn set_pending(&self, pending: Option<u64>) {
+        let n = pending.unwrap_or(u64::MAX);
+        self.pending.store(n, Ordering::Relaxed);
+        if pending.is_some_and(|n| n > 0) {
+            let _ = self.pending_since_ms.compare_exchange(
+                u64::MAX,
+                self.now_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.pending_since_ms.store(u64::MAX, Ordering::Relaxed);
+        }
+    }
+
+    /// Why ingest counts as stuck, if it has consumed nothing for `after` while the consumer
+    /// had messages waiting all that time.
+    pub fn stalled(&self, after: Duration) -> Option<String> {
+        let pending = self.pending.load(Ordering::Relaxed);
+        let since = self.pending_since_ms.load(Ordering::Relaxed);
+        if pending == u64::MAX || pending == 0 || since == u64::MAX {
+            return None;
+        }
+        let last = self.last_activity_ms.load(Ordering::Relaxed).max(since);
+        let idle = Duration::from_millis(self.now_ms().saturating_sub(last));
+        (idle >= after).then(|| {
+            format!(
+                "ingest: nothing consumed for {}s while {pending} commands wait on the consumer",
+                idle.as_secs()
+            )
+        })
+    }
 }
 
 /// Serializes commands for the same run inside one process, so a worker does not race itself
@@ -122,6 +207,32 @@ enum Verdict {
     Retry(WireError),
 }
 
+/// A command message as it arrived.
+// One per message, moved once: boxing the larger variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Delivery {
+    /// From the durable consumer: acked or negatively acked, redelivered by the broker.
+    JetStream(jetstream::Message),
+    /// From a core queue subscription: answered on its reply subject, never redelivered.
+    Core(async_nats::Message),
+}
+
+impl Delivery {
+    fn message(&self) -> &async_nats::Message {
+        match self {
+            Delivery::JetStream(m) => &m.message,
+            Delivery::Core(m) => m,
+        }
+    }
+}
+
+/// How a command was settled: what to count, how to ack (JetStream), what to reply (core).
+struct Settled {
+    outcome: CommandOutcome,
+    ack: AckKind,
+    reply: Result<Bytes, WireError>,
+}
+
 #[derive(Serialize)]
 struct DeadLetter<'a> {
     received_at: Timestamp,
@@ -149,6 +260,15 @@ pub struct Ingest {
     not_found: std::sync::Mutex<std::collections::HashMap<u64, i64>>,
     /// The consumer's ack floor as it was `forget_acked_after` ago (0: not known yet).
     acked_through: AtomicU64,
+    /// When the stream was created (Unix ms; 0: unknown). Part of the command id of a message
+    /// without `Nats-Msg-Id`, so that a stream re-created after the broker lost its state
+    /// (sequences start again at 1) never maps a new command onto an old one's id.
+    stream_epoch: AtomicU64,
+    /// Set when the consumer or the stream is found missing on the broker.
+    state_lost: AtomicBool,
+    /// Store work in flight at once (`concurrency`); pulled messages wait for a permit.
+    slots: Semaphore,
+    progress: Arc<IngestProgress>,
 }
 
 impl Ingest {
@@ -164,12 +284,21 @@ impl Ingest {
             client,
             store,
             subjects,
+            slots: Semaphore::new(settings.concurrency.max(1)),
             settings,
             locks: RunLocks::new(),
             not_found: std::sync::Mutex::new(std::collections::HashMap::new()),
             acked_through: AtomicU64::new(0),
+            stream_epoch: AtomicU64::new(0),
+            state_lost: AtomicBool::new(false),
             metrics,
+            progress: IngestProgress::new(),
         })
+    }
+
+    /// What `/readyz` reads to tell whether ingest is consuming.
+    pub fn progress(&self) -> Arc<IngestProgress> {
+        self.progress.clone()
     }
 
     /// Ensures the stream and the durable consumer exist.
@@ -189,6 +318,10 @@ impl Ingest {
             })
             .await
             .map_err(|e| IngestError::Setup(format!("stream {}: {e}", s.stream)))?;
+        // The create (or get) response carries the stream's creation time.
+        let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000_000;
+        self.stream_epoch
+            .store(u64::try_from(created).unwrap_or(0), Ordering::Relaxed);
         stream
             .get_or_create_consumer(
                 &s.consumer,
@@ -205,11 +338,33 @@ impl Ingest {
             .map_err(|e| IngestError::Setup(format!("consumer {}: {e}", s.consumer)))
     }
 
+    /// Re-creates the stream and the consumer after the broker lost them, retrying with
+    /// backoff for about a minute (the broker may still be coming back).
+    async fn recover(&self) -> Result<consumer::PullConsumer, IngestError> {
+        let consumer = (|| self.ensure_stream())
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(500))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_times(10),
+            )
+            .notify(|e, delay| tracing::warn!(error = %e, ?delay, "re-creating the stream and consumer failed; retrying"))
+            .await?;
+        self.acked_through.store(0, Ordering::Relaxed);
+        self.metrics.broker_state_recreated();
+        tracing::warn!(stream = %self.settings.stream, consumer = %self.settings.consumer,
+            "the broker lost the stream or the durable consumer; re-created them as at start-up");
+        Ok(consumer)
+    }
+
     /// Follows the consumer's ack floor (every message up to it is acknowledged, so never
     /// delivered again) and publishes it as `acked_through` once it is `forget_acked_after`
     /// old: a copy of a message redelivered just before its first delivery's late ack may
     /// still be in another worker's hands for a while. Runs forget the commands at or below
     /// it (`command::remember`), so their records stay small however often they are patched.
+    ///
+    /// The same poll records the consumer's pending count (for `/readyz`) and notices a
+    /// consumer or stream that no longer exists on the broker.
     async fn follow_ack_floor(
         self: Arc<Self>,
         consumer: consumer::PullConsumer,
@@ -224,8 +379,22 @@ impl Ingest {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
             match consumer.get_info().await {
-                Ok(info) => seen.push_back((Instant::now(), info.ack_floor.stream_sequence)),
-                Err(e) => tracing::debug!(error = %e, "consumer info unavailable; ack floor kept"),
+                Ok(info) => {
+                    self.progress.set_pending(Some(info.num_pending));
+                    seen.push_back((Instant::now(), info.ack_floor.stream_sequence));
+                }
+                Err(e) => {
+                    self.progress.set_pending(None);
+                    if matches!(
+                        e.kind(),
+                        ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+                    ) {
+                        tracing::warn!(error = %e, "consumer or stream missing on the broker");
+                        self.state_lost.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    tracing::debug!(error = %e, "consumer info unavailable; ack floor kept");
+                }
             }
             // Stored, not maxed: a floor that goes down means the stream was recreated and
             // its sequences start again.
@@ -240,22 +409,38 @@ impl Ingest {
 
     /// Consumes the stream until `shutdown` turns true, then finishes what it holds.
     ///
+    /// Ensures the stream and consumer first (the supervisor restarts this after a failure).
     /// Messages are pulled in batches (one pull request of up to twice the concurrency,
-    /// expiring after 2 s) and processed as they arrive. On shutdown no new batch is
+    /// expiring after 2 s); every message of a batch is taken at once, told in progress while
+    /// it waits for one of `concurrency` slots, and processed. On shutdown no new batch is
     /// requested and the current one is finished, so every message delivered to this worker is
     /// acked or negatively acked before it exits: none waits for `ack_wait`.
     pub async fn run_jetstream(
         self: Arc<Self>,
-        consumer: consumer::PullConsumer,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(), IngestError> {
-        tokio::spawn(
-            self.clone()
-                .follow_ack_floor(consumer.clone(), shutdown.clone()),
-        );
+        let mut consumer = self.ensure_stream().await?;
+        self.progress.touch();
+        let follow = |c: &consumer::PullConsumer| {
+            AbortOnDrop(tokio::spawn(
+                self.clone().follow_ack_floor(c.clone(), shutdown.clone()),
+            ))
+        };
+        let mut follower = follow(&consumer);
         let batch_size = self.settings.concurrency * 2;
-        let mut failures = 0u32;
+        let pull_backoff = || {
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(Duration::from_secs(16))
+                .without_max_times()
+                .build()
+        };
+        let mut delays = pull_backoff();
         while !*shutdown.borrow() {
+            if self.state_lost.swap(false, Ordering::Relaxed) {
+                consumer = self.recover().await?;
+                follower = follow(&consumer);
+            }
             let batch = consumer
                 .batch()
                 .max_messages(batch_size)
@@ -267,12 +452,11 @@ impl Ingest {
                 .await;
             let batch = match batch {
                 Ok(b) => {
-                    failures = 0;
+                    delays = pull_backoff();
                     b
                 }
                 Err(e) => {
-                    failures += 1;
-                    let delay = backoff(i64::from(failures.min(6)));
+                    let delay = delays.next().unwrap_or(Duration::from_secs(16));
                     tracing::warn!(error = %e, ?delay, "pull request failed; retrying");
                     let mut stop = shutdown.clone();
                     tokio::select! {
@@ -283,102 +467,307 @@ impl Ingest {
                 }
             };
             batch
-                .for_each_concurrent(self.settings.concurrency, |m| {
+                .for_each_concurrent(batch_size, |m| {
                     let this = self.clone();
                     async move {
                         match m {
-                            Ok(msg) => this.process_jetstream(msg).await,
+                            Ok(msg) => this.process(Delivery::JetStream(msg)).await,
                             Err(e) => tracing::debug!(error = %e, "pull batch ended early"),
                         }
                     }
                 })
                 .await;
         }
+        drop(follower);
         Ok(())
     }
 
-    async fn process_jetstream(&self, msg: jetstream::Message) {
-        let (seq, delivered) = match msg.info() {
-            Ok(i) => (Some(i.stream_sequence), i.delivered),
-            Err(_) => (None, 1),
+    /// Core mode: queue subscriptions on the command subjects; replies with the outcome.
+    pub async fn run_core(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), IngestError> {
+        let mut subs = Vec::new();
+        for subject in self.subjects.commands() {
+            subs.push(
+                self.client
+                    .queue_subscribe(subject.clone(), "rmos-runs".to_owned())
+                    .await
+                    .map_err(|e| IngestError::Subscribe(format!("{subject}: {e}")))?,
+            );
+        }
+        self.progress.touch();
+        let mut stopping = shutdown.clone();
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
         };
+        futures::stream::select_all(subs)
+            .take_until(stop)
+            .for_each_concurrent(self.settings.concurrency, |msg| {
+                let this = self.clone();
+                async move { this.process(Delivery::Core(msg)).await }
+            })
+            .await;
+        if *stopping.borrow_and_update() {
+            Ok(())
+        } else {
+            Err(IngestError::Ended)
+        }
+    }
+
+    /// Takes one delivery from arrival to its settlement.
+    async fn process(&self, delivery: Delivery) {
+        let msg = delivery.message();
+        let (seq, delivered) = match &delivery {
+            Delivery::JetStream(m) => match m.info() {
+                Ok(i) => (Some(i.stream_sequence), Some(i.delivered)),
+                Err(_) => (None, Some(1)),
+            },
+            Delivery::Core(_) => (None, None),
+        };
+        self.progress.touch();
         let mid = msg_id(msg.headers.as_ref());
-        let command_id = mid
-            .clone()
-            .or_else(|| seq.map(|s| format!("js:{}:{s}", self.settings.stream)));
+        let command_id = command_id(
+            mid.as_deref(),
+            seq.map(|seq| {
+                (
+                    self.settings.stream.as_str(),
+                    self.stream_epoch.load(Ordering::Relaxed),
+                    seq,
+                )
+            }),
+        );
         let source = Source {
             subject: msg.subject.to_string(),
             stream_seq: seq,
             msg_id: mid,
-            delivered: Some(delivered),
+            delivered,
         };
         let rid = request_id(msg.headers.as_ref());
         let kind = self.subjects.kind_of(&msg.subject);
-        let _in_flight = self.metrics.command_started();
-        if delivered > 1 {
+        if delivered.is_some_and(|d| d > 1) {
             self.metrics.redelivered();
         }
         let span = tracing::error_span!("command", request_id = %rid, subject = %msg.subject,
             stream_seq = seq, delivered, run_id = tracing::field::Empty,
             outcome = tracing::field::Empty, ms = tracing::field::Empty);
         async {
-            let started = std::time::Instant::now();
-            let verdict = in_progress(
-                &msg,
-                self.settings.ack_wait,
-                self.handle(&msg.message, command_id, &rid, delivered, seq),
-            )
-            .await;
-            let (ack, result) = match verdict {
-                Verdict::Done(outcome) => {
-                    self.metrics.conflicts(outcome.conflicts);
-                    match events::publish_stored(&self.client, &self.subjects, &outcome, &rid, &source).await {
-                        Ok(()) => {
-                            let result = mark_stored(&outcome, started);
-                            tracing::info!(revision = outcome.revision, changed = outcome.changed,
-                                conflicts = outcome.conflicts, "stored");
-                            (AckKind::Ack, result)
-                        }
-                        Err(e) => {
-                            mark(CommandOutcome::Retried, started);
-                            tracing::warn!(error = %e, "stored event not published; redelivering");
-                            (AckKind::Nak(Some(Duration::from_secs(1))), CommandOutcome::Retried)
-                        }
-                    }
+            let started = Instant::now();
+            let verdict = match &delivery {
+                Delivery::JetStream(m) => {
+                    let attempt = delivered.unwrap_or(1);
+                    in_progress(m, self.settings.ack_wait, async {
+                        let _slot = self.slots.acquire().await;
+                        let _in_flight = self.metrics.command_started();
+                        self.handle(msg, &command_id, &rid, attempt, seq).await
+                    })
+                    .await
                 }
-                Verdict::Reject(err, run_id) => {
-                    match self.reject(&msg.subject, msg.headers.as_ref(), &msg.payload, &rid, &err, run_id.as_ref(), &source).await {
-                        Ok(key) => {
-                            mark(CommandOutcome::Rejected, started);
-                            tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected");
-                            (AckKind::Ack, CommandOutcome::Rejected)
-                        }
-                        Err(e) => {
-                            mark(CommandOutcome::Retried, started);
-                            tracing::warn!(code = err.code, reason = %err.message, error = %e,
-                                "dead letter not stored; redelivering");
-                            (AckKind::Nak(Some(backoff(delivered))), CommandOutcome::Retried)
-                        }
-                    }
-                }
-                Verdict::Retry(err) => {
-                    mark(CommandOutcome::Retried, started);
-                    let delay = backoff(delivered);
-                    tracing::warn!(code = err.code, error = %err.message, ?delay, "transient failure; redelivering");
-                    (AckKind::Nak(Some(delay)), CommandOutcome::Retried)
+                Delivery::Core(_) => {
+                    let _slot = self.slots.acquire().await;
+                    let _in_flight = self.metrics.command_started();
+                    self.handle_with_retries(msg, &command_id, &rid).await
                 }
             };
-            if matches!(ack, AckKind::Ack) {
-                self.settled(seq);
+            let redeliverable = matches!(delivery, Delivery::JetStream(_));
+            let settled = self
+                .settle(
+                    verdict,
+                    msg,
+                    &rid,
+                    &source,
+                    started,
+                    delivered,
+                    redeliverable,
+                )
+                .await;
+            match &delivery {
+                Delivery::JetStream(m) => {
+                    if matches!(settled.ack, AckKind::Ack) {
+                        self.settled(seq);
+                    }
+                    if let Err(e) = m.ack_with(settled.ack).await {
+                        // The broker redelivers after ack_wait; the effect is idempotent.
+                        tracing::warn!(error = %e, "ack failed; the command will be redelivered");
+                    }
+                }
+                Delivery::Core(m) => self.reply(m, &rid, settled.reply).await,
             }
-            if let Err(e) = msg.ack_with(ack).await {
-                // The broker redelivers after ack_wait; the effect is idempotent.
-                tracing::warn!(error = %e, "ack failed; the command will be redelivered");
-            }
-            self.metrics.command_finished(kind, result, started.elapsed());
+            self.progress.touch();
+            self.metrics
+                .command_finished(kind, settled.outcome, started.elapsed());
         }
         .instrument(span)
         .await
+    }
+
+    /// Core mode has no redelivery: a transient failure is retried here, with backoff, five
+    /// more times before the command is answered with the error.
+    async fn handle_with_retries(
+        &self,
+        msg: &async_nats::Message,
+        command_id: &CommandId,
+        rid: &RequestId,
+    ) -> Verdict {
+        let attempt = AtomicU64::new(0);
+        let once = || async {
+            let n = attempt.fetch_add(1, Ordering::Relaxed) + 1;
+            match self
+                .handle(
+                    msg,
+                    command_id,
+                    rid,
+                    i64::try_from(n).unwrap_or(i64::MAX),
+                    None,
+                )
+                .await
+            {
+                Verdict::Retry(e) => Err(e),
+                other => Ok(other),
+            }
+        };
+        once.retry(redelivery_backoff().with_max_times(5))
+            .await
+            .unwrap_or_else(Verdict::Retry)
+    }
+
+    /// Settles a verdict: announces it (`stored` event, or dead letter and `rejected` event)
+    /// and decides the ack and the reply. `redeliverable` is false in core mode, where a step
+    /// that fails cannot be tried again by a redelivery and is only logged.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        verdict: Verdict,
+        msg: &async_nats::Message,
+        rid: &RequestId,
+        source: &Source,
+        started: Instant,
+        delivered: Option<i64>,
+        redeliverable: bool,
+    ) -> Settled {
+        let retry_delay = redelivery_delay(delivered.unwrap_or(1));
+        match verdict {
+            Verdict::Done(outcome) => {
+                self.metrics.conflicts(outcome.conflicts);
+                let published =
+                    events::publish_stored(&self.client, &self.subjects, &outcome, rid, source)
+                        .await;
+                if let Err(e) = &published {
+                    if redeliverable {
+                        mark(CommandOutcome::Retried, started);
+                        tracing::warn!(error = %e, "stored event not published; redelivering");
+                        return Settled {
+                            outcome: CommandOutcome::Retried,
+                            ack: AckKind::Nak(Some(Duration::from_secs(1))),
+                            reply: Err(WireError::from(&StoreError::Unavailable(e.to_string()))),
+                        };
+                    }
+                    tracing::warn!(error = %e, "stored event not published (core mode: answered anyway)");
+                }
+                let result = mark_stored(&outcome, started);
+                tracing::info!(
+                    revision = outcome.revision,
+                    changed = outcome.changed,
+                    conflicts = outcome.conflicts,
+                    "stored"
+                );
+                Settled {
+                    outcome: result,
+                    ack: AckKind::Ack,
+                    reply: Ok(events::stored_body(&outcome, rid, source)),
+                }
+            }
+            Verdict::Reject(err, run_id) => {
+                let kept = self
+                    .reject(
+                        &msg.subject,
+                        msg.headers.as_ref(),
+                        &msg.payload,
+                        rid,
+                        &err,
+                        run_id.as_ref(),
+                        source,
+                    )
+                    .await;
+                match kept {
+                    Ok(key) => {
+                        mark(CommandOutcome::Rejected, started);
+                        tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected");
+                        Settled {
+                            outcome: CommandOutcome::Rejected,
+                            ack: AckKind::Ack,
+                            reply: Err(err),
+                        }
+                    }
+                    Err(e) if redeliverable => {
+                        mark(CommandOutcome::Retried, started);
+                        tracing::warn!(code = err.code, reason = %err.message, error = %e,
+                            "dead letter not stored; redelivering");
+                        Settled {
+                            outcome: CommandOutcome::Retried,
+                            ack: AckKind::Nak(Some(retry_delay)),
+                            reply: Err(err),
+                        }
+                    }
+                    Err(e) => {
+                        mark(CommandOutcome::Rejected, started);
+                        tracing::error!(code = err.code, reason = %err.message, error = %e,
+                            "command rejected; dead letter not stored");
+                        Settled {
+                            outcome: CommandOutcome::Rejected,
+                            ack: AckKind::Ack,
+                            reply: Err(err),
+                        }
+                    }
+                }
+            }
+            Verdict::Retry(err) if redeliverable => {
+                mark(CommandOutcome::Retried, started);
+                tracing::warn!(code = err.code, error = %err.message, delay = ?retry_delay,
+                    "transient failure; redelivering");
+                Settled {
+                    outcome: CommandOutcome::Retried,
+                    ack: AckKind::Nak(Some(retry_delay)),
+                    reply: Err(err),
+                }
+            }
+            Verdict::Retry(err) => {
+                mark(CommandOutcome::Failed, started);
+                tracing::warn!(code = err.code, error = %err.message,
+                    "transient failure; giving up (core mode has no redelivery)");
+                Settled {
+                    outcome: CommandOutcome::Failed,
+                    ack: AckKind::Ack,
+                    reply: Err(err),
+                }
+            }
+        }
+    }
+
+    /// Core mode: answers on the request's reply subject, if it has one.
+    async fn reply(
+        &self,
+        msg: &async_nats::Message,
+        rid: &RequestId,
+        reply: Result<Bytes, WireError>,
+    ) {
+        let Some(reply_to) = msg.reply.clone() else {
+            return;
+        };
+        let sent = match reply {
+            Ok(body) => {
+                self.client
+                    .publish_with_headers(reply_to, events::ok_headers(rid), body)
+                    .await
+            }
+            Err(err) => {
+                let (h, body) = events::error_reply(&err, rid);
+                self.client.publish_with_headers(reply_to, h, body).await
+            }
+        };
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "reply not sent");
+        }
     }
 
     /// Counts one more "run not found yet" for the message and returns the count so far.
@@ -409,7 +798,7 @@ impl Ingest {
     async fn handle(
         &self,
         msg: &async_nats::Message,
-        command_id: Option<String>,
+        command_id: &CommandId,
         rid: &RequestId,
         delivered: i64,
         seq: Option<u64>,
@@ -430,7 +819,7 @@ impl Ingest {
         let ctx = Context {
             now: Timestamp::now(),
             request_id: rid.clone(),
-            command_id: command_id.and_then(|c| CommandId::parse(&c).ok()),
+            command_id: Some(command_id.clone()),
             stream: seq.map(|seq| StreamPosition {
                 seq,
                 acked_through: self.acked_through.load(Ordering::Relaxed),
@@ -451,8 +840,8 @@ impl Ingest {
             Ok(outcome) => Verdict::Done(outcome),
             Err(StoreError::Rejected(r))
                 if r.code == RejectCode::NotFound
+                    && r.kind == RejectKind::Missing
                     && matches!(kind, CommandKind::PatchMeta | CommandKind::Advisory)
-                    && !r.message.contains("deleted")
                     && self.not_found_attempts(seq, delivered)
                         < self.settings.not_found_retries =>
             {
@@ -526,144 +915,43 @@ impl Ingest {
             .map_err(|e| e.to_string())?;
         Ok(key.to_string())
     }
+}
 
-    /// Core mode: queue subscriptions on the command subjects; replies with the outcome.
-    pub async fn run_core(
-        self: Arc<Self>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<(), IngestError> {
-        let mut subs = Vec::new();
-        for subject in self.subjects.commands() {
-            subs.push(
-                self.client
-                    .queue_subscribe(subject.clone(), "rmos-runs".to_owned())
-                    .await
-                    .map_err(|e| IngestError::Subscribe(format!("{subject}: {e}")))?,
-            );
-        }
-        let stop = async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        };
-        futures::stream::select_all(subs)
-            .take_until(stop)
-            .for_each_concurrent(self.settings.concurrency, |msg| {
-                let this = self.clone();
-                async move { this.process_core(msg).await }
-            })
-            .await;
-        Ok(())
-    }
+/// Aborts a spawned task when dropped (the ack-floor follower of one consumer, so that it
+/// never outlives the ingest loop that started it, even when that loop is restarted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-    async fn process_core(&self, msg: async_nats::Message) {
-        let rid = request_id(msg.headers.as_ref());
-        let mid = msg_id(msg.headers.as_ref());
-        let command_id = mid.clone().or_else(|| {
-            Some(format!(
-                "sha:{}",
-                crate::domain::hashing::sha256_bytes(&msg.payload)
-            ))
-        });
-        let source = Source {
-            subject: msg.subject.to_string(),
-            stream_seq: None,
-            msg_id: mid,
-            delivered: None,
-        };
-        let kind = self.subjects.kind_of(&msg.subject);
-        let _in_flight = self.metrics.command_started();
-        let span = tracing::error_span!("command", request_id = %rid, subject = %msg.subject,
-            run_id = tracing::field::Empty, outcome = tracing::field::Empty,
-            ms = tracing::field::Empty);
-        async {
-            let started = std::time::Instant::now();
-            let mut attempt = 1;
-            let verdict = loop {
-                let v = self
-                    .handle(&msg, command_id.clone(), &rid, attempt, None)
-                    .await;
-                match v {
-                    Verdict::Retry(_) if attempt < 6 => {
-                        tokio::time::sleep(backoff(attempt)).await;
-                        attempt += 1;
-                    }
-                    other => break other,
-                }
-            };
-            let (reply, result): (Result<Bytes, WireError>, _) = match verdict {
-                Verdict::Done(outcome) => {
-                    self.metrics.conflicts(outcome.conflicts);
-                    if let Err(e) = events::publish_stored(
-                        &self.client,
-                        &self.subjects,
-                        &outcome,
-                        &rid,
-                        &source,
-                    )
-                    .await
-                    {
-                        tracing::warn!(error = %e, "stored event not published");
-                    }
-                    let result = mark_stored(&outcome, started);
-                    tracing::info!(
-                        revision = outcome.revision,
-                        changed = outcome.changed,
-                        conflicts = outcome.conflicts,
-                        "stored"
-                    );
-                    (Ok(events::stored_body(&outcome, &rid, &source)), result)
-                }
-                Verdict::Reject(err, run_id) => {
-                    let kept = self
-                        .reject(
-                            &msg.subject,
-                            msg.headers.as_ref(),
-                            &msg.payload,
-                            &rid,
-                            &err,
-                            run_id.as_ref(),
-                            &source,
-                        )
-                        .await;
-                    mark(CommandOutcome::Rejected, started);
-                    match kept {
-                        Ok(key) => {
-                            tracing::warn!(code = err.code, reason = %err.message, dead_letter = %key, "command rejected")
-                        }
-                        Err(e) => {
-                            tracing::error!(code = err.code, reason = %err.message, error = %e,
-                                "command rejected; dead letter not stored")
-                        }
-                    }
-                    (Err(err), CommandOutcome::Rejected)
-                }
-                Verdict::Retry(err) => {
-                    mark(CommandOutcome::Failed, started);
-                    tracing::warn!(code = err.code, error = %err.message, attempts = attempt,
-                        "transient failure; giving up (core mode has no redelivery)");
-                    (Err(err), CommandOutcome::Failed)
-                }
-            };
-            if let Some(reply_to) = msg.reply.clone() {
-                let sent = match reply {
-                    Ok(body) => {
-                        self.client
-                            .publish_with_headers(reply_to, events::ok_headers(&rid), body)
-                            .await
-                    }
-                    Err(err) => {
-                        let (h, body) = events::error_reply(&err, &rid);
-                        self.client.publish_with_headers(reply_to, h, body).await
-                    }
-                };
-                if let Err(e) = sent {
-                    tracing::warn!(error = %e, "reply not sent");
-                }
-            }
-            self.metrics.command_finished(kind, result, started.elapsed());
-        }
-        .instrument(span)
-        .await
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// The identity of a command message for "already applied": its `Nats-Msg-Id` (hashed when
+/// it is not a valid id, so de-duplication still holds), else its stream position (stream
+/// name, the stream's creation time in Unix ms, sequence), else (core NATS, which has
+/// neither) an id of this message alone, so that two publishes of the same payload are two
+/// commands.
+fn command_id(mid: Option<&str>, position: Option<(&str, u64, u64)>) -> CommandId {
+    let text = match (mid, position) {
+        (Some(m), _) => match CommandId::parse(m) {
+            Ok(id) => return id,
+            Err(_) => format!(
+                "msg-sha256:{}",
+                crate::domain::hashing::sha256_bytes(m.as_bytes())
+            ),
+        },
+        (None, Some((stream, epoch, seq))) => format!("js:{stream}@{epoch}:{seq}"),
+        (None, None) => format!("core:{:032x}", rand::random::<u128>()),
+    };
+    // Every form above is printable ASCII well under the length limit.
+    CommandId::parse(&text).unwrap_or_else(|_| unreachable_id())
+}
+
+/// A command id that cannot be formed (never reached: every id built above is valid).
+#[cold]
+fn unreachable_id() -> CommandId {
+    CommandId::parse("invalid").unwrap_or_else(|_| unreachable!("a constant valid id"))
 }
 
 /// Records a command's outcome and elapsed milliseconds on its span (so the line logged next,
@@ -685,8 +973,71 @@ fn mark_stored(outcome: &Outcome, started: std::time::Instant) -> CommandOutcome
     result
 }
 
-/// Redelivery delay after `delivered` attempts: 500 ms doubling, capped at 60 s.
-fn backoff(delivered: i64) -> Duration {
-    let exp = delivered.clamp(1, 8) as u32 - 1;
-    Duration::from_millis(500u64 << exp).min(Duration::from_secs(60))
+/// Redelivery delays: 500 ms doubling, capped at 60 s.
+fn redelivery_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(Duration::from_secs(60))
+        .with_factor(2.0)
+}
+
+/// The delay before redelivering a message delivered `delivered` times.
+fn redelivery_delay(delivered: i64) -> Duration {
+    let n = usize::try_from(delivered.clamp(1, 64) - 1).unwrap_or(0);
+    redelivery_backoff()
+        .without_max_times()
+        .build()
+        .nth(n)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redelivery_delays_double_to_a_cap() {
+        let d: Vec<u64> = [1, 2, 3, 8, 9, 1000]
+            .iter()
+            .map(|n| redelivery_delay(*n).as_millis() as u64)
+            .collect();
+        assert_eq!(d, [500, 1000, 2000, 60_000, 60_000, 60_000]);
+    }
+
+    #[test]
+    fn command_ids() {
+        let id = |mid, pos| command_id(mid, pos).as_str().to_owned();
+        assert_eq!(id(Some("order-7"), Some(("S", 1, 2))), "order-7");
+        // An id the type refuses still de-duplicates, through its hash.
+        let long = "x".repeat(300);
+        let hashed = id(Some(&long), None);
+        assert!(hashed.starts_with("msg-sha256:"), "{hashed}");
+        assert_eq!(hashed, id(Some(&long), Some(("S", 1, 2))));
+        let other = "y".repeat(300);
+        assert_ne!(hashed, id(Some(&other), None));
+        assert_eq!(id(None, Some(("RMOS_RUNS", 17, 5))), "js:RMOS_RUNS@17:5");
+        // A re-created stream (another creation time) never repeats an old id.
+        assert_ne!(
+            id(None, Some(("RMOS_RUNS", 17, 5))),
+            id(None, Some(("RMOS_RUNS", 18, 5)))
+        );
+        // Core NATS: every message is its own command.
+        assert_ne!(id(None, None), id(None, None));
+    }
+
+    #[test]
+    fn stalled_only_after_pending_waited() {
+        let p = IngestProgress::new();
+        assert!(p.stalled(Duration::ZERO).is_none(), "nothing known");
+        p.set_pending(Some(0));
+        assert!(p.stalled(Duration::ZERO).is_none(), "nothing pending");
+        p.set_pending(Some(3));
+        assert!(p.stalled(Duration::ZERO).is_some());
+        assert!(
+            p.stalled(Duration::from_secs(60)).is_none(),
+            "not for long yet"
+        );
+        p.set_pending(None);
+        assert!(p.stalled(Duration::ZERO).is_none(), "unknown again");
+    }
 }

@@ -21,9 +21,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore, watch};
 use tokio::task::JoinHandle;
 
+use super::ingest::IngestProgress;
 use crate::domain::command::CommandKind;
 use crate::domain::ids::RunId;
 use crate::store::{RunStore, StoreError};
+use crate::supervisor::TaskBoard;
 
 /// What became of one command (the `outcome` label of `rmos_commands_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +93,8 @@ const STORE_KINDS: [&str; 6] = [
     "too_large",
     "unusable",
 ];
+/// `task` label values of `rmos_task_restarts_total`: the supervised tasks.
+pub const TASKS: [&str; 3] = ["ingest", "requests", "retention"];
 /// Upper bounds (seconds) of the duration histograms' buckets (`+Inf` is implicit).
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -177,6 +181,8 @@ pub struct Metrics {
     dead_letters: [AtomicU64; CODES.len()],
     store_errors: [AtomicU64; STORE_KINDS.len()],
     in_flight: AtomicI64,
+    broker_state_recreated: AtomicU64,
+    task_restarts: [AtomicU64; TASKS.len()],
 }
 
 impl std::fmt::Debug for Metrics {
@@ -207,6 +213,8 @@ impl Metrics {
             dead_letters: counters(),
             store_errors: counters(),
             in_flight: AtomicI64::new(0),
+            broker_state_recreated: AtomicU64::new(0),
+            task_restarts: counters(),
         })
     }
 
@@ -214,6 +222,11 @@ impl Metrics {
     pub fn command_started(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)
+    }
+
+    /// Commands being processed now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// A command (`None`: not on a command subject) ended with `outcome` after `elapsed`.
@@ -263,6 +276,18 @@ impl Metrics {
             StoreError::Unusable(_) => 5,
         };
         self.store_errors[kind].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The stream or the durable consumer was missing on the broker and was re-created.
+    pub fn broker_state_recreated(&self) {
+        self.broker_state_recreated.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A supervised task (one of [`TASKS`]) ended or panicked and is restarted.
+    pub fn task_restarted(&self, task: &str) {
+        if let Some(i) = TASKS.iter().position(|t| *t == task) {
+            self.task_restarts[i].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// A request on `endpoint` was answered: `error` is the protocol code, `None` for success.
@@ -411,6 +436,30 @@ impl Metrics {
         }
         header(
             &mut out,
+            "rmos_broker_state_recreated_total",
+            "counter",
+            "Times the stream or the durable consumer was found missing on the broker and re-created.",
+        );
+        let _ = writeln!(
+            out,
+            "rmos_broker_state_recreated_total {}",
+            load(&self.broker_state_recreated)
+        );
+        header(
+            &mut out,
+            "rmos_task_restarts_total",
+            "counter",
+            "Supervised tasks (ingest, requests, retention) that ended or panicked and were restarted.",
+        );
+        for (i, task) in TASKS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "rmos_task_restarts_total{{task=\"{task}\"}} {}",
+                load(&self.task_restarts[i])
+            );
+        }
+        header(
+            &mut out,
             "rmos_in_flight_commands",
             "gauge",
             "Commands being processed now.",
@@ -481,22 +530,43 @@ impl Cached {
     }
 }
 
-/// What `/readyz` checks: the broker connection, the stream (JetStream mode) and the store.
+/// What `/readyz` checks: the supervised tasks, the broker connection, the stream and the
+/// durable consumer (JetStream mode), that ingest consumes while commands wait, and the store.
 pub struct Health {
     client: Client,
     store: RunStore,
-    stream: Option<String>,
+    jetstream: Option<JetStreamCheck>,
+    tasks: Arc<TaskBoard>,
     stream_check: Cached,
     store_check: Cached,
 }
 
+/// What `/readyz` checks in JetStream mode.
+pub struct JetStreamCheck {
+    /// The stream.
+    pub stream: String,
+    /// The durable consumer.
+    pub consumer: String,
+    /// Ingest's progress (the pending count is also recorded there by this check).
+    pub progress: Arc<IngestProgress>,
+    /// Not ready when nothing was consumed for this long while commands waited.
+    pub stall_after: Duration,
+}
+
 impl Health {
-    /// Checks over `client` and `store`; `stream` is the stream to look up (JetStream mode).
-    pub fn new(client: Client, store: RunStore, stream: Option<String>) -> Self {
+    /// Checks over `client` and `store`; `jetstream` in JetStream mode; `tasks` is the
+    /// supervisor's board.
+    pub fn new(
+        client: Client,
+        store: RunStore,
+        jetstream: Option<JetStreamCheck>,
+        tasks: Arc<TaskBoard>,
+    ) -> Self {
         Self {
             client,
             store,
-            stream,
+            jetstream,
+            tasks,
             stream_check: Cached::default(),
             store_check: Cached::default(),
         }
@@ -507,19 +577,22 @@ impl Health {
         let state = self.client.connection_state();
         let connected = state == State::Connected;
         let stream = async {
-            match &self.stream {
+            match &self.jetstream {
                 None => Ok(()),
-                Some(name) if connected => {
+                Some(js) if connected => {
                     self.stream_check
-                        .get(|| stream_reachable(&self.client, name))
+                        .get(|| consumer_reachable(&self.client, js))
                         .await
                 }
-                Some(name) => Err(format!("stream {name}: not checked, broker not connected")),
+                Some(js) => Err(format!(
+                    "stream {}: not checked, broker not connected",
+                    js.stream
+                )),
             }
         };
         let store = self.store_check.get(|| store_writable(&self.store));
         let (stream, store) = tokio::join!(stream, store);
-        let mut reasons = Vec::new();
+        let mut reasons = self.tasks.not_ready();
         if !connected {
             let state = match state {
                 State::Pending => "connecting",
@@ -528,6 +601,9 @@ impl Health {
             reasons.push(format!("broker: {state}"));
         }
         reasons.extend(stream.err());
+        if let Some(js) = &self.jetstream {
+            reasons.extend(js.progress.stalled(js.stall_after));
+        }
         reasons.extend(store.err());
         reasons.into_iter().map(|r| one_line(&r)).collect()
     }
@@ -539,14 +615,38 @@ fn one_line(s: &str) -> String {
         .collect()
 }
 
-async fn stream_reachable(client: &Client, name: &str) -> Result<(), String> {
-    let js = async_nats::jetstream::new(client.clone());
-    match tokio::time::timeout(STREAM_TIMEOUT, js.get_stream(name)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("stream {name}: {e}")),
-        Err(_) => Err(format!(
-            "stream {name}: no answer within {STREAM_TIMEOUT:?}"
-        )),
+/// Reads the durable consumer's info: proves the stream and the consumer exist, and records
+/// its undelivered count for the stall check.
+async fn consumer_reachable(client: &Client, js: &JetStreamCheck) -> Result<(), String> {
+    let ctx = async_nats::jetstream::new(client.clone());
+    let (stream, consumer) = (&js.stream, &js.consumer);
+    let info = async {
+        ctx.get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            consumer, stream,
+        )
+        .await
+        .map(|c| c.cached_info().clone())
+        .map_err(async_nats::Error::from)
+    };
+    let result: Result<async_nats::jetstream::consumer::Info, async_nats::Error> =
+        match tokio::time::timeout(STREAM_TIMEOUT, info).await {
+            Ok(r) => r,
+            Err(_) => {
+                js.progress.set_pending(None);
+                return Err(format!(
+                    "stream {stream}: no answer within {STREAM_TIMEOUT:?}"
+                ));
+            }
+        };
+    match result {
+        Ok(info) => {
+            js.progress.set_pending(Some(info.num_pending));
+            Ok(())
+        }
+        Err(e) => {
+            js.progress.set_pending(None);
+            Err(format!("stream {stream} / consumer {consumer}: {e}"))
+        }
     }
 }
 

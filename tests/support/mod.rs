@@ -19,6 +19,7 @@
 
 pub mod worker;
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,67 @@ const START_ATTEMPTS: usize = 3;
 pub fn free_port() -> u16 {
     let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
+}
+
+/// Polls `check` every 50 ms until it returns `Ok`; panics with its last complaint after
+/// `timeout`. The one way the tests wait for a condition (never a fixed sleep).
+pub async fn eventually(timeout: Duration, mut check: impl AsyncFnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(why) if Instant::now() >= deadline => panic!("after {timeout:?}: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// `Ok` when `cond` holds, else `Err(why())`: turns a condition into an [`eventually`] check.
+pub fn ensure(cond: bool, why: impl FnOnce() -> String) -> Result<(), String> {
+    if cond { Ok(()) } else { Err(why()) }
+}
+
+/// One HTTP/1.1 exchange with a worker's metrics endpoint: (status, body).
+pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    sock.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut raw))
+        .await
+        .expect("response within 10s (Connection: close)")
+        .expect("read response");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line: {head}"));
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("connection: close"), "{head}");
+    if method != "HEAD" {
+        assert!(
+            lower.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+    }
+    (status, body.to_owned())
+}
+
+/// A worker's `/metrics` as series → value (`name{labels}` exactly as exposed).
+pub async fn scrape(port: u16) -> HashMap<String, f64> {
+    let (status, body) = http(port, "GET", "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, v) = l.rsplit_once(' ').expect(l);
+            (series.to_owned(), v.parse::<f64>().expect(l))
+        })
+        .collect()
 }
 
 /// Install a tracing subscriber for tests once per process (later calls are no-ops).
@@ -1019,7 +1081,7 @@ impl Drop for ToggleProxy {
 /// A tmpfs of a fixed size mounted on a fresh temp dir; unmounted on Drop.
 ///
 /// Needs `CAP_SYS_ADMIN` (root outside a restricted container); [`TmpfsMount::try_mount`]
-/// reports why it cannot mount so the caller can skip.
+/// reports why it cannot mount, so the caller fails with the reason.
 pub struct TmpfsMount {
     dir: Option<tempfile::TempDir>,
 }

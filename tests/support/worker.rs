@@ -289,6 +289,31 @@ impl Env {
         body
     }
 
+    /// The default durable consumer's info.
+    pub async fn consumer_info(&self) -> jetstream::consumer::Info {
+        let mut consumer: jetstream::consumer::PullConsumer = self
+            .js
+            .get_consumer_from_stream("rmos-runs-worker", "RMOS_RUNS")
+            .await
+            .expect("consumer");
+        consumer.info().await.expect("consumer info").clone()
+    }
+
+    /// Waits until every message of the stream was delivered and settled (nothing pending,
+    /// nothing awaiting an ack): no outcome can still be on its way.
+    pub async fn consumer_settled(&self, timeout: Duration) {
+        super::eventually(timeout, async || {
+            let info = self.consumer_info().await;
+            super::ensure(info.num_pending == 0 && info.num_ack_pending == 0, || {
+                format!(
+                    "consumer: {} pending, {} awaiting ack",
+                    info.num_pending, info.num_ack_pending
+                )
+            })
+        })
+        .await;
+    }
+
     /// The number of `run_*.json` files at the top of the store directory.
     pub fn run_files(&self) -> usize {
         std::fs::read_dir(self.runs_dir())

@@ -380,11 +380,11 @@ pub(crate) fn live<'a>(
 ) -> Result<&'a super::artifact::RunArtifact, Rejection> {
     match current {
         Some(StoredRecord::Live(a)) => Ok(a),
-        Some(StoredRecord::Deleted(t)) => Err(Rejection::not_found(format!(
+        Some(StoredRecord::Deleted(t)) => Err(Rejection::deleted(format!(
             "run {run_id} was deleted at {} ({})",
             t.deleted_at_utc, t.reason
         ))),
-        None => Err(Rejection::not_found(format!("run {run_id} does not exist"))),
+        None => Err(Rejection::missing(format!("run {run_id} does not exist"))),
     }
 }
 
