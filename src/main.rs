@@ -372,6 +372,7 @@ fn print_config(cfg: &Config) {
         "nats_ca": cfg.nats_ca, "nats_cert": cfg.nats_cert, "nats_key": cfg.nats_key,
         "store_url": cfg.store_url.to_string(),
         "subject_prefix": cfg.subject_prefix,
+        "inbox_prefix": cfg.inbox_prefix,
         "ingest": match cfg.ingest { IngestMode::JetStream => "jetstream", IngestMode::Core => "core" },
         "stream": cfg.stream, "consumer": cfg.consumer,
         "concurrency": cfg.concurrency,
@@ -468,7 +469,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             stop_rx.clone(),
         ))
     });
-    tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix,
+    tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix, inbox = %cfg.inbox_prefix,
         ingest = ?cfg.ingest, "rmos-runs worker ready");
 
     shutdown_signal().await;

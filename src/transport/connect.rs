@@ -48,6 +48,9 @@ async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectErro
         o = o.add_client_certificate(cert.clone(), key.clone());
     }
     Ok(o.name(name)
+        // Replies, PubAcks and pulled messages arrive under this prefix; the broker may allow
+        // this client no other inbox (deploy/nats/permissions.conf).
+        .custom_inbox_prefix(&cfg.inbox_prefix)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None))
 }

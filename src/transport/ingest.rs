@@ -642,7 +642,14 @@ impl Ingest {
                     (Err(err), CommandOutcome::Failed)
                 }
             };
-            if let Some(reply_to) = msg.reply.clone() {
+            let refused = msg
+                .reply
+                .as_ref()
+                .and_then(|r| self.subjects.refused_reply(r.as_str()));
+            if let (Some(reply_to), Some(why)) = (&msg.reply, refused) {
+                // Handled and announced by its event as usual; only the direct reply is not sent.
+                tracing::warn!(reply = %reply_to, reason = why, "outcome not sent as a reply");
+            } else if let Some(reply_to) = msg.reply.clone() {
                 let sent = match reply {
                     Ok(body) => {
                         self.client
