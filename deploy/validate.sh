@@ -104,6 +104,10 @@ def check_env(where, env):
 compose = yaml.safe_load(open("docker-compose.yml"))
 for name, svc in compose["services"].items():
     check_env(f"docker-compose.yml {name}", svc.get("environment") or {})
+    # Before 2.12 a publisher's PubAck can be aimed at the JetStream API (docs/security.md).
+    m = re.fullmatch(r"nats:(\d+)\.(\d+)[\w.-]*", svc.get("image", ""))
+    if m and (int(m[1]), int(m[2])) < (2, 12):
+        fail.append(f"docker-compose.yml {name}: {svc['image']} is older than nats-server 2.12")
 for d in yaml.safe_load_all(open("deploy/k8s/deployment.yaml")):
     if d and d.get("kind") == "Deployment":
         for c in d["spec"]["template"]["spec"]["containers"]:

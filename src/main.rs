@@ -405,6 +405,11 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             code: EXIT_UNREACHABLE,
             message: e.to_string(),
         })?;
+    if cfg.ingest == IngestMode::JetStream
+        && let Some(warning) = connect::server_version_warning(&client.server_info().version)
+    {
+        tracing::warn!("{warning}");
+    }
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();

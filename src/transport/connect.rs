@@ -55,6 +55,35 @@ async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectErro
         .max_reconnects(None))
 }
 
+/// The oldest nats-server whose JetStream API ignores a PubAck aimed at it.
+pub const MIN_SAFE_SERVER: (u32, u32) = (2, 12);
+
+/// A warning when the broker's version (`2.11.11`) is older than [`MIN_SAFE_SERVER`].
+///
+/// Up to 2.11 (measured: 2.9.10, 2.10.25, 2.11.11; 2.12.0 and later are not affected) the
+/// server delivers a stream's PubAck to whatever reply subject the publisher named, and the
+/// JetStream API acts on it: a client allowed to publish one command can purge the pending
+/// commands of the stream by naming `$JS.API.STREAM.PURGE.<stream>` as its reply subject. No
+/// permission can forbid a reply subject, so the remedy is the server version.
+pub fn server_version_warning(version: &str) -> Option<String> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return Some(format!(
+            "nats-server version {version:?} not understood; 2.12 or later is needed so that \
+             no publisher can purge the stream through its PubAck"
+        ));
+    };
+    ((major, minor) < MIN_SAFE_SERVER).then(|| {
+        format!(
+            "nats-server {version} lets any publisher purge the stream's pending commands by \
+             aiming its PubAck at the JetStream API; upgrade the broker to 2.12 or later"
+        )
+    })
+}
+
 /// Connects, retrying until `cfg.connect_timeout` has passed.
 pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
     let urls = cfg.nats_urls.join(",");
@@ -89,5 +118,21 @@ pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_version_warning;
+
+    #[test]
+    fn brokers_before_2_12_are_warned_about() {
+        for old in ["2.9.10", "2.10.25", "2.11.11", "v2.11.0"] {
+            assert!(server_version_warning(old).is_some(), "{old}");
+        }
+        for new in ["2.12.0", "2.12.8", "2.15.1", "3.0.0", "2.14.0-beta.1"] {
+            assert_eq!(server_version_warning(new), None, "{new}");
+        }
+        assert!(server_version_warning("unknown").is_some());
     }
 }
