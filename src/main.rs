@@ -52,11 +52,29 @@ enum Cmd {
         #[arg(long)]
         include_outputs: bool,
     },
-    /// List runs.
+    /// List runs (newest first unless told otherwise).
     List {
-        /// Page size.
+        /// Page size (with --all: runs fetched per request, default 1000).
         #[arg(long)]
         limit: Option<usize>,
+        /// Oldest first.
+        #[arg(long, conflicts_with_all = ["newest", "order"])]
+        oldest: bool,
+        /// Newest first (the default).
+        #[arg(long, conflicts_with = "order")]
+        newest: bool,
+        /// Order: newest, oldest or id.
+        #[arg(long, value_parser = ["newest", "oldest", "id"])]
+        order: Option<String>,
+        /// Only this risk level (GREEN, YELLOW, RED, UNKNOWN, ERROR).
+        #[arg(long)]
+        risk_level: Option<String>,
+        /// Only this explanation status (NONE, PENDING, READY, ERROR).
+        #[arg(long)]
+        explanation_status: Option<String>,
+        /// Every page, one run summary per line (JSON lines), for exports.
+        #[arg(long, conflicts_with = "cursor")]
+        all: bool,
         /// Continue from a previous page's cursor.
         #[arg(long)]
         cursor: Option<String>,
@@ -122,7 +140,13 @@ enum Cmd {
         #[arg(long)]
         overwrite: bool,
     },
-    /// Import a data directory written by the seed's Python store.
+    /// Rebuild the listing index from the records (online, idempotent), or check it.
+    Reindex {
+        /// Only report drift between the index and the records (exit 1 when there is any).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Import a JSON data directory of the original FastAPI service.
     Import {
         /// The directory of <run_id>.json files.
         #[arg(long)]
@@ -214,6 +238,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::List {
             limit,
+            oldest,
+            newest,
+            order,
+            risk_level,
+            explanation_status,
+            all,
             cursor,
             mode,
             tool_id,
@@ -221,27 +251,42 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             since,
             until,
         } => {
+            let order = match (oldest, newest) {
+                (true, _) => Some("oldest".to_owned()),
+                (_, true) => Some("newest".to_owned()),
+                _ => order,
+            };
             let mut q = serde_json::Map::new();
-            let mut put = |k: &str, v: Option<serde_json::Value>| {
+            let mut put = |k: &str, v: Option<String>| {
                 if let Some(v) = v {
-                    q.insert(k.to_owned(), v);
+                    q.insert(k.to_owned(), v.into());
                 }
             };
-            put("limit", limit.map(Into::into));
-            put("cursor", cursor.map(Into::into));
-            put("mode", mode.map(Into::into));
-            put("tool_id", tool_id.map(Into::into));
-            put("status", status.map(Into::into));
-            put("since", since.map(Into::into));
-            put("until", until.map(Into::into));
-            request(
-                &cfg,
-                "list",
-                serde_json::Value::Object(q).to_string(),
-                timeout,
-                cli.json,
-            )
-            .await
+            put("cursor", cursor);
+            put("order", order);
+            put("mode", mode);
+            put("tool_id", tool_id);
+            put("status", status);
+            put("risk_level", risk_level);
+            put("explanation_status", explanation_status);
+            put("since", since);
+            put("until", until);
+            if all {
+                q.insert("limit".into(), limit.unwrap_or(1000).into());
+                list_all(&cfg, q, timeout).await
+            } else {
+                if let Some(limit) = limit {
+                    q.insert("limit".into(), limit.into());
+                }
+                request(
+                    &cfg,
+                    "list",
+                    serde_json::Value::Object(q).to_string(),
+                    timeout,
+                    cli.json,
+                )
+                .await
+            }
         }
         Cmd::Verify { run_id } => {
             let body = serde_json::json!({"run_id": run_id});
@@ -292,6 +337,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let dst = open_store(&cfg.store_url, &cfg, true).await?;
             let r = maintenance::transfer(&src, &dst, &TransferOptions { overwrite }).await?;
             print_report(&r, r.ok(), cli.json, "restore")
+        }
+        Cmd::Reindex { check } => {
+            let store = open_store(&cfg.store_url, &cfg, !check).await?;
+            let r = store.reindex(check).await.map_err(|e| anyhow!(e))?;
+            print_report(&r, r.consistent() || !check, cli.json, "reindex")
         }
         Cmd::Import { from_dir } => {
             let store = open_store(&cfg.store_url, &cfg, true).await?;
@@ -399,6 +449,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         .probe()
         .await
         .map_err(|e| anyhow!("store {}: {e}", cfg.store_url))?;
+    spawn_index_build(&store).await?;
     let client = connect::connect(&cfg, "rmos-runs worker")
         .await
         .map_err(|e| Failure {
@@ -498,6 +549,36 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A store without a complete index (one written before the index existed, or the JSON data
+/// directory of the original FastAPI service) gets it built in the background; listings say
+/// `index_complete: false` until then. A new, empty store is complete at once.
+async fn spawn_index_build(store: &RunStore) -> Result<(), Failure> {
+    if store
+        .index_complete()
+        .await
+        .map_err(|e| anyhow!("store {}: {e}", store.url()))?
+    {
+        return Ok(());
+    }
+    let store = store.clone();
+    tokio::spawn(async move {
+        tracing::warn!(store = %store.url(), "the listing index is incomplete: building it");
+        match store.reindex(false).await {
+            Ok(r) => tracing::info!(
+                records = r.records,
+                live = r.live,
+                written = r.missing,
+                removed = r.stale,
+                "listing index built"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "building the listing index failed; run `rmos-runs reindex`")
+            }
+        }
+    });
+    Ok(())
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -582,6 +663,60 @@ async fn request(
         });
     }
     print_value(&text, json);
+    Ok(())
+}
+
+/// `list --all`: follows `next_cursor` to the end, printing one summary per line as it goes
+/// (memory stays one page, whatever the store's size).
+async fn list_all(
+    cfg: &Config,
+    mut q: serde_json::Map<String, serde_json::Value>,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    let client = client_connect(cfg).await?;
+    let subjects = Subjects::new(cfg.subject_prefix.clone());
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let req = async_nats::Request::new()
+            .payload(serde_json::Value::Object(q.clone()).to_string().into())
+            .timeout(Some(timeout));
+        let reply = client
+            .send_request(subjects.sub("list"), req)
+            .await
+            .map_err(|e| Failure {
+                code: EXIT_UNREACHABLE,
+                message: format!("list: {e}"),
+            })?;
+        if let Some(status) = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error-Code"))
+        {
+            let message = reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error"))
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            return Err(Failure {
+                code: code_for(status.as_str()),
+                message,
+            });
+        }
+        let page: serde_json::Value =
+            serde_json::from_slice(&reply.payload).map_err(|e| anyhow!("list reply: {e}"))?;
+        for run in page["runs"].as_array().into_iter().flatten() {
+            writeln!(out, "{run}").map_err(|e| anyhow!("stdout: {e}"))?;
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                q.insert("cursor".into(), c.into());
+            }
+            None => break,
+        }
+    }
+    out.flush().map_err(|e| anyhow!("stdout: {e}"))?;
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use rmos_runs::domain::command::{Command, CommandKind, Context, Limits};
 use rmos_runs::domain::error::RejectCode;
 use rmos_runs::domain::ids::{CommandId, RunId};
 use rmos_runs::domain::verify::CheckStatus;
-use rmos_runs::store::{ListQuery, OpenOptions, Outcome, RunStore, StoreError, StoreUrl};
+use rmos_runs::store::RunSummary;
+use rmos_runs::store::{ListQuery, OpenOptions, Order, Outcome, RunStore, StoreError, StoreUrl};
 use serde_json::{Value, json};
 
 /// Keeps whatever backs a store (temp dir, S3 server) alive for the test's duration.
@@ -308,6 +309,7 @@ async fn listing_pages_and_filters(store: RunStore) {
     let mut seen = Vec::new();
     let mut q = ListQuery {
         limit: Some(5),
+        order: Some(Order::Id),
         ..Default::default()
     };
     loop {
@@ -469,6 +471,439 @@ async fn get_bytes_serves_what_is_stored(store: RunStore) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The listing index
+// ---------------------------------------------------------------------------------------------
+
+/// A create stamped at `at` (the worker stamps the time it applies a command).
+async fn create_at(store: &RunStore, body: Value, at: &str) {
+    let ctx = Context {
+        now: at.parse().unwrap(),
+        ..Context::now()
+    };
+    store
+        .execute(&cmd(CommandKind::Create, body), &ctx)
+        .await
+        .unwrap();
+}
+
+/// Every page of `q`, concatenated; panics on a repeated run.
+async fn walk(store: &RunStore, mut q: ListQuery) -> Vec<RunSummary> {
+    let mut out: Vec<RunSummary> = Vec::new();
+    for _ in 0..10_000 {
+        let page = store.list(&q).await.unwrap();
+        assert!(page.runs.len() <= q.limit.unwrap_or(50));
+        out.extend(page.runs);
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => return out,
+        }
+    }
+    panic!("listing did not end");
+}
+
+/// The order a listing must have, computed from the runs themselves.
+fn model_order(order: Order, runs: &mut [RunSummary]) {
+    let ms = |r: &RunSummary| r.created_at_utc.0.timestamp_millis();
+    match order {
+        Order::Newest => runs.sort_by(|a, b| ms(b).cmp(&ms(a)).then(a.run_id.cmp(&b.run_id))),
+        Order::Oldest => runs.sort_by(|a, b| ms(a).cmp(&ms(b)).then(b.run_id.cmp(&a.run_id))),
+        Order::Id => runs.sort_by(|a, b| a.run_id.cmp(&b.run_id)),
+    }
+}
+
+fn model_matches(r: &RunSummary, q: &ListQuery) -> bool {
+    q.mode.as_ref().is_none_or(|m| *m == r.mode)
+        && q.tool_id.as_ref().is_none_or(|t| *t == r.tool_id)
+        && q.status.is_none_or(|s| s == r.status)
+        && q.risk_level.is_none_or(|s| Some(s) == r.risk_level)
+        && q.explanation_status
+            .is_none_or(|s| s == r.explanation_status)
+        && q.since.is_none_or(|s| r.created_at_utc >= s)
+        && q.until.is_none_or(|u| r.created_at_utc < u)
+}
+
+/// Random runs (times spread over days, with collisions to the millisecond and below),
+/// patched, explained and deleted at random; then random queries in every order, paged with
+/// random page sizes, against the same runs read back one by one.
+async fn index_matches_a_model(store: RunStore) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x1d3a);
+    let n = if store.url().starts_with("s3") {
+        80
+    } else {
+        240
+    };
+    let modes = ["cam", "saw", "drill"];
+    let tools = ["T1", "T2", "T3.a", "T4:b/c", "T5"];
+    let statuses = ["OK", "BLOCKED", "ERROR"];
+    let risks = [Some("GREEN"), Some("YELLOW"), Some("RED"), None];
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = run_id(0x1000 + i);
+        let mut body = json!({"mode": modes[rng.random_range(0..3)],
+            "tool_id": tools[rng.random_range(0..5)],
+            "status": statuses[rng.random_range(0..3)], "run_id": id.as_str()});
+        if let Some(r) = risks[rng.random_range(0..4)] {
+            body["decision"] = json!({"risk_level": r});
+        }
+        // A few distinct instants, so that many runs share a millisecond.
+        let secs = rng.random_range(0..5) * 86_400 + rng.random_range(0..3) * 3_600;
+        let frac = ["", ".5", ".500001", ".999"][rng.random_range(0..4)];
+        let at = chrono::DateTime::from_timestamp(1_790_000_000 + secs, 0).unwrap();
+        create_at(
+            &store,
+            body,
+            &format!("{}{frac}Z", at.format("%Y-%m-%dT%H:%M:%S")),
+        )
+        .await;
+        ids.push(id);
+    }
+    let mut live: Vec<RunId> = Vec::new();
+    for id in &ids {
+        match rng.random_range(0..6) {
+            0 => {
+                store
+                    .execute(
+                        &cmd(
+                            CommandKind::Delete,
+                            json!({"run_id": id.as_str(), "reason": "t"}),
+                        ),
+                        &ctx(),
+                    )
+                    .await
+                    .unwrap();
+                continue;
+            }
+            1 => {
+                let body = json!({"run_id": id.as_str(), "meta_updates": {"k": 1}});
+                store
+                    .execute(&cmd(CommandKind::PatchMeta, body), &ctx())
+                    .await
+                    .unwrap();
+            }
+            2 => {
+                let status = ["PENDING", "READY", "ERROR"][rng.random_range(0..3)];
+                let body = json!({"run_id": id.as_str(), "kind": "explanation",
+                    "engine_id": "e", "engine_version": "1", "body": {"text": "x"},
+                    "explanation_status": status});
+                store
+                    .execute(&cmd(CommandKind::Advisory, body), &ctx())
+                    .await
+                    .unwrap();
+            }
+            _ => {}
+        }
+        live.push(id.clone());
+    }
+    let mut all: Vec<RunSummary> = Vec::new();
+    for id in &live {
+        all.push(RunSummary::from(&store.get(id).await.unwrap()));
+    }
+    let pick = |rng: &mut rand::rngs::StdRng, p: f64| rng.random_bool(p);
+    for round in 0..40 {
+        let order = [Order::Newest, Order::Oldest, Order::Id][round % 3];
+        let mut q = ListQuery {
+            limit: Some(rng.random_range(1..=25)),
+            order: Some(order),
+            ..Default::default()
+        };
+        if pick(&mut rng, 0.3) {
+            q.mode = Some(modes[rng.random_range(0..3)].parse().unwrap());
+        }
+        if pick(&mut rng, 0.4) {
+            q.tool_id = Some(tools[rng.random_range(0..5)].parse().unwrap());
+        }
+        if pick(&mut rng, 0.3) {
+            q.status = Some(statuses[rng.random_range(0..3)].parse().unwrap());
+        }
+        if pick(&mut rng, 0.2) {
+            q.risk_level = Some(
+                ["GREEN", "YELLOW", "RED"][rng.random_range(0..3)]
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        if pick(&mut rng, 0.2) {
+            q.explanation_status = Some(
+                ["NONE", "PENDING", "READY"][rng.random_range(0..3)]
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        let t = |rng: &mut rand::rngs::StdRng| {
+            let at =
+                1_790_000_000 + rng.random_range(0..6) * 86_400 + rng.random_range(0..3) * 3_600;
+            chrono::DateTime::from_timestamp(at, 500_000_000).unwrap()
+        };
+        if pick(&mut rng, 0.3) {
+            q.since = Some(rmos_runs::domain::artifact::Timestamp(t(&mut rng)));
+        }
+        if pick(&mut rng, 0.3) {
+            q.until = Some(rmos_runs::domain::artifact::Timestamp(t(&mut rng)));
+        }
+        if let (Some(s), Some(u)) = (q.since, q.until)
+            && s >= u
+        {
+            assert!(store.list(&q).await.is_err(), "since >= until accepted");
+            q.since = None;
+        }
+        let mut want: Vec<RunSummary> = all
+            .iter()
+            .filter(|r| model_matches(r, &q))
+            .cloned()
+            .collect();
+        model_order(order, &mut want);
+        let got = walk(&store, q.clone()).await;
+        assert_eq!(got, want, "round {round}: {q:?}");
+    }
+    // A cursor continues only its own listing.
+    let first = store
+        .list(&ListQuery {
+            limit: Some(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let other = ListQuery {
+        limit: Some(2),
+        cursor: first.next_cursor.clone(),
+        status: Some("OK".parse().unwrap()),
+        ..Default::default()
+    };
+    match store.list(&other).await {
+        Err(StoreError::Rejected(r)) => assert!(r.message.contains("cursor"), "{r}"),
+        other => panic!("cursor of another listing accepted: {other:?}"),
+    }
+    // A version 1 cursor (a run id) continues in run id order.
+    let after = store
+        .list(&ListQuery {
+            limit: Some(3),
+            cursor: Some(live[0].to_string()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(after.runs.iter().all(|r| r.run_id > live[0]));
+    let report = store.reindex(true).await.unwrap();
+    assert!(report.consistent(), "{report:?}");
+    assert_eq!(report.live, live.len());
+}
+
+/// Runs created and deleted while a client pages through the rest: every run that exists
+/// throughout is listed exactly once, in every order.
+async fn index_pages_hold_under_concurrent_changes(store: RunStore) {
+    let n = if store.url().starts_with("s3") {
+        30
+    } else {
+        120
+    };
+    let stable: Vec<RunId> = (0..n).map(|i| run_id(0x2000 + i)).collect();
+    for (i, id) in stable.iter().enumerate() {
+        let at = format!("2026-03-01T00:00:{:02}.{:03}Z", i % 60, i % 7);
+        create_at(&store, create_body(id.as_str(), "T9"), &at).await;
+    }
+    // Runs that come and go meanwhile, at times inside and around the stable ones'.
+    let churn: Vec<RunId> = (0..n).map(|i| run_id(0x3000 + i)).collect();
+    for (i, id) in churn.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let at = format!("2026-03-01T00:00:{:02}.{:03}Z", i % 60, 3);
+        create_at(&store, create_body(id.as_str(), "T9"), &at).await;
+    }
+    for order in [Order::Newest, Order::Oldest, Order::Id] {
+        let changer = {
+            let store = store.clone();
+            let churn = churn.clone();
+            let stable = stable.clone();
+            tokio::spawn(async move {
+                for (i, id) in churn.iter().enumerate() {
+                    let exists = store.get(id).await.is_ok();
+                    if exists {
+                        let body = json!({"run_id": id.as_str(), "reason": "churn"});
+                        store
+                            .execute(&cmd(CommandKind::Delete, body), &ctx())
+                            .await
+                            .unwrap();
+                    } else if store.load(id).await.unwrap().is_none() {
+                        let at = format!("2026-03-01T00:00:{:02}.{:03}Z", i % 60, 5);
+                        create_at(&store, create_body(id.as_str(), "T9"), &at).await;
+                    }
+                    // Patches move a run's entries: they must neither hide nor repeat it.
+                    let body = json!({"run_id": stable[i % stable.len()].as_str(),
+                                      "meta_updates": {"i": i}});
+                    store
+                        .execute(&cmd(CommandKind::PatchMeta, body), &ctx())
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let mut seen: Vec<RunId> = Vec::new();
+        let mut q = ListQuery {
+            limit: Some(7),
+            order: Some(order),
+            ..Default::default()
+        };
+        loop {
+            let page = store.list(&q).await.unwrap();
+            seen.extend(page.runs.iter().map(|r| r.run_id.clone()));
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => break,
+            }
+            tokio::task::yield_now().await;
+        }
+        changer.await.unwrap();
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "{order}: a run was listed twice");
+        for id in &stable {
+            assert!(seen.contains(id), "{order}: {id} skipped");
+        }
+    }
+    let report = store.reindex(true).await.unwrap();
+    assert!(report.consistent(), "{report:?}");
+}
+
+/// The states a crash can leave between a command's index entries and its record, and what
+/// brings the index back in line: the redelivery of the command, or `reindex`.
+async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore) {
+    use rmos_runs::store::index::entry_keys;
+    let put_raw = |key: String| {
+        let store = store.clone();
+        async move {
+            store
+                .object_store()
+                .put(
+                    &object_store::path::Path::from(key.as_str()),
+                    PutPayload::new(),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let prefixed = |rel: &str| {
+        if store.url().starts_with("s3") {
+            format!("runs/{rel}")
+        } else {
+            rel.to_owned()
+        }
+    };
+    // 1. A create died after its entries, before its record: the redelivered create (stamped
+    //    later) must leave one entry set, the record's.
+    let id = run_id(0x4001);
+    let body = create_body(id.as_str(), "T1");
+    let ghost_ctx = Context {
+        now: "2026-04-01T00:00:00Z".parse().unwrap(),
+        ..Context::now()
+    };
+    let ghost = match cmd(CommandKind::Create, body.clone())
+        .decide(None, &ghost_ctx)
+        .unwrap()
+    {
+        rmos_runs::domain::command::Decision::Write { record, .. } => record,
+        other => panic!("{other:?}"),
+    };
+    let StoredRecord::Live(ghost) = ghost else {
+        panic!("tombstone")
+    };
+    for k in entry_keys(&RunSummary::from(ghost.as_ref())) {
+        put_raw(prefixed(&k)).await;
+    }
+    let redelivery = Context {
+        now: "2026-04-01T00:00:31Z".parse().unwrap(),
+        redelivered: true,
+        ..Context::now()
+    };
+    store
+        .execute(&cmd(CommandKind::Create, body), &redelivery)
+        .await
+        .unwrap();
+    let all = walk(
+        &store,
+        ListQuery {
+            limit: Some(10),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0].created_at_utc.to_string(), "2026-04-01T00:00:31Z");
+    assert!(store.reindex(true).await.unwrap().consistent());
+
+    // 2. A patch died after its record, before removing its old entries: the redelivery finds
+    //    the patch applied and drops them.
+    let a = store.get(&id).await.unwrap();
+    let old = entry_keys(&RunSummary::from(&a));
+    let patch = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"x": 1}}),
+    );
+    store.execute(&patch, &ctx_with_id("p-1")).await.unwrap();
+    for k in &old {
+        put_raw(prefixed(k)).await;
+    }
+    assert!(
+        !store.reindex(true).await.unwrap().consistent(),
+        "stale entries not reported"
+    );
+    let again = Context {
+        redelivered: true,
+        ..ctx_with_id("p-1")
+    };
+    assert!(!store.execute(&patch, &again).await.unwrap().changed);
+    assert!(store.reindex(true).await.unwrap().consistent());
+    let page = store.list(&ListQuery::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 1);
+    assert_eq!(page.runs[0].revision, 2);
+
+    // 3. Entries lost (or a store from before the index): reindex writes them, and says so;
+    //    a second pass has nothing to do.
+    for k in entry_keys(&page.runs[0]) {
+        store
+            .object_store()
+            .delete(&object_store::path::Path::from(prefixed(&k).as_str()))
+            .await
+            .unwrap();
+    }
+    assert!(
+        store
+            .list(&ListQuery::default())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    let fixed = store.reindex(false).await.unwrap();
+    assert_eq!(fixed.missing, 3, "{fixed:?}");
+    assert!(store.reindex(true).await.unwrap().consistent());
+    assert_eq!(
+        store.list(&ListQuery::default()).await.unwrap().runs.len(),
+        1
+    );
+
+    // 4. Deleted: no entry left.
+    store
+        .execute(
+            &cmd(
+                CommandKind::Delete,
+                json!({"run_id": id.as_str(), "reason": "t"}),
+            ),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list(&ListQuery::default())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    assert!(store.reindex(true).await.unwrap().consistent());
+}
+
 /// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
 macro_rules! cases {
     ($backend:ident: $($case:ident),+ $(,)?) => {
@@ -499,6 +934,9 @@ macro_rules! suite {
                 delete_leaves_tombstone_and_releases_blobs,
                 probe_accepts_a_conditional_store,
                 get_bytes_serves_what_is_stored,
+                index_matches_a_model,
+                index_pages_hold_under_concurrent_changes,
+                index_recovers_from_a_crash_between_entries_and_record,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -24,7 +24,7 @@ use async_nats::{Client, ConnectOptions, HeaderMap};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use support::worker::*;
-use support::{ConfiguredNatsServer, NatsServer, repo_root};
+use support::{ConfiguredNatsServer, repo_root};
 
 /// How long a refused JetStream publish waits for the PubAck that never comes.
 const REFUSED_ACK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -38,26 +38,10 @@ fn deploy_file(name: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
 
-/// `(major, minor)` of the nats-server used by the tests.
-fn nats_server_version() -> (u32, u32) {
-    let out = Command::new(NatsServer::binary())
-        .arg("--version")
-        .output()
-        .expect("nats-server --version");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let v = text
-        .trim()
-        .rsplit('v')
-        .next()
-        .unwrap_or_else(|| panic!("version in {text:?}"));
-    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
 /// A shipped single-node config turned into a test template: loopback, free ports, private
 /// store. Every replaced line must exist, so an edit of the shipped file cannot silently make
-/// this test run something else. `sync_interval` exists from nats-server 2.10 on; on an older
-/// test server (Debian's 2.9.10) it is dropped, and only there.
+/// this test run something else. The broker settings (`sync_interval: always`, limits) stay
+/// as shipped.
 fn shipped_template(name: &str) -> String {
     let mut text = deploy_file(name);
     for (from, to) in [
@@ -77,9 +61,6 @@ fn shipped_template(name: &str) -> String {
         text.contains("sync_interval: always"),
         "{name}: sync_interval"
     );
-    if nats_server_version() < (2, 10) {
-        text = text.replace("sync_interval: always", "");
-    }
     text
 }
 

@@ -121,37 +121,56 @@ async fn list_pages_over_120_runs() {
         .stored(N, Duration::from_secs(60), || worker.log())
         .await;
 
-    let mut seen = Vec::new();
-    let mut cursor = Value::Null;
-    let mut pages = 0;
-    loop {
-        let (status, page) = env
-            .request(
-                "list",
-                &rid("list"),
-                bytes_of(&json!({"limit": 25, "cursor": cursor})),
-            )
-            .await;
-        assert_eq!(status, None, "{page}");
-        let runs = page["runs"].as_array().unwrap();
-        assert!(runs.len() <= 25, "{page}");
-        seen.extend(
-            runs.iter()
-                .map(|r| r["run_id"].as_str().unwrap().to_owned()),
-        );
-        pages += 1;
-        assert!(pages <= 10, "too many pages");
-        cursor = page["next_cursor"].clone();
-        if cursor.is_null() {
-            break;
+    // Every order pages through all runs once: by id, newest first (the default) and oldest
+    // first, which are exact reverses of each other.
+    let mut walks: Vec<Vec<String>> = Vec::new();
+    for order in ["id", "newest", "oldest"] {
+        let mut seen = Vec::new();
+        let mut cursor = Value::Null;
+        let mut pages = 0;
+        loop {
+            let (status, page) = env
+                .request(
+                    "list",
+                    &rid("list"),
+                    bytes_of(&json!({"limit": 25, "cursor": cursor, "order": order})),
+                )
+                .await;
+            assert_eq!(status, None, "{page}");
+            let runs = page["runs"].as_array().unwrap();
+            assert!(runs.len() <= 25, "{page}");
+            seen.extend(
+                runs.iter()
+                    .map(|r| r["run_id"].as_str().unwrap().to_owned()),
+            );
+            pages += 1;
+            assert!(pages <= 10, "too many pages");
+            cursor = page["next_cursor"].clone();
+            if cursor.is_null() {
+                break;
+            }
         }
+        let distinct: HashSet<String> = seen.iter().cloned().collect();
+        assert_eq!(seen.len(), N, "{order}: duplicates across pages");
+        assert_eq!(distinct, expected, "{order}");
+        walks.push(seen);
     }
-    let distinct: HashSet<String> = seen.iter().cloned().collect();
-    assert_eq!(seen.len(), N, "duplicates across pages");
-    assert_eq!(distinct, expected);
-    let mut sorted = seen.clone();
+    let mut sorted = walks[0].clone();
     sorted.sort();
-    assert_eq!(seen, sorted, "list is in run id order");
+    assert_eq!(walks[0], sorted, "order id is run id order");
+    let mut reversed = walks[2].clone();
+    reversed.reverse();
+    assert_eq!(walks[1], reversed, "newest first is oldest first reversed");
+    let (_, default) = env
+        .request("list", &rid("list"), bytes_of(&json!({"limit": 5})))
+        .await;
+    let firsts: Vec<&str> = default["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(firsts, walks[1][..5], "the default order is newest first");
 
     // Filter by tool: every third run is T3.
     let (status, page) = env

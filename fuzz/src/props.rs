@@ -35,6 +35,7 @@ pub fn fuzz_context() -> Context {
             blob_threshold: 64,
             ..Limits::default()
         },
+        redelivered: false,
     }
 }
 

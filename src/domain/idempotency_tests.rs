@@ -47,6 +47,7 @@ fn apply(current: Option<StoredRecord>, cmd: &Command, id: &CommandId) -> Option
         command_id: Some(id.clone()),
         stream: None,
         limits: Limits::default(),
+        redelivered: false,
     };
     match cmd.decide(current.as_ref(), &ctx) {
         Ok(Decision::Write { record, .. }) => Some(record),

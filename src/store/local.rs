@@ -69,6 +69,13 @@ fn generic(e: impl std::error::Error + Send + Sync + 'static) -> object_store::E
 #[derive(Clone, Copy, Debug)]
 pub struct ReadOnlyGet;
 
+/// Marks a put (in `PutOptions::extensions`) of an **empty** object that needs no barrier of
+/// its own: the caller makes a durable write right after it (a run record after its index
+/// entries), whose `syncfs` barrier makes this one durable too. The file is created in place:
+/// an empty file cannot be torn. Other payloads ignore the mark.
+#[derive(Clone, Copy, Debug)]
+pub struct DeferredSync;
+
 /// The ETag of a byte string: a quoted, shortened SHA-256.
 pub fn content_etag(bytes: &[u8]) -> String {
     let d = Sha256::digest(bytes);
@@ -95,6 +102,82 @@ impl LocalStore {
     /// The directory this store lives in.
     pub fn root(&self) -> &FsPath {
         &self.root
+    }
+
+    /// Names directly under `location`, each with whether it is a directory, in no order;
+    /// staged files (`#`) and hidden names are left out. A missing directory has none. Reads
+    /// the directory only (no `stat` per entry), unlike `list_with_delimiter`.
+    pub fn read_dir_names(&self, location: &Path) -> Result<Vec<(String, bool)>> {
+        let dir = self.inner.path_to_filesystem(location)?;
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(generic(e)),
+        };
+        let mut out = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(generic)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with('.') || name.contains('#') {
+                continue;
+            }
+            let is_dir = entry.file_type().map_err(generic)?.is_dir();
+            out.push((name, is_dir));
+        }
+        Ok(out)
+    }
+
+    /// Removes the empty directories from `location`'s parent up to (not including) `stop`,
+    /// so deleted index entries leave no empty directories for later walks to read. A
+    /// directory that is not empty (or was just refilled) stays; errors are ignored.
+    pub fn prune_empty_dirs(&self, location: &Path, stop: &Path) {
+        let (Ok(file), Ok(stop)) = (
+            self.inner.path_to_filesystem(location),
+            self.inner.path_to_filesystem(stop),
+        ) else {
+            return;
+        };
+        let mut dir = file.parent();
+        while let Some(d) = dir {
+            if d == stop || !d.starts_with(&stop) || std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+    }
+
+    /// Creates an empty object in place (see [`DeferredSync`]). A directory removed by a
+    /// concurrent prune between its creation and the file's is created again.
+    fn create_empty(&self, location: &Path, dest: &FsPath, create_only: bool) -> Result<()> {
+        for _ in 0..16 {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(generic)?;
+            }
+            let mut opts = OpenOptions::new();
+            opts.write(true);
+            if create_only {
+                opts.create_new(true);
+            } else {
+                opts.create(true);
+            }
+            match opts.open(dest) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(object_store::Error::AlreadyExists {
+                        path: location.to_string(),
+                        source: Box::new(e),
+                    });
+                }
+                Err(e) => return Err(generic(e)),
+            }
+        }
+        Err(generic(std::io::Error::other(format!(
+            "{}: its directory kept disappearing",
+            dest.display()
+        ))))
     }
 
     fn lock_file(&self, location: &Path) -> PathBuf {
@@ -410,6 +493,17 @@ impl ObjectStore for LocalStore {
         let bytes: Bytes = payload.clone().into();
         let etag = content_etag(&bytes);
         let dest = self.inner.path_to_filesystem(location)?;
+        if bytes.is_empty()
+            && opts.extensions.get::<DeferredSync>().is_some()
+            && !matches!(opts.mode, PutMode::Update(_))
+        {
+            self.create_empty(location, &dest, matches!(opts.mode, PutMode::Create))?;
+            return Ok(PutResult {
+                e_tag: Some(etag),
+                version: None,
+                extensions: Default::default(),
+            });
+        }
         match &opts.mode {
             // Hard-link publish: atomic create-if-absent, no lock needed.
             PutMode::Create => {

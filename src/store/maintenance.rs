@@ -167,7 +167,7 @@ enum GcItem {
 }
 
 /// Every run id with a record at the top level of the store (live, tombstone or corrupt).
-async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> {
+pub(super) async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> {
     let prefix = (!store.prefix.as_ref().is_empty()).then_some(&store.prefix);
     let depth = store.prefix.parts().count() + 1;
     let listed = store
@@ -495,7 +495,8 @@ fn under(store: &RunStore, rel: &RelKey) -> Path {
 fn classify(rel: &RelKey) -> Option<Result<ObjectKind, ()>> {
     let parts: Vec<&str> = rel.iter().map(|p| p.as_ref()).collect();
     let first = *parts.first()?;
-    if first == "_probe" || first.starts_with('.') {
+    // The index is derived from the records: the destination's is kept by its own writes.
+    if first == "_probe" || first == super::index::INDEX_DIR || first.starts_with('.') {
         return None;
     }
     let kind = match parts.as_slice() {
@@ -732,6 +733,11 @@ async fn copy_one(
         Ok(Written::Copied | Written::Updated | Written::Overwritten)
     ) {
         result.unverified = checked.unverified;
+        if let Some(record) = &checked.record
+            && let Err(e) = dst.reindex_run(record.run_id()).await
+        {
+            return CopyResult::fail(format!("copied, but its index entries were not: {e}"));
+        }
     }
     result
 }
@@ -1082,7 +1088,16 @@ async fn import_file(store: &RunStore, path: &FsPath, file: &str) -> ImportEntry
         Err(PutFailed::Other(e)) => Err((ImportOutcome::Rejected, e)),
     };
     let mut entry = match written {
-        Ok(outcome) => ImportEntry::new(file, outcome, None),
+        Ok(outcome) => match store.reindex_run(&id).await {
+            Ok(_) => ImportEntry::new(file, outcome, None),
+            Err(e) => ImportEntry::new(
+                file,
+                ImportOutcome::Rejected,
+                Some(format!(
+                    "imported, but its index entries were not: {e}; run `rmos-runs reindex`"
+                )),
+            ),
+        },
         Err((outcome, reason)) => return ImportEntry::new(file, outcome, Some(reason)),
     };
     entry.verify = Some(verify_status);

@@ -6,6 +6,8 @@
 //! <run_id>.json                 the run (or its tombstone)
 //! blobs/<sha256>                bodies over the blob threshold, content-addressed
 //! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
+//! index/{time,tool,id}/...      the listing index: one empty object per run and tree,
+//!                               whose name is the run's summary (see [`index`])
 //! _probe/<random>               short-lived objects of the start-up probe
 //! dead_letters/<date>/<id>.json  rejected commands, kept as received with the reason
 //! ```
@@ -15,6 +17,8 @@
 //! exponential backoff, a bounded number of times.
 
 pub mod error;
+pub mod index;
+mod listing;
 pub mod local;
 pub mod maintenance;
 pub mod url;
@@ -42,6 +46,8 @@ use crate::domain::ids::{Mode, RunId, ToolId};
 use crate::domain::verify::{BlobContents, VerifyReport, verify};
 
 pub use error::StoreError;
+pub use index::{Order, RunSummary};
+pub use listing::{ReindexReport, RunIndexRepair};
 pub use url::{OpenOptions, StoreUrl};
 
 /// A record together with the version it was read at (for the conditional update).
@@ -91,30 +97,40 @@ pub struct Outcome {
     pub conflicts: u32,
 }
 
-/// Filters and position of a listing.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Filters, order and position of a listing (PROTOCOL.md, `rmos.runs.list`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size (1 to [`MAX_PAGE`], default [`DEFAULT_PAGE`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
-    /// Continue after this run id (the previous page's `next_cursor`).
-    #[serde(default)]
-    pub cursor: Option<RunId>,
+    /// The previous page's `next_cursor` (opaque). A run id is accepted too, as version 1
+    /// cursors were, and continues in run id order after that run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// Order: newest first (default), oldest first, or by run id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<Order>,
     /// Only this mode.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<Mode>,
     /// Only this tool.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_id: Option<ToolId>,
     /// Only this status.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunStatus>,
+    /// Only this risk level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_level: Option<RiskLevel>,
+    /// Only this explanation status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation_status: Option<ExplanationStatus>,
     /// Only runs created at or after this instant.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Timestamp>,
     /// Only runs created before this instant.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<Timestamp>,
 }
 
@@ -122,58 +138,32 @@ pub struct ListQuery {
 pub const DEFAULT_PAGE: usize = 50;
 /// Largest page size.
 pub const MAX_PAGE: usize = 1000;
-/// Objects a single page may read before it returns (possibly short) with a cursor.
-pub const SCAN_BUDGET: usize = 2000;
-
-/// One line of a listing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunSummary {
-    /// Run id.
-    pub run_id: RunId,
-    /// Creation time.
-    pub created_at_utc: Timestamp,
-    /// Last change.
-    pub updated_at_utc: Option<Timestamp>,
-    /// Revision.
-    pub revision: u64,
-    /// Mode.
-    pub mode: Mode,
-    /// Tool.
-    pub tool_id: ToolId,
-    /// Status.
-    pub status: RunStatus,
-    /// Risk level.
-    pub risk_level: Option<RiskLevel>,
-    /// Explanation status.
-    pub explanation_status: ExplanationStatus,
-}
-
-impl From<&RunArtifact> for RunSummary {
-    fn from(a: &RunArtifact) -> Self {
-        Self {
-            run_id: a.run_id.clone(),
-            created_at_utc: a.created_at_utc,
-            updated_at_utc: a.updated_at_utc,
-            revision: a.revision,
-            mode: a.mode.clone(),
-            tool_id: a.tool_id.clone(),
-            status: a.status,
-            risk_level: a.decision.risk_level,
-            explanation_status: a.explanation_status,
-        }
-    }
-}
+/// Index entries a single page may examine before it returns (possibly short, even empty)
+/// with a cursor: what bounds the cost of a page whose filter matches few runs.
+pub const SCAN_BUDGET: usize = 20_000;
 
 /// A page of a listing.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListPage {
-    /// Matching runs, in run id order.
+    /// Matching runs, in the listing's order.
     pub runs: Vec<RunSummary>,
     /// Pass as `cursor` to continue; `null` at the end.
-    pub next_cursor: Option<RunId>,
-    /// Objects that could not be decoded and were left out (see `verify`).
+    pub next_cursor: Option<String>,
+    /// Runs left out because their record could not be read (see `verify`).
     #[serde(default)]
     pub skipped_corrupt: usize,
+    /// False while the index of a store that had none is still being built (the listing may
+    /// then miss runs); left out once it is complete.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub index_complete: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// The run store.
@@ -182,6 +172,10 @@ pub struct RunStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     sorted_listing: bool,
+    /// The local backend, when it is one: the index reads its directories by name only.
+    local: Option<local::LocalStore>,
+    /// Set once `index/_built` has been seen (it is never removed).
+    index_built: Arc<std::sync::atomic::AtomicBool>,
     retry: RetryPolicy,
     url: String,
 }
@@ -232,6 +226,8 @@ impl RunStore {
             store: backend.store,
             prefix: backend.prefix,
             sorted_listing: backend.sorted_listing,
+            local: backend.local,
+            index_built: Arc::default(),
             retry: RetryPolicy::default(),
             url: url.to_string(),
         })
@@ -247,6 +243,8 @@ impl RunStore {
             store,
             prefix,
             sorted_listing,
+            local: None,
+            index_built: Arc::default(),
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
         }
@@ -391,6 +389,9 @@ impl RunStore {
                     let Some(cur) = current else {
                         return Err(StoreError::NotFound(id.clone()));
                     };
+                    // A command seen before: its first delivery may have died before the
+                    // index caught up with the record.
+                    self.reindex_run(id).await?;
                     return Ok(Outcome {
                         run_id: id.clone(),
                         revision: cur.value.revision(),
@@ -410,6 +411,25 @@ impl RunStore {
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
             }
+            // Index entries: the new ones go in before the record (a reader may briefly see a
+            // run's next entry, never none), the old ones go after it. On the local store the
+            // record's barrier makes the new entries durable with it.
+            let old_entries = current
+                .as_ref()
+                .map(|v| listing::entries_of(&v.value))
+                .unwrap_or_default();
+            let new_entries = listing::entries_of(&record);
+            let added: Vec<String> = new_entries
+                .iter()
+                .filter(|k| !old_entries.contains(k))
+                .cloned()
+                .collect();
+            let gone: Vec<String> = old_entries
+                .iter()
+                .filter(|k| !new_entries.contains(k))
+                .cloned()
+                .collect();
+            self.put_entries(&added).await?;
             // While the write waits (a group commit holds many at once), keep only the bytes
             // and what the outcome reports: decoded records are several times their size.
             let mode = match current {
@@ -433,6 +453,12 @@ impl RunStore {
                     for sha in &released {
                         self.release_blob(sha, id).await?;
                     }
+                    self.remove_entries(&gone).await?;
+                    if ctx.redelivered {
+                        // An earlier delivery may have died between its entries and its
+                        // record, leaving entries no record backs.
+                        self.reindex_run(id).await?;
+                    }
                     return Ok(Outcome {
                         run_id: id.clone(),
                         revision,
@@ -443,6 +469,8 @@ impl RunStore {
                     });
                 }
                 Err(e) if is_race(&e) => {
+                    // Another writer won: our entries describe a record that will never be.
+                    self.remove_entries(&added).await?;
                     conflicts += 1;
                     if conflicts >= self.retry.max_attempts {
                         return Err(StoreError::Contention {
@@ -454,6 +482,8 @@ impl RunStore {
                     tracing::debug!(run_id = %id, conflicts, ?delay, "lost a write race; retrying");
                     tokio::time::sleep(delay).await;
                 }
+                // The outcome is unknown (a lost response may hide a write that landed): the
+                // entries stay, and the redelivery's reconciliation settles them.
                 Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
             }
         }
@@ -584,98 +614,6 @@ impl RunStore {
         Ok(verify(&artifact, &blobs))
     }
 
-    /// One page of runs matching `q`, in run id order. A page lists keys after the cursor and
-    /// reads candidate records until it is full or has read [`SCAN_BUDGET`] objects.
-    pub async fn list(&self, q: &ListQuery) -> Result<ListPage, StoreError> {
-        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-        if limit == 0 {
-            return Err(StoreError::Rejected(
-                crate::domain::error::Rejection::invalid("limit must be at least 1"),
-            ));
-        }
-        if limit > MAX_PAGE {
-            return Err(StoreError::Rejected(
-                crate::domain::error::Rejection::too_large(format!(
-                    "limit {limit} is over the largest page, {MAX_PAGE}"
-                )),
-            ));
-        }
-        // Run keys start with "run_", after "blobs/", "blobrefs/" and "_probe/" ('_' < 'r').
-        let offset = match &q.cursor {
-            Some(c) => self.artifact_key(c),
-            None => self.key("run_"),
-        };
-        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
-        let depth = self.prefix.parts().count() + 1;
-        let to_id = |m: &object_store::ObjectMeta| -> Option<RunId> {
-            if m.location.parts().count() != depth {
-                return None;
-            }
-            let name = m.location.filename()?;
-            RunId::parse(name.strip_suffix(".json")?).ok()
-        };
-        let mut ids: Vec<RunId> = if self.sorted_listing {
-            // Key order: read only as far as needed.
-            self.store
-                .list_with_offset(prefix, &offset)
-                .try_filter_map(|m| futures::future::ready(Ok(to_id(&m))))
-                .take(SCAN_BUDGET + 1)
-                .try_collect()
-                .await
-                .map_err(|e| self.os_err(e, "list runs"))?
-        } else {
-            self.store
-                .list_with_delimiter(prefix)
-                .await
-                .map_err(|e| self.os_err(e, "list runs"))?
-                .objects
-                .iter()
-                .filter(|m| m.location > offset)
-                .filter_map(to_id)
-                .collect()
-        };
-        // Local listings come back in directory order; a key-ordered listing is already sorted.
-        ids.sort();
-        let mut page = ListPage {
-            runs: Vec::new(),
-            next_cursor: None,
-            skipped_corrupt: 0,
-        };
-        let mut scanned = 0usize;
-        let mut reads = futures::stream::iter(ids.iter().cloned())
-            .map(|id| async move { (id.clone(), self.read(&id, read_only()).await) })
-            .buffered(16);
-        let mut last: Option<RunId> = None;
-        while let Some((id, loaded)) = reads.next().await {
-            scanned += 1;
-            last = Some(id.clone());
-            match loaded {
-                Ok(Some(Versioned {
-                    value: StoredRecord::Live(a),
-                    ..
-                })) => {
-                    if matches_query(&a, q) {
-                        page.runs.push(RunSummary::from(a.as_ref()));
-                    }
-                }
-                Ok(_) => {}
-                Err(StoreError::Corrupt { key, reason }) => {
-                    tracing::warn!(%key, %reason, "corrupt record left out of a listing");
-                    page.skipped_corrupt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-            if page.runs.len() >= limit || scanned >= SCAN_BUDGET {
-                break;
-            }
-        }
-        let more = scanned < ids.len();
-        if more {
-            page.next_cursor = last;
-        }
-        Ok(page)
-    }
-
     /// Checks that the backend honours conditional writes: a second create-if-absent must fail
     /// and an update with a stale version must fail. A store that ignores them would turn every
     /// race into a lost update, so the worker refuses to start on it.
@@ -749,14 +687,6 @@ impl RunStore {
             Err(e) => Err(self.os_err(e, "probe update")),
         }
     }
-}
-
-fn matches_query(a: &RunArtifact, q: &ListQuery) -> bool {
-    q.mode.as_ref().is_none_or(|m| *m == a.mode)
-        && q.tool_id.as_ref().is_none_or(|t| *t == a.tool_id)
-        && q.status.is_none_or(|s| s == a.status)
-        && q.since.is_none_or(|s| a.created_at_utc >= s)
-        && q.until.is_none_or(|u| a.created_at_utc < u)
 }
 
 /// RFC 8785 SHA-256 of a stored record (the `artifact_sha256` of events).

@@ -114,6 +114,9 @@ pub struct Backend {
     pub prefix: Path,
     /// Whether listings come back in key order (S3, memory) or not (local directories).
     pub sorted_listing: bool,
+    /// The local backend itself, for what `ObjectStore` does not offer (names-only directory
+    /// reads for the index).
+    pub local: Option<LocalStore>,
 }
 
 /// Opens the backend for `url`.
@@ -123,9 +126,10 @@ pub fn open_backend(url: &StoreUrl, options: &OpenOptions) -> Result<Backend, St
             let store = LocalStore::new(dir, options.fsync)
                 .map_err(|e| StoreError::Unusable(format!("cannot open {}: {e}", dir.display())))?;
             Ok(Backend {
-                store: Arc::new(store),
+                store: Arc::new(store.clone()),
                 prefix: Path::default(),
                 sorted_listing: false,
+                local: Some(store),
             })
         }
         StoreUrl::S3 { bucket, prefix } => {
@@ -143,12 +147,14 @@ pub fn open_backend(url: &StoreUrl, options: &OpenOptions) -> Result<Backend, St
                 store: Arc::new(store),
                 prefix: Path::from(prefix.as_str()),
                 sorted_listing: true,
+                local: None,
             })
         }
         StoreUrl::Memory => Ok(Backend {
             store: Arc::new(InMemory::new()),
             prefix: Path::default(),
             sorted_listing: true,
+            local: None,
         }),
     }
 }

@@ -436,6 +436,7 @@ impl Ingest {
                 acked_through: self.acked_through.load(Ordering::Relaxed),
             }),
             limits: self.settings.limits.clone(),
+            redelivered: delivered > 1,
         };
         let run_id = cmd.run_id().clone();
         tracing::Span::current().record("run_id", tracing::field::display(&run_id));

