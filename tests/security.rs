@@ -402,6 +402,9 @@ async fn roles_from_the_shipped_config_allow_only_their_subjects() {
         events.snapshot()
     );
 
+    // The worker did all of that within its rights.
+    assert_worker_never_refused(&worker);
+
     // Secrets: masked by `rmos-runs config`, absent from the (debug-level) worker log.
     let (ok, shown) = rmos_config(&[("NATS_USER", "worker"), ("NATS_PASSWORD", &worker_pw)]);
     assert!(ok, "{shown}");
@@ -546,6 +549,21 @@ impl std::fmt::Display for Output {
             self.code, self.stdout, self.stderr
         )
     }
+}
+
+/// Asserts that the broker refused the worker nothing: every stream, consumer, pull, ack, event,
+/// reply and services subscription it used was within its rights (async-nats logs each server
+/// error at debug level, which these workers run at).
+fn assert_worker_never_refused(worker: &Worker) {
+    let log = std::fs::read_to_string(&worker.log).expect("worker log");
+    assert!(
+        log.contains("DEBUG"),
+        "the worker does not log at debug level:\n{log}"
+    );
+    assert!(
+        !log.contains("Permissions Violation"),
+        "the broker refused the worker something:\n{log}"
+    );
 }
 
 /// Asserts that `sub` receives nothing within `within` (it was refused, or nobody may send
@@ -723,6 +741,7 @@ async fn inboxes_are_private_to_their_role() {
         "{:?}",
         engine2.errors.lock().unwrap()
     );
+    assert_worker_never_refused(&b.worker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -920,6 +939,7 @@ async fn the_worker_credential_publishes_only_replies_it_owes() {
         "start-up warning on nats-server {major}.{minor}; worker log:\n{}",
         b.worker.log()
     );
+    assert_worker_never_refused(&b.worker);
 }
 
 // ---------------------------------------------------------------------------------------------
