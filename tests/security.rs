@@ -436,6 +436,11 @@ struct ShippedBroker {
 
 impl ShippedBroker {
     async fn start(tag: &str) -> ShippedBroker {
+        Self::start_with(tag, &[]).await
+    }
+
+    /// Like [`ShippedBroker::start`], with more environment for the worker.
+    async fn start_with(tag: &str, worker_env: &[(&str, &str)]) -> ShippedBroker {
         let passwords: Vec<(String, String)> = ROLES
             .iter()
             .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
@@ -454,12 +459,12 @@ impl ShippedBroker {
         .await;
         let tmp = tempdir(tag);
         let worker_pw = passwords[0].1.clone();
-        let worker = spawn_worker(
-            &nats.url(),
-            &tmp.path().join("runs"),
-            tag,
-            &[("NATS_USER", "worker"), ("NATS_PASSWORD", &worker_pw)],
-        );
+        let mut env = vec![
+            ("NATS_USER", "worker"),
+            ("NATS_PASSWORD", worker_pw.as_str()),
+        ];
+        env.extend_from_slice(worker_env);
+        let worker = spawn_worker(&nats.url(), &tmp.path().join("runs"), tag, &env);
         ShippedBroker {
             nats,
             passwords,
@@ -939,6 +944,57 @@ async fn the_worker_credential_publishes_only_replies_it_owes() {
         "start-up warning on nats-server {major}.{minor}; worker log:\n{}",
         b.worker.log()
     );
+    assert_worker_never_refused(&b.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_mode_replies_through_allow_responses_on_the_shipped_config() {
+    let mut b = ShippedBroker::start_with("core", &[("RMOS_INGEST", "core")]).await;
+    let engine = b.client("engine").await;
+    let reader = b.client("reader").await;
+    b.worker.wait_ready_with(&reader.client).await;
+    let events = Events::subscribe(&engine.client).await;
+    // The outcome comes back on the engine's own inbox, sent through allow_responses.
+    let reply = engine
+        .client
+        .request(
+            format!("{PREFIX}.create"),
+            bytes_of(&create_payload(Some("run_00000000d001"), "T1")),
+        )
+        .await
+        .expect("core-mode reply");
+    let v: Value = serde_json::from_slice(&reply.payload).expect("json");
+    assert_eq!(v["event"], "created", "{v}");
+    // A command whose reply subject is one of the service's own subjects is handled and
+    // announced, but the outcome is not published there.
+    let r = rid("core-own-subject");
+    let mut h = HeaderMap::new();
+    h.insert("X-Request-Id", r.as_str());
+    engine
+        .client
+        .publish_with_reply_and_headers(
+            format!("{PREFIX}.create"),
+            format!("{PREFIX}.delete"),
+            h,
+            bytes_of(&create_payload(Some("run_00000000d002"), "T1")),
+        )
+        .await
+        .expect("publish");
+    let ev = events.one(&r, EVENT_TIMEOUT, &b.worker).await;
+    assert_eq!(ev.body["event"], "created", "{:?}", ev.body);
+    // The reply step follows the event: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&b.worker.log).expect("worker log");
+        if log.contains("outcome not sent as a reply") && log.contains("rmos.runs.delete") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not refuse to reply to {PREFIX}.delete:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_worker_never_refused(&b.worker);
 }
 
