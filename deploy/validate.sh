@@ -65,6 +65,9 @@ PY
 )"
 done
 export RMOS_CLUSTER_PASSWORD=validate-cluster
+for i in 1 2 3; do
+    export "RMOS_CLUSTER_ROUTE_$i=nats-route://route:validate-cluster@nats-$i:6222"
+done
 for NATS_SERVER in .tools/nats/bin/nats-server .tools/nats-oldest/bin/nats-server; do
     step "nats-server $("$NATS_SERVER" --version | awk '{print $2}') -t on deploy/nats"
     for conf in deploy/nats/nats-server.conf deploy/nats/nats-server-nkeys.conf deploy/nats/cluster/*.conf; do

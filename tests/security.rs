@@ -998,6 +998,170 @@ async fn core_mode_replies_through_allow_responses_on_the_shipped_config() {
     assert_worker_never_refused(&b.worker);
 }
 
+/// `deploy/nats/cluster/nats-<i+1>.conf` as a test template: loopback, free ports, private
+/// store, `permissions.conf` beside it (the routes come from the environment).
+fn shipped_cluster_template(i: usize, cluster_ports: &[u16; 3]) -> String {
+    let name = format!("cluster/nats-{}.conf", i + 1);
+    let mut text = deploy_file(&name);
+    for j in 1..=3 {
+        assert!(
+            text.contains(&format!("$RMOS_CLUSTER_ROUTE_{j}")),
+            "{name}: routes"
+        );
+    }
+    let mut replace = |from: String, to: String| {
+        assert!(text.contains(&from), "{name} no longer contains {from:?}");
+        text = text.replace(&from, &to);
+    };
+    replace("port: 6222".into(), format!("port: {}", cluster_ports[i]));
+    replace("host: 0.0.0.0".into(), "host: 127.0.0.1".into());
+    replace("port: 4222".into(), "port: {{PORT}}".into());
+    replace("http_port: 8222".into(), "http_port: {{HTTP_PORT}}".into());
+    replace(
+        "store_dir: \"/data/jetstream\"".into(),
+        "store_dir: \"{{STORE_DIR}}\"".into(),
+    );
+    replace("max_file_store: 20GB".into(), "max_file_store: 1GB".into());
+    replace(
+        "include \"../permissions.conf\"".into(),
+        "include \"permissions.conf\"".into(),
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_inboxes_hold_across_the_shipped_cluster() {
+    let passwords: Vec<(String, String)> = ROLES
+        .iter()
+        .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
+        .collect();
+    let password = |role: &str| {
+        passwords
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    };
+    let mut env: Vec<(String, String)> = passwords
+        .iter()
+        .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
+        .collect();
+    let route_password = secret("route");
+    env.push(("RMOS_CLUSTER_PASSWORD".into(), route_password.clone()));
+    let cluster_ports = [
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    ];
+    for (j, port) in cluster_ports.iter().enumerate() {
+        env.push((
+            format!("RMOS_CLUSTER_ROUTE_{}", j + 1),
+            format!("nats-route://route:{route_password}@127.0.0.1:{port}"),
+        ));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let permissions = deploy_file("permissions.conf");
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(
+            ConfiguredNatsServer::start(
+                &shipped_cluster_template(i, &cluster_ports),
+                &[("permissions.conf", &permissions)],
+                &env_refs,
+            )
+            .await,
+        );
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let logs = || {
+        nodes
+            .iter()
+            .map(|n| n.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+
+    // JetStream answers once the three nodes have elected a meta leader: until then the
+    // worker could not create its R3 stream. (Asked as the worker: its own stream's info.)
+    let probe = RoleClient::user(&urls[0], "worker", &password("worker")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let req = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(Duration::from_secs(2)));
+        let r = probe
+            .client
+            .send_request("$JS.API.STREAM.INFO.RMOS_RUNS".to_owned(), req)
+            .await;
+        let v: Value = r
+            .as_ref()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null);
+        if v["error"]["err_code"] == 10059 {
+            break; // stream not found: JetStream is up
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream cluster not up: last answer {r:?} {v}; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let tmp = tempdir("cluster");
+    let toml = tmp.path().join("rmos-runs.toml");
+    std::fs::write(&toml, "stream_replicas = 3\n").expect("worker config");
+    let worker_pw = password("worker");
+    let mut worker = spawn_worker(
+        &urls.join(","),
+        &tmp.path().join("runs"),
+        "cluster",
+        &[
+            ("NATS_USER", "worker"),
+            ("NATS_PASSWORD", &worker_pw),
+            ("RMOS_CONFIG", &toml.display().to_string()),
+        ],
+    );
+    // Each client on another node than the next, so answers and PubAcks cross routes.
+    let engine = RoleClient::user(&urls[1], "engine", &password("engine")).await;
+    let reader = RoleClient::user(&urls[2], "reader", &password("reader")).await;
+    worker.wait_ready_with(&reader.client).await;
+    let events = Events::subscribe(&engine.client).await;
+    let run = "run_00000000e0c1";
+    create_ok(&engine, &events, &worker, run).await;
+    let (code, got) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None, "{got}");
+    assert_eq!(got["run_id"], run);
+    let js = jetstream::new(probe.client.clone());
+    let info = js
+        .get_stream("RMOS_RUNS")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .clone();
+    assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
+    // The engine cannot listen to the reader's inbox on its node either.
+    let mut spy = engine
+        .client
+        .subscribe("_INBOX.reader.>".to_owned())
+        .await
+        .expect("subscribe is sent");
+    engine
+        .violation("Subscription to \"_INBOX.reader.>\"")
+        .await;
+    let (code, _) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None);
+    receives_nothing(
+        &mut spy,
+        Duration::from_millis(500),
+        "engine spying across nodes",
+    )
+    .await;
+    assert_worker_never_refused(&worker);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Credential kinds
 // ---------------------------------------------------------------------------------------------
