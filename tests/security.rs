@@ -3,6 +3,12 @@
 //! - roles: the shipped `deploy/nats/nats-server.conf` (+ `permissions.conf`), with the worker
 //!   logged in as `worker` and each role as an async-nats client; what a role may not do is
 //!   refused by the broker and never takes effect;
+//! - private inboxes: each role reads only replies under `_INBOX.<role>` (no role can read
+//!   another's answers or PubAcks; the CLI's prefix follows `NATS_USER`), on one node and on the
+//!   shipped 3-node cluster;
+//! - bounded replies: the worker's credential publishes only the one reply it owes per request
+//!   (`allow_responses`), reaches only its own stream and consumer on the JetStream API, and the
+//!   worker refuses reply subjects that would make its answer an API call or a command;
 //! - every credential kind the worker reads from its environment: user/password, token, nkey
 //!   seed file (the shipped `nats-server-nkeys.conf`), a creds file (JWT) against a server in
 //!   operator mode, TLS with a private CA and a client certificate (keys, JWTs and certificates
