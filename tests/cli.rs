@@ -120,3 +120,115 @@ fn bad_configuration_is_one_line_naming_the_key() {
         "{err}"
     );
 }
+
+/// `list --all` streams every page as JSON lines, `--oldest` reverses `--newest`, and
+/// `reindex --check` / `reindex` find and repair drift between the index and the records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_all_orders_and_reindex() {
+    use rmos_runs::domain::command::{Command as Cmd, CommandKind, Context};
+    use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
+    let env = Env::new().await;
+    let dir = env.runs_dir();
+    let store = RunStore::open(&StoreUrl::Local(dir.clone()), &OpenOptions::default()).unwrap();
+    for i in 0..30u32 {
+        let body = serde_json::json!({"mode": "cam", "tool_id": format!("T{}", i % 3),
+            "status": "OK", "run_id": format!("run_00000000{i:04x}")});
+        let ctx = Context {
+            now: format!("2026-05-01T00:00:{i:02}Z").parse().unwrap(),
+            ..Context::now()
+        };
+        let cmd = Cmd::decode(CommandKind::Create, body.to_string().as_bytes(), None).unwrap();
+        store.execute(&cmd, &ctx).await.unwrap();
+    }
+    store.mark_index_complete().await.unwrap();
+    let _worker = env.worker("a").await;
+
+    let out = cli(&env, &["list", "--all", "--limit", "7"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON summary per line"))
+        .collect();
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|v| v["run_id"].as_str().unwrap())
+        .collect();
+    let newest: Vec<String> = (0..30u32)
+        .rev()
+        .map(|i| format!("run_00000000{i:04x}"))
+        .collect();
+    assert_eq!(ids, newest, "--all lists every run once, newest first");
+
+    let out = cli(&env, &["list", "--oldest", "--json", "--limit", "30"], None);
+    let page: Value = serde_json::from_slice(&out.stdout).expect("json page");
+    let oldest: Vec<&str> = page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        oldest,
+        newest.iter().rev().map(String::as_str).collect::<Vec<_>>()
+    );
+
+    let out = cli(&env, &["list", "--risk-level", "PURPLE"], None);
+    assert_eq!(out.status.code(), Some(3), "a bad filter is rejected");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("risk"),
+        "{out:?}"
+    );
+
+    let reindex = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+            .args(args)
+            .env("RMOS_RUNS_DIR", &dir)
+            .env_remove("RMOS_STORE_URL")
+            .env_remove("RMOS_CONFIG")
+            .output()
+            .expect("run cli")
+    };
+    let out = reindex(&["reindex", "--check"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("index consistent"));
+    // Lose one run's time entry, as a crash or a hand edit could.
+    let entry = walkdir(&dir.join("index/time"))
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("run_000000000005"))
+        .expect("entry of run 5");
+    std::fs::remove_file(&entry).unwrap();
+    let out = reindex(&["reindex", "--check", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "drift is exit 1");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["missing"], 1, "{r}");
+    let out = reindex(&["reindex"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(entry.exists(), "reindex wrote the entry back");
+    assert_eq!(reindex(&["reindex", "--check"]).status.code(), Some(0));
+}
+
+fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -373,6 +373,47 @@ async fn model_based_kill9(seed: u64) {
     }
     assert!(blobs_checked > 0, "no advisory was attached");
 
+    // The listing index survived the kills too: the redeliveries of what the killed workers
+    // held reconciled it, so a full check finds no drift and a listing shows every run once,
+    // at the revision of its record.
+    let runs = rmos_runs::store::RunStore::open(
+        &rmos_runs::store::StoreUrl::Local(dir.clone()),
+        &rmos_runs::store::OpenOptions::default(),
+    )
+    .expect("open store");
+    let report = runs.reindex(true).await.expect("index check");
+    assert!(
+        report.consistent(),
+        "seed {seed}: index drift after kill -9: {report}"
+    );
+    let mut q = rmos_runs::store::ListQuery {
+        limit: Some(17),
+        ..Default::default()
+    };
+    let mut listed: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        let page = runs.list(&q).await.expect("list");
+        for r in page.runs {
+            assert!(
+                listed.insert(r.run_id.to_string(), r.revision).is_none(),
+                "seed {seed}: {} listed twice",
+                r.run_id
+            );
+        }
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => break,
+        }
+    }
+    let stored: BTreeMap<String, u64> = store
+        .iter()
+        .map(|(run, v)| (run.clone(), v["revision"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(
+        listed, stored,
+        "seed {seed}: the listing differs from the records"
+    );
+
     let patches = cmds
         .iter()
         .filter(|c| matches!(c, Cmd::Patch { .. }))

@@ -134,6 +134,25 @@ pub struct ListQuery {
     pub until: Option<Timestamp>,
 }
 
+impl ListQuery {
+    /// Parses a list request's JSON body; a rejection names the field at fault.
+    pub fn parse(body: &str) -> Result<Self, crate::domain::error::Rejection> {
+        use crate::domain::error::Rejection;
+        let value: serde_json::Value = serde_json::from_str(body)
+            .map_err(|e| Rejection::invalid(format!("list request is not JSON: {e}")))?;
+        let serde_json::Value::Object(fields) = &value else {
+            return Err(Rejection::invalid("list request must be a JSON object"));
+        };
+        for (name, v) in fields {
+            let one = serde_json::Value::Object([(name.clone(), v.clone())].into_iter().collect());
+            if let Err(e) = serde_json::from_value::<ListQuery>(one) {
+                return Err(Rejection::invalid(format!("list request: {name}: {e}")));
+            }
+        }
+        serde_json::from_value(value).map_err(|e| Rejection::invalid(format!("list request: {e}")))
+    }
+}
+
 /// Default page size.
 pub const DEFAULT_PAGE: usize = 50;
 /// Largest page size.
@@ -176,6 +195,8 @@ pub struct RunStore {
     local: Option<local::LocalStore>,
     /// Set once `index/_built` has been seen (it is never removed).
     index_built: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether commands maintain the index (off only in benchmarks measuring its cost).
+    indexing: bool,
     retry: RetryPolicy,
     url: String,
 }
@@ -228,6 +249,7 @@ impl RunStore {
             sorted_listing: backend.sorted_listing,
             local: backend.local,
             index_built: Arc::default(),
+            indexing: true,
             retry: RetryPolicy::default(),
             url: url.to_string(),
         })
@@ -245,9 +267,17 @@ impl RunStore {
             sorted_listing,
             local: None,
             index_built: Arc::default(),
+            indexing: true,
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
         }
+    }
+
+    /// A store whose commands leave the listing index alone. For benchmarks that measure what
+    /// the index costs a write, never for a store anyone lists: its index would fall behind.
+    pub fn without_index(mut self) -> Self {
+        self.indexing = false;
+        self
     }
 
     /// Replaces the retry policy.
@@ -391,7 +421,9 @@ impl RunStore {
                     };
                     // A command seen before: its first delivery may have died before the
                     // index caught up with the record.
-                    self.reindex_run(id).await?;
+                    if self.indexing {
+                        self.reindex_run(id).await?;
+                    }
                     return Ok(Outcome {
                         run_id: id.clone(),
                         revision: cur.value.revision(),
@@ -416,9 +448,14 @@ impl RunStore {
             // record's barrier makes the new entries durable with it.
             let old_entries = current
                 .as_ref()
+                .filter(|_| self.indexing)
                 .map(|v| listing::entries_of(&v.value))
                 .unwrap_or_default();
-            let new_entries = listing::entries_of(&record);
+            let new_entries = if self.indexing {
+                listing::entries_of(&record)
+            } else {
+                Vec::new()
+            };
             let added: Vec<String> = new_entries
                 .iter()
                 .filter(|k| !old_entries.contains(k))
@@ -454,7 +491,7 @@ impl RunStore {
                         self.release_blob(sha, id).await?;
                     }
                     self.remove_entries(&gone).await?;
-                    if ctx.redelivered {
+                    if ctx.redelivered && self.indexing {
                         // An earlier delivery may have died between its entries and its
                         // record, leaving entries no record backs.
                         self.reindex_run(id).await?;

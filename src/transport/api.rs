@@ -261,8 +261,7 @@ impl Api {
         let q: ListQuery = if text.is_empty() {
             ListQuery::default()
         } else {
-            serde_json::from_str(text)
-                .map_err(|e| WireError::invalid(format!("schema violation: {e}")))?
+            ListQuery::parse(text).map_err(|r| WireError::from(&r))?
         };
         let page = self.store.list(&q).await.map_err(|e| self.store_err(e))?;
         Ok(Bytes::from(serde_json::to_vec(&page).unwrap_or_default()))

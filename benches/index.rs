@@ -1,0 +1,580 @@
+//! Listing benchmark: pages from the index against the listing it replaced, at scale.
+//!
+//! ```text
+//! cargo bench --bench index                       # 1,000,000 runs local, 20,000 on S3
+//! BENCH_RUNS=200000 BENCH_S3_RUNS=5000 cargo bench --bench index
+//! BENCH_ONLY=local,s3,creates cargo bench --bench index
+//! ```
+//!
+//! * **local** / **s3**: a store of `BENCH_RUNS` (S3: `BENCH_S3_RUNS`) runs of 2-5 KB, 100
+//!   tools, 3 modes, 3 statuses, 4 risk levels, created 30 ms apart (filled untimed, fsync off,
+//!   through `RunStore::execute`, index included). Then, timed: the first page newest first;
+//!   the first 50 runs of one tool (1 %); of one tool with status ERROR (~0.3 %); of status
+//!   ERROR, risk RED and mode `drill` (~0.1 %, no tool: the time tree with the filter); a full
+//!   walk in pages of 1,000. Beside each, the **scan** it replaced, measured the same way in the
+//!   same run: list every record name, sort, read records until the page is full (the walk
+//!   by scan is timed over its first 20 pages and extrapolated, as it is quadratic).
+//!   On S3 the object-store calls per page are counted (LIST requests: each delimited listing
+//!   is one; a flat listing is one per 1,000 keys read).
+//! * **creates**: durable creates/s (fsync on) at 1, 16 and 256 in flight with the index
+//!   maintained and without it (`RunStore::without_index`), in fresh directories.
+//!
+//! Store directories stay under `target/bench-tmp/index-<stamp>/` (see benches/store.rs on why
+//! nothing is deleted); `cargo clean` removes them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path as ObjPath;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+use rmos_runs::domain::artifact::{StoredRecord, Timestamp};
+use rmos_runs::domain::command::{Command, CommandKind, Context};
+use rmos_runs::domain::ids::RunId;
+use rmos_runs::store::{ListQuery, OpenOptions, Order, RunStore, StoreUrl};
+use serde_json::{Value, json};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+const COMMAND: &str = "cargo bench --bench index";
+const TOOLS: u64 = 100;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn only(part: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == part))
+}
+
+fn run_id(i: u64) -> RunId {
+    // Spread ids over the whole space (a multiplicative hash), as derived ids are.
+    let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 16;
+    RunId::parse(&format!("run_{h:012x}")).expect("valid id")
+}
+
+fn create_body(i: u64) -> Value {
+    let h = i.wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let status = ["OK", "BLOCKED", "ERROR"][(h >> 8) as usize % 3];
+    let risk = ["GREEN", "YELLOW", "RED", "UNKNOWN"][(h >> 16) as usize % 4];
+    let mode = ["cam", "saw", "drill"][(h >> 24) as usize % 3];
+    let pad = "x".repeat(1500 + (h >> 32) as usize % 3000);
+    json!({"mode": mode, "tool_id": format!("T{}", (h >> 40) % TOOLS), "status": status,
+           "run_id": run_id(i).as_str(),
+           "request": {"geometry": {"w": 120.5, "h": 80.0}, "notes": pad},
+           "decision": {"risk_level": risk, "score": 50.0, "warnings": []},
+           "outputs": {"gcode_text": "G21\nG90\nG0 X0 Y0\nG1 X10 F900\n"}})
+}
+
+fn create_at(i: u64, base_ms: i64) -> (Command, Context) {
+    let body = create_body(i);
+    let cmd =
+        Command::decode(CommandKind::Create, body.to_string().as_bytes(), None).expect("decode");
+    let at = chrono::DateTime::from_timestamp_millis(base_ms + i as i64 * 30).expect("time");
+    let ctx = Context {
+        now: Timestamp(at),
+        ..Context::now()
+    };
+    (cmd, ctx)
+}
+
+/// Creates runs `0..n` (concurrency 8), skipping those already there: a rerun on a kept
+/// directory resumes.
+async fn fill(store: &RunStore, n: u64, base_ms: i64) {
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(8, |i| {
+            let done = &done;
+            async move {
+                let (cmd, ctx) = create_at(i, base_ms);
+                store.execute(&cmd, &ctx).await.expect("create");
+                let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if d.is_multiple_of(100_000) {
+                    eprintln!("  filled {d}/{n} in {:.0} s", start.elapsed().as_secs_f64());
+                }
+            }
+        })
+        .await;
+}
+
+/// Median wall time of `f` over `reps` calls, in ms.
+async fn median_ms<F, Fut, T>(reps: usize, mut f: F) -> (f64, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..reps {
+        let t = Instant::now();
+        last = Some(f().await);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], last.expect("reps > 0"))
+}
+
+/// The listing the index replaced: every record name listed and sorted, then records read in
+/// run id order until `limit` match (at most 2,000 per page, as it did).
+async fn scan_page(
+    store: &RunStore,
+    after: Option<&RunId>,
+    limit: usize,
+    filter: &(dyn Fn(&Value) -> bool + Sync),
+) -> (usize, Option<RunId>) {
+    let os = store.object_store();
+    let listed = os.list_with_delimiter(None).await.expect("list");
+    let mut ids: Vec<RunId> = listed
+        .objects
+        .iter()
+        .filter_map(|m| RunId::parse(m.location.filename()?.strip_suffix(".json")?).ok())
+        .filter(|id| after.is_none_or(|a| id > a))
+        .collect();
+    ids.sort();
+    let mut found = 0;
+    let mut last = None;
+    let mut reads = futures::stream::iter(ids.iter().take(2000).cloned())
+        .map(|id| async move {
+            let bytes = os
+                .get(&ObjPath::from(format!("{id}.json")))
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes");
+            (id, bytes)
+        })
+        .buffered(16);
+    while let Some((id, bytes)) = reads.next().await {
+        last = Some(id);
+        if let Ok(StoredRecord::Live(a)) = StoredRecord::decode(&bytes) {
+            let v = serde_json::to_value(a.as_ref()).expect("json");
+            if filter(&v) {
+                found += 1;
+                if found >= limit {
+                    break;
+                }
+            }
+        }
+    }
+    (found, last)
+}
+
+/// Every page of `q`; returns (runs, pages).
+async fn walk(store: &RunStore, mut q: ListQuery) -> (usize, usize) {
+    let (mut runs, mut pages) = (0, 0);
+    loop {
+        let page = store.list(&q).await.expect("list");
+        runs += page.runs.len();
+        pages += 1;
+        match page.next_cursor {
+            Some(c) => q.cursor = Some(c),
+            None => return (runs, pages),
+        }
+    }
+}
+
+/// Counts the listing calls that reach the backend (see the module docs).
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn ObjectStore>,
+    lists: Arc<AtomicU64>,
+    keys: Arc<AtomicU64>,
+}
+
+impl std::fmt::Display for Counting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Counting({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Counting {
+    async fn put_opts(
+        &self,
+        l: &ObjPath,
+        p: PutPayload,
+        o: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(l, p, o).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        l: &ObjPath,
+        o: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(l, o).await
+    }
+    async fn get_opts(&self, l: &ObjPath, o: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(l, o).await
+    }
+    fn delete_stream(
+        &self,
+        l: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(l)
+    }
+    fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let keys = self.keys.clone();
+        self.inner
+            .list(p)
+            .inspect(move |_| {
+                keys.fetch_add(1, Ordering::Relaxed);
+            })
+            .boxed()
+    }
+    fn list_with_offset(
+        &self,
+        p: Option<&ObjPath>,
+        o: &ObjPath,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let keys = self.keys.clone();
+        self.inner
+            .list_with_offset(p, o)
+            .inspect(move |_| {
+                keys.fetch_add(1, Ordering::Relaxed);
+            })
+            .boxed()
+    }
+    async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        self.inner.list_with_delimiter(p).await
+    }
+    async fn copy_opts(
+        &self,
+        f: &ObjPath,
+        t: &ObjPath,
+        o: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(f, t, o).await
+    }
+}
+
+/// What the replaced scan checks on each record it reads.
+type Filter = Box<dyn Fn(&Value) -> bool + Sync>;
+
+struct Row {
+    what: &'static str,
+    index_ms: f64,
+    scan_ms: f64,
+    lists: Option<f64>,
+}
+
+fn tool_of(v: &Value) -> &str {
+    v["tool_id"].as_str().unwrap_or_default()
+}
+
+async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) -> Vec<Row> {
+    let reps = 9;
+    let lists = || {
+        counter.map(|c| {
+            c.lists.load(Ordering::Relaxed) as f64
+                + (c.keys.load(Ordering::Relaxed) as f64 / 1000.0).ceil()
+        })
+    };
+    let reset = || {
+        if let Some(c) = counter {
+            c.lists.store(0, Ordering::Relaxed);
+            c.keys.store(0, Ordering::Relaxed);
+        }
+    };
+    let q = |f: &dyn Fn(&mut ListQuery)| {
+        let mut q = ListQuery {
+            limit: Some(50),
+            ..Default::default()
+        };
+        f(&mut q);
+        q
+    };
+    let cases: Vec<(&'static str, ListQuery, Filter)> = vec![
+        ("first page, newest first", q(&|_| {}), Box::new(|_| true)),
+        (
+            "first 50 of one tool (1 %)",
+            q(&|q| q.tool_id = Some("T7".parse().expect("tool"))),
+            Box::new(|v| tool_of(v) == "T7"),
+        ),
+        (
+            "first 50 of one tool, status ERROR (0.3 %)",
+            q(&|q| {
+                q.tool_id = Some("T7".parse().expect("tool"));
+                q.status = Some("ERROR".parse().expect("status"));
+            }),
+            Box::new(|v| tool_of(v) == "T7" && v["status"] == "ERROR"),
+        ),
+        (
+            "first 50 of ERROR, RED, drill (0.1 %, no tool)",
+            q(&|q| {
+                q.status = Some("ERROR".parse().expect("status"));
+                q.risk_level = Some("RED".parse().expect("risk"));
+                q.mode = Some("drill".parse().expect("mode"));
+            }),
+            Box::new(|v| {
+                v["status"] == "ERROR"
+                    && v["decision"]["risk_level"] == "RED"
+                    && v["mode"] == "drill"
+            }),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (what, query, filter) in cases {
+        reset();
+        // Follow cursors until 50 runs are in hand (a selective filter may need more pages).
+        let (index_ms, _) = median_ms(reps, || async {
+            let mut q = query.clone();
+            let mut got = 0;
+            loop {
+                let page = store.list(&q).await.expect("list");
+                got += page.runs.len();
+                match page.next_cursor {
+                    Some(c) if got < 50 => q.cursor = Some(c),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        let calls = lists().map(|c| c / reps as f64);
+        let (scan_ms, _) = median_ms(3, || async {
+            let mut after = None;
+            let mut got = 0;
+            loop {
+                let (found, last) =
+                    scan_page(store, after.as_ref(), 50 - got, filter.as_ref()).await;
+                got += found;
+                if got >= 50 || last.is_none() {
+                    break;
+                }
+                after = last;
+            }
+        })
+        .await;
+        rows.push(Row {
+            what,
+            index_ms,
+            scan_ms,
+            lists: calls,
+        });
+    }
+    // Full walk, pages of 1,000.
+    reset();
+    let t = Instant::now();
+    let (runs, pages) = walk(
+        store,
+        ListQuery {
+            limit: Some(1000),
+            order: Some(Order::Newest),
+            ..Default::default()
+        },
+    )
+    .await;
+    let index_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(runs, n, "the walk must list every run");
+    let calls = lists().map(|c| c / pages as f64);
+    let t = Instant::now();
+    let mut after = None;
+    let scan_pages = 20.min(n.div_ceil(1000));
+    for _ in 0..scan_pages {
+        let (_, last) = scan_page(store, after.as_ref(), 1000, &|_| true).await;
+        after = last;
+    }
+    let scan_ms = t.elapsed().as_secs_f64() * 1000.0 / scan_pages as f64 * n.div_ceil(1000) as f64;
+    rows.push(Row {
+        what: "walk every run, pages of 1,000",
+        index_ms,
+        scan_ms,
+        lists: calls,
+    });
+    rows
+}
+
+fn print_rows(title: &str, n: usize, rows: &[Row]) {
+    println!("\n## {title}: {n} runs");
+    println!(
+        "| {:<46} | {:>12} | {:>12} | {:>8} | {:>14} |",
+        "listing", "index ms", "scan ms", "speed-up", "LIST per page"
+    );
+    println!(
+        "|{:-<48}|{:->14}|{:->14}|{:->10}|{:->16}|",
+        "", "", "", "", ""
+    );
+    for r in rows {
+        println!(
+            "| {:<46} | {:>12.1} | {:>12.1} | {:>7.0}x | {:>14} |",
+            r.what,
+            r.index_ms,
+            r.scan_ms,
+            r.scan_ms / r.index_ms,
+            r.lists.map_or("-".to_owned(), |c| format!("{c:.1}"))
+        );
+    }
+    if let Some(w) = rows.last() {
+        println!(
+            "walk: {:.2} us per run by the index ({:.1} s for {n}); by scan {:.0} s (extrapolated)",
+            w.index_ms * 1000.0 / n as f64,
+            w.index_ms / 1000.0,
+            w.scan_ms / 1000.0
+        );
+    }
+}
+
+fn bench_root() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp");
+    std::fs::create_dir_all(&root).expect("bench dir");
+    root
+}
+
+fn local_store(dir: &Path, fsync: bool) -> RunStore {
+    RunStore::open(
+        &StoreUrl::Local(dir.to_path_buf()),
+        &OpenOptions {
+            fsync,
+            ..OpenOptions::default()
+        },
+    )
+    .expect("open")
+}
+
+async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize) -> f64 {
+    let store = local_store(dir, true);
+    let store = if indexed {
+        store
+    } else {
+        store.without_index()
+    };
+    let base = 1_800_000_000_000;
+    let next = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let cell = Duration::from_secs(4);
+    let start = Instant::now();
+    futures::stream::iter(0..in_flight)
+        .for_each_concurrent(in_flight, |_| {
+            let (store, next, done) = (&store, &next, &done);
+            async move {
+                while start.elapsed() < cell {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let (cmd, ctx) = create_at(i, base);
+                    store.execute(&cmd, &ctx).await.expect("create");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+        .await;
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+    let root = bench_root().join(format!("index-{stamp}"));
+    println!(
+        "# {COMMAND}  (BENCH_RUNS, BENCH_S3_RUNS, BENCH_ONLY; dirs under {})",
+        root.display()
+    );
+    let mut json = serde_json::Map::new();
+    let base_ms = 1_790_000_000_000;
+
+    if only("local") {
+        let n = env_usize("BENCH_RUNS", 1_000_000);
+        let dir = std::env::var("BENCH_LOCAL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("local"));
+        let store = local_store(&dir, false);
+        let t = Instant::now();
+        rt.block_on(fill(&store, n as u64, base_ms));
+        eprintln!(
+            "  local store of {n} runs ready in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+        let rows = rt.block_on(listing_rows(&store, n, None));
+        print_rows("local filesystem", n, &rows);
+        json.insert("local".into(), rows_json(n, &rows));
+    }
+
+    if only("s3") {
+        let n = env_usize("BENCH_S3_RUNS", 20_000);
+        rt.block_on(async {
+            let server = support::S3Server::start().await;
+            let bucket = support::unique_bucket();
+            server.create_bucket(&bucket).await;
+            let opts = support::s3_options(&server.endpoint());
+            let url = StoreUrl::S3 {
+                bucket,
+                prefix: String::new(),
+            };
+            let s3 = RunStore::open(&url, &opts).expect("open s3");
+            let t = Instant::now();
+            fill(&s3, n as u64, base_ms).await;
+            eprintln!(
+                "  S3 store of {n} runs ready in {:.0} s",
+                t.elapsed().as_secs_f64()
+            );
+            let counting = Counting {
+                inner: s3.object_store().clone(),
+                lists: Arc::default(),
+                keys: Arc::default(),
+            };
+            let counted = RunStore::from_object_store(
+                Arc::new(Counting {
+                    inner: counting.inner.clone(),
+                    lists: counting.lists.clone(),
+                    keys: counting.keys.clone(),
+                }),
+                ObjPath::default(),
+                true,
+            );
+            let rows = listing_rows(&counted, n, Some(&counting)).await;
+            print_rows("S3 test server (moto)", n, &rows);
+            json.insert("s3".into(), rows_json(n, &rows));
+        });
+    }
+
+    if only("creates") {
+        println!("\n## durable creates/s (fsync on), with and without the index");
+        println!(
+            "| {:>9} | {:>12} | {:>12} | {:>7} |",
+            "in flight", "with index", "without", "ratio"
+        );
+        println!("|{:->11}|{:->14}|{:->14}|{:->9}|", "", "", "", "");
+        let mut cells = Vec::new();
+        for in_flight in [1usize, 16, 256] {
+            // Alternate, so drift on a shared machine hits both sides alike.
+            let without = rt.block_on(creates_cell(
+                &root.join(format!("c{in_flight}-plain")),
+                false,
+                in_flight,
+            ));
+            let with = rt.block_on(creates_cell(
+                &root.join(format!("c{in_flight}-index")),
+                true,
+                in_flight,
+            ));
+            println!(
+                "| {in_flight:>9} | {with:>12.0} | {without:>12.0} | {:>7.2} |",
+                with / without
+            );
+            cells.push(json!({"in_flight": in_flight, "with_index": with, "without": without}));
+        }
+        json.insert("creates".into(), Value::Array(cells));
+    }
+    println!("\nBENCH_JSON {}", Value::Object(json));
+}
+
+fn rows_json(n: usize, rows: &[Row]) -> Value {
+    json!({"runs": n, "rows": rows.iter().map(|r| json!({
+        "what": r.what, "index_ms": r.index_ms, "scan_ms": r.scan_ms, "lists_per_page": r.lists
+    })).collect::<Vec<_>>()})
+}
