@@ -186,6 +186,24 @@ async fn walk(store: &RunStore, mut q: ListQuery) -> (usize, usize) {
     }
 }
 
+/// Counts the LIST requests behind a flat listing stream: the first key read (or the end)
+/// costs one, and every 1,000th key after it one more (S3 pages hold 1,000 keys).
+fn count_pages(
+    stream: BoxStream<'static, object_store::Result<ObjectMeta>>,
+    pages: Arc<AtomicU64>,
+) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+    pages.fetch_add(1, Ordering::Relaxed);
+    let mut read = 0u64;
+    stream
+        .inspect(move |_| {
+            read += 1;
+            if read > 1 && (read - 1).is_multiple_of(1000) {
+                pages.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .boxed()
+}
+
 /// Counts the listing calls that reach the backend (see the module docs).
 #[derive(Debug)]
 struct Counting {
@@ -227,26 +245,14 @@ impl ObjectStore for Counting {
         self.inner.delete_stream(l)
     }
     fn list(&self, p: Option<&ObjPath>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let keys = self.keys.clone();
-        self.inner
-            .list(p)
-            .inspect(move |_| {
-                keys.fetch_add(1, Ordering::Relaxed);
-            })
-            .boxed()
+        count_pages(self.inner.list(p), self.keys.clone())
     }
     fn list_with_offset(
         &self,
         p: Option<&ObjPath>,
         o: &ObjPath,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let keys = self.keys.clone();
-        self.inner
-            .list_with_offset(p, o)
-            .inspect(move |_| {
-                keys.fetch_add(1, Ordering::Relaxed);
-            })
-            .boxed()
+        count_pages(self.inner.list_with_offset(p, o), self.keys.clone())
     }
     async fn list_with_delimiter(&self, p: Option<&ObjPath>) -> object_store::Result<ListResult> {
         self.lists.fetch_add(1, Ordering::Relaxed);
@@ -278,10 +284,11 @@ fn tool_of(v: &Value) -> &str {
 
 async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) -> Vec<Row> {
     let reps = 9;
+    // LIST requests since the last reset: each delimited listing is one, a flat listing one
+    // per 1,000 keys read (each call's keys are counted apart, see `Counting`).
     let lists = || {
         counter.map(|c| {
-            c.lists.load(Ordering::Relaxed) as f64
-                + (c.keys.load(Ordering::Relaxed) as f64 / 1000.0).ceil()
+            c.lists.load(Ordering::Relaxed) as f64 + c.keys.load(Ordering::Relaxed) as f64
         })
     };
     let reset = || {
@@ -328,24 +335,29 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
         ),
     ];
     let mut rows = Vec::new();
+    // The replaced scan re-lists the whole store per page: fewer repetitions on S3.
+    let scan_reps = if counter.is_some() { 1 } else { 3 };
     for (what, query, filter) in cases {
-        reset();
         // Follow cursors until 50 runs are in hand (a selective filter may need more pages).
-        let (index_ms, _) = median_ms(reps, || async {
+        let fetch = || async {
             let mut q = query.clone();
-            let mut got = 0;
+            let (mut got, mut pages) = (0, 0);
             loop {
                 let page = store.list(&q).await.expect("list");
                 got += page.runs.len();
+                pages += 1;
                 match page.next_cursor {
                     Some(c) if got < 50 => q.cursor = Some(c),
                     _ => break,
                 }
             }
-        })
-        .await;
-        let calls = lists().map(|c| c / reps as f64);
-        let (scan_ms, _) = median_ms(3, || async {
+            pages
+        };
+        reset();
+        let pages = fetch().await;
+        let calls = lists().map(|c| c / pages as f64);
+        let (index_ms, _) = median_ms(reps, fetch).await;
+        let (scan_ms, _) = median_ms(scan_reps, || async {
             let mut after = None;
             let mut got = 0;
             loop {
@@ -383,7 +395,7 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
     let calls = lists().map(|c| c / pages as f64);
     let t = Instant::now();
     let mut after = None;
-    let scan_pages = 20.min(n.div_ceil(1000));
+    let scan_pages = if counter.is_some() { 3 } else { 20 }.min(n.div_ceil(1000));
     for _ in 0..scan_pages {
         let (_, last) = scan_page(store, after.as_ref(), 1000, &|_| true).await;
         after = last;
