@@ -287,9 +287,8 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
     // LIST requests since the last reset: each delimited listing is one, a flat listing one
     // per 1,000 keys read (each call's keys are counted apart, see `Counting`).
     let lists = || {
-        counter.map(|c| {
-            c.lists.load(Ordering::Relaxed) as f64 + c.keys.load(Ordering::Relaxed) as f64
-        })
+        counter
+            .map(|c| c.lists.load(Ordering::Relaxed) as f64 + c.keys.load(Ordering::Relaxed) as f64)
     };
     let reset = || {
         if let Some(c) = counter {

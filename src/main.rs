@@ -51,6 +51,39 @@ enum Cmd {
         /// Put large outputs back inline.
         #[arg(long)]
         include_outputs: bool,
+        /// A past revision (the record as that revision stored it).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Show a run's revisions, oldest first.
+    History {
+        /// Run id.
+        run_id: String,
+        /// Revisions per page (default 100).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Continue from a previous page's cursor.
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Show what changed between two revisions of a run (default: the last change), or
+    /// between the latest revisions of two runs (--a, --b).
+    Diff {
+        /// Run id (two revisions of it).
+        #[arg(conflicts_with_all = ["a", "b"], required_unless_present_all = ["a", "b"])]
+        run_id: Option<String>,
+        /// The older revision (default: the one before --to).
+        #[arg(long)]
+        from: Option<u64>,
+        /// The newer revision (default: the latest).
+        #[arg(long)]
+        to: Option<u64>,
+        /// First run.
+        #[arg(long, requires = "b")]
+        a: Option<String>,
+        /// Second run.
+        #[arg(long, requires = "a")]
+        b: Option<String>,
     },
     /// List runs (newest first unless told otherwise).
     List {
@@ -94,7 +127,8 @@ enum Cmd {
         #[arg(long)]
         until: Option<String>,
     },
-    /// Recompute a run's hashes.
+    /// Recompute a run's hashes and check its history's hash chain (exit 5 when anything
+    /// fails).
     Verify {
         /// Run id.
         run_id: String,
@@ -168,6 +202,7 @@ struct PayloadArgs {
 const EXIT_NOT_FOUND: u8 = 2;
 const EXIT_REJECTED: u8 = 3;
 const EXIT_UNREACHABLE: u8 = 4;
+const EXIT_VERIFY_FAILED: u8 = 5;
 
 struct Failure {
     code: u8,
@@ -232,9 +267,54 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Get {
             run_id,
             include_outputs,
+            revision,
         } => {
-            let body = serde_json::json!({"run_id": run_id, "include_outputs": include_outputs});
+            let mut body =
+                serde_json::json!({"run_id": run_id, "include_outputs": include_outputs});
+            if let Some(r) = revision {
+                body["revision"] = r.into();
+            }
             request(&cfg, "get", body.to_string(), timeout, cli.json).await
+        }
+        Cmd::History {
+            run_id,
+            limit,
+            cursor,
+        } => {
+            let mut body = serde_json::json!({"run_id": run_id});
+            if let Some(l) = limit {
+                body["limit"] = l.into();
+            }
+            if let Some(c) = cursor {
+                body["cursor"] = c.into();
+            }
+            history(&cfg, body.to_string(), timeout, cli.json).await
+        }
+        Cmd::Diff {
+            run_id,
+            from,
+            to,
+            a,
+            b,
+        } => {
+            let mut body = serde_json::Map::new();
+            for (k, v) in [("run_id", run_id), ("a", a), ("b", b)] {
+                if let Some(v) = v {
+                    body.insert(k.into(), v.into());
+                }
+            }
+            for (k, v) in [("from", from), ("to", to)] {
+                if let Some(v) = v {
+                    body.insert(k.into(), v.into());
+                }
+            }
+            diff(
+                &cfg,
+                serde_json::Value::Object(body).to_string(),
+                timeout,
+                cli.json,
+            )
+            .await
         }
         Cmd::List {
             limit,
@@ -288,10 +368,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
             }
         }
-        Cmd::Verify { run_id } => {
-            let body = serde_json::json!({"run_id": run_id});
-            request(&cfg, "verify", body.to_string(), timeout, cli.json).await
-        }
+        Cmd::Verify { run_id } => verify_run(&cfg, run_id, timeout, cli.json).await,
         Cmd::Create(a) => publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await,
         Cmd::PatchMeta(a) => {
             publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await
@@ -619,15 +696,16 @@ fn code_for(status: &str) -> u8 {
     }
 }
 
-async fn request(
-    cfg: &Config,
+/// Sends one request; the reply's text, or its error reply as a failure (with `--json`, the
+/// error body is printed first, for scripts).
+async fn ask(
+    client: &async_nats::Client,
+    subjects: &Subjects,
     endpoint: &str,
     body: String,
     timeout: Duration,
     json: bool,
-) -> Result<(), Failure> {
-    let client = client_connect(cfg).await?;
-    let subjects = Subjects::new(cfg.subject_prefix.clone());
+) -> Result<String, Failure> {
     let rid = RequestId::generate();
     let mut h = async_nats::HeaderMap::new();
     h.insert(REQUEST_ID_HEADER, rid.as_str());
@@ -662,7 +740,122 @@ async fn request(
             message,
         });
     }
+    Ok(text)
+}
+
+/// One request, its reply printed (pretty JSON, or as received with `--json`).
+async fn request(
+    cfg: &Config,
+    endpoint: &str,
+    body: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let text = ask_once(cfg, endpoint, body, timeout, json).await?;
     print_value(&text, json);
+    Ok(())
+}
+
+async fn ask_once(
+    cfg: &Config,
+    endpoint: &str,
+    body: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<String, Failure> {
+    let client = client_connect(cfg).await?;
+    let subjects = Subjects::new(cfg.subject_prefix.clone());
+    ask(&client, &subjects, endpoint, body, timeout, json).await
+}
+
+/// `verify`: the report, and exit 5 when any check or the hash chain fails.
+async fn verify_run(
+    cfg: &Config,
+    run_id: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<(), Failure> {
+    let body = serde_json::json!({"run_id": run_id}).to_string();
+    let text = ask_once(cfg, "verify", body, timeout, json).await?;
+    print_value(&text, json);
+    let report: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("verify reply: {e}"))?;
+    if report["ok"] == serde_json::Value::Bool(true) {
+        return Ok(());
+    }
+    let reason = match report["chain"]["broken"].as_object() {
+        Some(b) => format!(
+            "revision {}: {} ({})",
+            b.get("revision").unwrap_or(&serde_json::Value::Null),
+            b.get("reason").and_then(|r| r.as_str()).unwrap_or("?"),
+            b.get("detail").and_then(|r| r.as_str()).unwrap_or("")
+        ),
+        None => "a content hash does not match (see checks)".to_owned(),
+    };
+    Err(Failure {
+        code: EXIT_VERIFY_FAILED,
+        message: format!("run {run_id} failed verification: {reason}"),
+    })
+}
+
+/// `history`: one page, as a table (or the reply with `--json`).
+async fn history(cfg: &Config, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
+    let text = ask_once(cfg, "history", body, timeout, json).await?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let page: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("history reply: {e}"))?;
+    println!(
+        "{:>4}  {:<18}  {:<24}  {:<16}  {:<36}  request",
+        "rev", "event", "at", "artifact_sha256", "command"
+    );
+    for r in page["revisions"].as_array().into_iter().flatten() {
+        let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
+        let sha = text("artifact_sha256");
+        println!(
+            "{:>4}  {:<18}  {:<24}  {:<16}  {:<36}  {}",
+            r["revision"],
+            text("event"),
+            text("at"),
+            &sha[..sha.len().min(16)],
+            text("command_id"),
+            text("request_id")
+        );
+    }
+    if let Some(c) = page["next_cursor"].as_str() {
+        println!("more: --cursor {c}");
+    }
+    Ok(())
+}
+
+/// `diff`: one line per changed path (or the reply with `--json`).
+async fn diff(cfg: &Config, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
+    let text = ask_once(cfg, "diff", body, timeout, json).await?;
+    if json {
+        println!("{text}");
+        return Ok(());
+    }
+    let d: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("diff reply: {e}"))?;
+    let side = |v: &serde_json::Value| {
+        format!(
+            "{} revision {}",
+            v["run_id"].as_str().unwrap_or("?"),
+            v["revision"]
+        )
+    };
+    println!("--- {}\n+++ {}", side(&d["from"]), side(&d["to"]));
+    let shown = |v: Option<&serde_json::Value>| v.map_or("(absent)".to_owned(), |v| v.to_string());
+    for c in d["changes"].as_array().into_iter().flatten() {
+        println!(
+            "{}: {} -> {}",
+            c["path"].as_str().unwrap_or("?"),
+            shown(c.get("before")),
+            shown(c.get("after"))
+        );
+    }
     Ok(())
 }
 
@@ -678,34 +871,10 @@ async fn list_all(
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     loop {
-        let req = async_nats::Request::new()
-            .payload(serde_json::Value::Object(q.clone()).to_string().into())
-            .timeout(Some(timeout));
-        let reply = client
-            .send_request(subjects.sub("list"), req)
-            .await
-            .map_err(|e| Failure {
-                code: EXIT_UNREACHABLE,
-                message: format!("list: {e}"),
-            })?;
-        if let Some(status) = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Service-Error-Code"))
-        {
-            let message = reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Service-Error"))
-                .map(|v| v.to_string())
-                .unwrap_or_default();
-            return Err(Failure {
-                code: code_for(status.as_str()),
-                message,
-            });
-        }
+        let body = serde_json::Value::Object(q.clone()).to_string();
+        let text = ask(&client, &subjects, "list", body, timeout, false).await?;
         let page: serde_json::Value =
-            serde_json::from_slice(&reply.payload).map_err(|e| anyhow!("list reply: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| anyhow!("list reply: {e}"))?;
         for run in page["runs"].as_array().into_iter().flatten() {
             writeln!(out, "{run}").map_err(|e| anyhow!("stdout: {e}"))?;
         }

@@ -201,6 +201,20 @@ async fn concurrent_patches_all_apply(store: RunStore, tasks: u32, per_task: u32
     assert_eq!(a.revision, 1 + u64::from(total), "lost updates");
     let patched = a.meta.keys().filter(|k| k.starts_with('t')).count();
     assert_eq!(patched as u32, total);
+    // Every one of those racing changes kept its revision: the history is gap-free, each
+    // revision names its command, and the chain verifies end to end.
+    let chain = store.verify_chain(&id).await.unwrap();
+    assert!(chain.ok, "{chain:?}");
+    assert_eq!(chain.revisions, 1 + u64::from(total));
+    assert_eq!(chain.starts_at, Some(1));
+    let page = store.history(&id, None, 1000).await.unwrap();
+    let commands: std::collections::HashSet<String> = page
+        .revisions
+        .iter()
+        .skip(1)
+        .filter_map(|r| r.command_id.clone())
+        .collect();
+    assert_eq!(commands.len() as u32, total, "a revision per command");
 }
 
 async fn redelivered_patch_changes_nothing(store: RunStore) {
@@ -904,6 +918,237 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
     assert!(store.reindex(true).await.unwrap().consistent());
 }
 
+// ---------------------------------------------------------------------------------------------
+// History: every revision kept, a hash chain
+// ---------------------------------------------------------------------------------------------
+
+async fn patch_n(store: &RunStore, id: &RunId, n: u32) {
+    let c = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"n": n}}),
+    );
+    store
+        .execute(&c, &ctx_with_id(&format!("{id}-p{n}")))
+        .await
+        .unwrap();
+}
+
+/// The history of a run: every revision, in order, chained; any past revision readable as it
+/// was; a delete keeps the chain's head.
+async fn history_keeps_every_revision_chained(store: RunStore) {
+    let id = run_id(0x5001);
+    let created = create(&store, &id, "T1").await;
+    for n in 1..=3 {
+        patch_n(&store, &id, n).await;
+    }
+    let page1 = store.history(&id, None, 2).await.unwrap();
+    assert_eq!(page1.revisions.len(), 2);
+    let after: u64 = page1.next_cursor.as_deref().unwrap().parse().unwrap();
+    let page2 = store.history(&id, Some(after), 2).await.unwrap();
+    assert_eq!(page2.next_cursor, None);
+    let revs: Vec<_> = page1.revisions.iter().chain(&page2.revisions).collect();
+    assert_eq!(
+        revs.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(revs[0].event, "created");
+    assert_eq!(revs[0].prev_sha256, None);
+    assert_eq!(
+        revs[0].artifact_sha256, created.artifact_sha256,
+        "the stored event's hash"
+    );
+    for w in revs.windows(2) {
+        assert_eq!(
+            w[1].prev_sha256.as_deref(),
+            Some(w[0].artifact_sha256.as_str())
+        );
+        assert_eq!(w[1].event, "meta_patched");
+    }
+    // A past revision as it was.
+    let r2 = store.get_revision(&id, 2).await.unwrap();
+    assert_eq!(r2["meta"]["n"], json!(1));
+    assert_eq!(r2["revision"], json!(2));
+    let current = store.get(&id).await.unwrap();
+    assert_eq!(
+        current.prev_sha256.as_ref().map(|s| s.as_str()),
+        Some(revs[2].artifact_sha256.as_str())
+    );
+    let d = rmos_runs::domain::diff::diff(
+        &store.get_revision(&id, 3).await.unwrap(),
+        &store.get_revision(&id, 4).await.unwrap(),
+    );
+    let paths: Vec<&str> = d.iter().map(|c| c.path.as_str()).collect();
+    assert!(
+        paths.contains(&"/meta/n") && paths.contains(&"/revision"),
+        "{paths:?}"
+    );
+    assert!(store.verify_chain(&id).await.unwrap().ok);
+
+    let del = cmd(
+        CommandKind::Delete,
+        json!({"run_id": id.as_str(), "reason": "t"}),
+    );
+    let out = store.execute(&del, &ctx()).await.unwrap();
+    let chain = store.verify_chain(&id).await.unwrap();
+    assert!(chain.ok, "{chain:?}");
+    assert_eq!(chain.revisions, 5);
+    let last = store.history(&id, Some(4), 10).await.unwrap();
+    assert_eq!(last.revisions[0].event, "deleted");
+    assert_eq!(last.revisions[0].artifact_sha256, out.artifact_sha256);
+    assert_eq!(
+        last.revisions[0].prev_sha256.as_deref(),
+        Some(revs[3].artifact_sha256.as_str())
+    );
+    match store.remove_history(&id).await {
+        Ok(n) => assert_eq!(n, 5),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Someone with write access to the store edits the trail: each kind of tampering is found,
+/// with its reason.
+async fn tampering_with_the_history_is_reported(store: RunStore) {
+    use rmos_runs::store::history::ChainFault;
+    let os = store.object_store().clone();
+    let history_key = |id: &RunId, r: u64| store.history_key(id, r);
+    let fresh = |n: u32| {
+        let store = store.clone();
+        async move {
+            let id = run_id(0x6000 + n);
+            create(&store, &id, "T1").await;
+            for p in 1..=3 {
+                patch_n(&store, &id, p).await;
+            }
+            assert!(store.verify_chain(&id).await.unwrap().ok);
+            id
+        }
+    };
+    let broken = |id: RunId| {
+        let store = store.clone();
+        async move {
+            let c = store.verify_chain(&id).await.unwrap();
+            assert!(!c.ok, "{c:?}");
+            let b = c.broken.unwrap();
+            (b.revision, b.reason)
+        }
+    };
+    // A past revision's content changed (its recorded hash left as it was).
+    let id = fresh(1).await;
+    let mut v: Value = serde_json::from_slice(&raw(&store, &history_key(&id, 2)).await).unwrap();
+    v["record"]["meta"]["n"] = json!(99);
+    os.put(
+        &history_key(&id, 2),
+        PutPayload::from(serde_json::to_vec(&v).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broken(id).await, (2, ChainFault::ContentChanged));
+    // ... and rehashed too: then the next revision no longer points at it.
+    let id = fresh(2).await;
+    let mut v: Value = serde_json::from_slice(&raw(&store, &history_key(&id, 2)).await).unwrap();
+    v["record"]["meta"]["n"] = json!(99);
+    v["artifact_sha256"] = json!(rmos_runs::domain::hashing::sha256_json(&v["record"]));
+    os.put(
+        &history_key(&id, 2),
+        PutPayload::from(serde_json::to_vec(&v).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broken(id).await, (3, ChainFault::ChainBroken));
+    // The current record edited in place.
+    let id = fresh(3).await;
+    let mut v: Value =
+        serde_json::from_slice(&raw(&store, &store.artifact_key(&id)).await).unwrap();
+    v["meta"]["n"] = json!(42);
+    os.put(
+        &store.artifact_key(&id),
+        PutPayload::from(serde_json::to_vec(&v).unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(broken(id).await, (4, ChainFault::ContentChanged));
+    // A revision removed.
+    let id = fresh(4).await;
+    os.delete(&history_key(&id, 3)).await.unwrap();
+    assert_eq!(broken(id).await, (3, ChainFault::RevisionMissing));
+    // Two revisions swapped.
+    let id = fresh(5).await;
+    let (two, three) = (
+        raw(&store, &history_key(&id, 2)).await,
+        raw(&store, &history_key(&id, 3)).await,
+    );
+    os.put(&history_key(&id, 2), PutPayload::from(three))
+        .await
+        .unwrap();
+    os.put(&history_key(&id, 3), PutPayload::from(two))
+        .await
+        .unwrap();
+    assert_eq!(broken(id).await, (2, ChainFault::ChainBroken));
+}
+
+/// A change that died after claiming its revision and before writing its record: the next
+/// change of the run applies it first (no gap, no orphan), and its redelivery is a no-op.
+async fn a_claimed_revision_is_rolled_forward(store: RunStore) {
+    use rmos_runs::domain::command::Decision;
+    use rmos_runs::store::history::Revision;
+    let id = run_id(0x7001);
+    create(&store, &id, "T1").await;
+    // What the dead writer had decided and claimed: revision 2.
+    let dead = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"dead": 1}}),
+    );
+    let dead_ctx = ctx_with_id("dead-1");
+    let current = store.load(&id).await.unwrap().unwrap();
+    let Decision::Write { mut record, .. } = dead.decide(Some(&current.value), &dead_ctx).unwrap()
+    else {
+        panic!("not a write")
+    };
+    record.set_prev_sha256(Some(
+        rmos_runs::domain::artifact::Sha256Hex::parse(&rmos_runs::store::record_sha256(
+            &current.value,
+        ))
+        .unwrap(),
+    ));
+    let rev = Revision::new(
+        &record,
+        "meta_patched",
+        dead_ctx.now,
+        None,
+        Some("dead-1".into()),
+        None,
+    );
+    store.put_revision(&rev).await.unwrap();
+    let chain = store.verify_chain(&id).await.unwrap();
+    assert!(chain.ok && chain.pending == Some(2), "{chain:?}");
+    // Another change arrives: revision 2 is applied first, the change becomes revision 3.
+    let next = cmd(
+        CommandKind::PatchMeta,
+        json!({"run_id": id.as_str(), "meta_updates": {"next": 1}}),
+    );
+    let out = store.execute(&next, &ctx_with_id("next-1")).await.unwrap();
+    assert_eq!(out.revision, 3);
+    let a = store.get(&id).await.unwrap();
+    assert_eq!(a.meta["dead"], json!(1));
+    assert_eq!(a.meta["next"], json!(1));
+    // The dead writer's command, redelivered, finds itself applied.
+    let again = store
+        .execute(
+            &dead,
+            &Context {
+                redelivered: true,
+                ..ctx_with_id("dead-1")
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!again.changed);
+    let chain = store.verify_chain(&id).await.unwrap();
+    assert!(chain.ok && chain.pending.is_none(), "{chain:?}");
+    assert_eq!(chain.revisions, 3);
+    assert!(store.reindex(true).await.unwrap().consistent());
+}
+
 /// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
 macro_rules! cases {
     ($backend:ident: $($case:ident),+ $(,)?) => {
@@ -937,6 +1182,9 @@ macro_rules! suite {
                 index_matches_a_model,
                 index_pages_hold_under_concurrent_changes,
                 index_recovers_from_a_crash_between_entries_and_record,
+                history_keeps_every_revision_chained,
+                tampering_with_the_history_is_reported,
+                a_claimed_revision_is_rolled_forward,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

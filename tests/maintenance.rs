@@ -124,8 +124,9 @@ async fn populated(dir: &Path) -> RunStore {
     store
 }
 
-/// Objects in `populated`: 2 blobs, 2 markers, 3 records, 1 dead letter.
-const POPULATED_OBJECTS: usize = 8;
+/// Objects in `populated`: 2 blobs, 2 markers, 5 revisions (1 + 2 + 2), 3 records, 1 dead
+/// letter. (The destination indexes what it receives: index entries are not copied.)
+const POPULATED_OBJECTS: usize = 13;
 
 // ---------------------------------------------------------------------------------------------
 // Retention
@@ -252,6 +253,7 @@ async fn backup_file_to_file_is_complete_then_incremental() {
     assert_eq!(r.total.copied, POPULATED_OBJECTS, "{r}");
     assert_eq!(r.by_kind[&ObjectKind::Blob].copied, 2);
     assert_eq!(r.by_kind[&ObjectKind::BlobRef].copied, 2);
+    assert_eq!(r.by_kind[&ObjectKind::History].copied, 5);
     assert_eq!(r.by_kind[&ObjectKind::Record].copied, 3);
     assert_eq!(r.by_kind[&ObjectKind::DeadLetter].copied, 1);
     assert!(r.problems.is_empty(), "{r}");

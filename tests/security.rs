@@ -729,6 +729,25 @@ async fn inboxes_are_private_to_their_role() {
     assert_eq!(out.code, Some(0), "{out}");
     let out = b.cli("operator", &["verify", run], b"", &[]);
     assert_eq!(out.code, Some(0), "{out}");
+    // The reader's history and diff of the patched run come back on its own inbox too.
+    let (code, history) = reader
+        .request("history", &json!({"run_id": run}).to_string())
+        .await
+        .expect("reader history");
+    assert_eq!(code, None, "{history}");
+    assert_eq!(
+        history["revisions"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
+    let (code, diff) = reader
+        .request(
+            "diff",
+            &json!({"run_id": run, "from": 1, "to": 2}).to_string(),
+        )
+        .await
+        .expect("reader diff");
+    assert_eq!(code, None, "{diff}");
     // ... and a prefix outside the role's own gets no answer (exit 4, broker reachable).
     let out = b.cli(
         "reader",

@@ -341,6 +341,10 @@ pub struct RunArtifact {
     /// so a redelivery changes nothing twice (see `command::remember`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied_commands: Vec<AppliedCommand>,
+    /// `artifact_sha256` of the previous revision (none for revision 1): each record is the
+    /// head of its run's hash chain (see `store::history`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_sha256: Option<Sha256Hex>,
     /// Fields written by other producers that this version does not know; kept as they are.
     #[serde(flatten)]
     pub extra: JsonMap,
@@ -416,6 +420,9 @@ pub struct Tombstone {
     /// Blobs the run referenced (for cleanup).
     #[serde(default)]
     pub blobs: Vec<Sha256Hex>,
+    /// `artifact_sha256` of the last live revision: the deletion keeps the chain's head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_sha256: Option<Sha256Hex>,
 }
 
 /// What is stored under a run's key: a live artifact or a tombstone.
@@ -477,6 +484,22 @@ impl StoredRecord {
         match self {
             StoredRecord::Live(a) => &a.run_id,
             StoredRecord::Deleted(t) => &t.run_id,
+        }
+    }
+
+    /// The previous revision's `artifact_sha256`, as the record carries it.
+    pub fn prev_sha256(&self) -> Option<&Sha256Hex> {
+        match self {
+            StoredRecord::Live(a) => a.prev_sha256.as_ref(),
+            StoredRecord::Deleted(t) => t.prev_sha256.as_ref(),
+        }
+    }
+
+    /// Links the record to the revision before it.
+    pub fn set_prev_sha256(&mut self, prev: Option<Sha256Hex>) {
+        match self {
+            StoredRecord::Live(a) => a.prev_sha256 = prev,
+            StoredRecord::Deleted(t) => t.prev_sha256 = prev,
         }
     }
 }

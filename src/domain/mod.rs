@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod command;
+pub mod diff;
 pub mod error;
 pub mod hashing;
 pub mod ids;

@@ -69,10 +69,12 @@ fn generic(e: impl std::error::Error + Send + Sync + 'static) -> object_store::E
 #[derive(Clone, Copy, Debug)]
 pub struct ReadOnlyGet;
 
-/// Marks a put (in `PutOptions::extensions`) of an **empty** object that needs no barrier of
-/// its own: the caller makes a durable write right after it (a run record after its index
-/// entries), whose `syncfs` barrier makes this one durable too. The file is created in place:
-/// an empty file cannot be torn. Other payloads ignore the mark.
+/// Marks a create-if-absent put (in `PutOptions::extensions`) that needs no barrier of its
+/// own: the caller makes a durable write right after it (a run record after its history
+/// revision and index entries), whose `syncfs` barrier makes this one durable too, before the
+/// record's name is published. An empty object is created in place (it cannot be torn); a
+/// small one is staged and linked at once: only a power cut before that barrier can leave it
+/// torn, and then no record refers to it. Other modes and large payloads ignore the mark.
 #[derive(Clone, Copy, Debug)]
 pub struct DeferredSync;
 
@@ -493,11 +495,30 @@ impl ObjectStore for LocalStore {
         let bytes: Bytes = payload.clone().into();
         let etag = content_etag(&bytes);
         let dest = self.inner.path_to_filesystem(location)?;
-        if bytes.is_empty()
-            && opts.extensions.get::<DeferredSync>().is_some()
-            && !matches!(opts.mode, PutMode::Update(_))
+        if opts.extensions.get::<DeferredSync>().is_some()
+            && matches!(opts.mode, PutMode::Create)
+            && bytes.len() as u64 <= INLINE_IO_MAX
         {
-            self.create_empty(location, &dest, matches!(opts.mode, PutMode::Create))?;
+            if bytes.is_empty() {
+                self.create_empty(location, &dest, true)?;
+            } else {
+                // Staged and linked (create-if-absent) at once; the caller's next durable
+                // write's barrier makes both durable before anything refers to them.
+                let (staged, new_dirs) = stage(&dest, &bytes).map_err(generic)?;
+                let item = Staged {
+                    staged,
+                    dest,
+                    how: Publish::Create,
+                    new_dirs,
+                };
+                publish(&item).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => object_store::Error::AlreadyExists {
+                        path: location.to_string(),
+                        source: Box::new(e),
+                    },
+                    _ => generic(e),
+                })?;
+            }
             return Ok(PutResult {
                 e_tag: Some(etag),
                 version: None,

@@ -111,6 +111,9 @@ pub struct GcReport {
     pub tombstones: usize,
     /// Runs deleted by this pass.
     pub deleted: Vec<RunId>,
+    /// Revisions removed with the deleted runs (retention removes a run's history; its
+    /// tombstone keeps the hash of the last revision).
+    pub history_removed: usize,
     /// Runs a dry run would delete.
     pub would_delete: Vec<RunId>,
     /// Records that could not be read or deleted (corrupt, store errors).
@@ -135,12 +138,14 @@ impl fmt::Display for GcReport {
         };
         writeln!(
             f,
-            "gc{} cutoff {}: examined {} runs ({} already tombstones), {verb} {}, {} errors{}",
+            "gc{} cutoff {}: examined {} runs ({} already tombstones), {verb} {} (and {} history \
+             revisions), {} errors{}",
             if self.dry_run { " (dry run)" } else { "" },
             self.cutoff,
             self.examined,
             self.tombstones,
             ids.len(),
+            self.history_removed,
             self.errors.len(),
             if self.interrupted {
                 ", interrupted"
@@ -162,7 +167,8 @@ enum GcItem {
     Kept,
     Tombstone,
     Expired(RunId),
-    Deleted(RunId),
+    /// Deleted, with this many history revisions.
+    Deleted(RunId, usize),
     Error(KeyError),
 }
 
@@ -210,6 +216,7 @@ pub async fn gc(
         examined: 0,
         tombstones: 0,
         deleted: Vec::new(),
+        history_removed: 0,
         would_delete: Vec::new(),
         errors: Vec::new(),
         interrupted: stopped(),
@@ -220,7 +227,10 @@ pub async fn gc(
             GcItem::Kept => {}
             GcItem::Tombstone => report.tombstones += 1,
             GcItem::Expired(id) => report.would_delete.push(id),
-            GcItem::Deleted(id) => report.deleted.push(id),
+            GcItem::Deleted(id, revisions) => {
+                report.deleted.push(id);
+                report.history_removed += revisions;
+            }
             GcItem::Error(e) => report.errors.push(e),
         }
     }
@@ -258,10 +268,14 @@ async fn gc_one(store: &RunStore, opts: &GcOptions, id: RunId) -> GcItem {
         reason: opts.reason.clone(),
     });
     match store.execute(&cmd, &Context::now()).await {
-        Ok(out) if out.changed => {
-            tracing::info!(run_id = %id, created_at_utc = %created, "retention: run deleted");
-            GcItem::Deleted(id)
-        }
+        Ok(out) if out.changed => match store.remove_history(&id).await {
+            Ok(revisions) => {
+                tracing::info!(run_id = %id, created_at_utc = %created, revisions,
+                    "retention: run deleted with its history");
+                GcItem::Deleted(id, revisions)
+            }
+            Err(e) => err(format!("deleted, but its history was not removed: {e}")),
+        },
         Ok(_) => GcItem::Tombstone,
         Err(e) => err(format!("delete: {e}")),
     }
@@ -333,6 +347,9 @@ pub enum ObjectKind {
     Blob,
     /// `blobrefs/<sha256>/<run_id>`
     BlobRef,
+    /// `history/<run_id>/<revision>.json`: before the records, so a copied record's chain is
+    /// there.
+    History,
     /// `<run_id>.json`, live or tombstone.
     Record,
     /// `dead_letters/<date>/<name>.json`
@@ -509,6 +526,7 @@ fn classify(rel: &RelKey) -> Option<Result<ObjectKind, ()>> {
         }
         ["blobs", _] => ObjectKind::Blob,
         ["blobrefs", _, _] => ObjectKind::BlobRef,
+        ["history", _, _] => ObjectKind::History,
         ["dead_letters", _, ..] => ObjectKind::DeadLetter,
         _ => return Some(Err(())),
     };
@@ -572,7 +590,7 @@ pub async fn transfer(
         }
     }
     report.ignored.sort();
-    // BTreeMap order is the copy order: blobs, markers, records, dead letters.
+    // BTreeMap order is the copy order: blobs, markers, history, records, dead letters.
     for (kind, keys) in work {
         let results: Vec<(String, CopyResult)> = futures::stream::iter(keys)
             .map(|rel| async move {
@@ -656,6 +674,25 @@ async fn check_source(
             Ok(ok)
         }
         ObjectKind::DeadLetter => Ok(ok),
+        ObjectKind::History => {
+            let rev: super::history::Revision =
+                serde_json::from_slice(bytes).map_err(|e| format!("not a revision: {e}"))?;
+            let expected = format!("{:020}.json", rev.revision);
+            if rev.run_id.as_str() != parts[1] || parts[2] != expected {
+                return Err(format!(
+                    "holds revision {} of {} instead",
+                    rev.revision, rev.run_id
+                ));
+            }
+            let actual = crate::domain::hashing::sha256_json(&rev.record);
+            if actual != rev.artifact_sha256 {
+                return Err(format!(
+                    "its record hashes to {actual}, recorded {}",
+                    rev.artifact_sha256
+                ));
+            }
+            Ok(ok)
+        }
         ObjectKind::Record => {
             let record = StoredRecord::decode(bytes)?;
             let expected = parts[0].trim_end_matches(".json");
@@ -1019,6 +1056,19 @@ impl ImportEntry {
     }
 }
 
+/// The imported record's revision in its history (event `imported`): its chain starts there.
+async fn import_revision(
+    store: &RunStore,
+    record: &StoredRecord,
+    outcome: ImportOutcome,
+) -> Result<(), String> {
+    if outcome != ImportOutcome::Imported {
+        return Ok(());
+    }
+    let rev = super::history::Revision::new(record, "imported", Timestamp::now(), None, None, None);
+    store.put_revision(&rev).await.map_err(|e| e.to_string())
+}
+
 async fn import_file(store: &RunStore, path: &FsPath, file: &str) -> ImportEntry {
     let rejected = |reason: String| ImportEntry::new(file, ImportOutcome::Rejected, Some(reason));
     let stem = file.trim_end_matches(".json");
@@ -1088,15 +1138,18 @@ async fn import_file(store: &RunStore, path: &FsPath, file: &str) -> ImportEntry
         Err(PutFailed::Other(e)) => Err((ImportOutcome::Rejected, e)),
     };
     let mut entry = match written {
-        Ok(outcome) => match store.reindex_run(&id).await {
-            Ok(_) => ImportEntry::new(file, outcome, None),
-            Err(e) => ImportEntry::new(
-                file,
-                ImportOutcome::Rejected,
-                Some(format!(
-                    "imported, but its index entries were not: {e}; run `rmos-runs reindex`"
-                )),
-            ),
+        Ok(outcome) => match import_revision(store, &record, outcome).await {
+            Err(reason) => ImportEntry::new(file, ImportOutcome::Conflict, Some(reason)),
+            Ok(()) => match store.reindex_run(&id).await {
+                Ok(_) => ImportEntry::new(file, outcome, None),
+                Err(e) => ImportEntry::new(
+                    file,
+                    ImportOutcome::Rejected,
+                    Some(format!(
+                        "imported, but its index entries were not: {e}; run `rmos-runs reindex`"
+                    )),
+                ),
+            },
         },
         Err((outcome, reason)) => return ImportEntry::new(file, outcome, Some(reason)),
     };

@@ -8,6 +8,8 @@
 //! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
 //! index/{time,tool,id}/...      the listing index: one empty object per run and tree,
 //!                               whose name is the run's summary (see [`index`])
+//! history/<run_id>/<revision>.json  every revision, immutable: the audit trail and its hash
+//!                               chain (see [`history`])
 //! _probe/<random>               short-lived objects of the start-up probe
 //! dead_letters/<date>/<id>.json  rejected commands, kept as received with the reason
 //! ```
@@ -17,6 +19,7 @@
 //! exponential backoff, a bounded number of times.
 
 pub mod error;
+pub mod history;
 pub mod index;
 mod listing;
 pub mod local;
@@ -414,7 +417,7 @@ impl RunStore {
         loop {
             let current = self.load(id).await?;
             let decision = cmd.decide(current.as_ref().map(|v| &v.value), ctx)?;
-            let (record, blobs, event, released) = match decision {
+            let (mut record, blobs, event, released) = match decision {
                 Decision::Unchanged { event } => {
                     let Some(cur) = current else {
                         return Err(StoreError::NotFound(id.clone()));
@@ -442,6 +445,30 @@ impl RunStore {
             };
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
+            }
+            // The revision first (after its blobs, so a roll-forward finds them): it decides
+            // which of two racing changes makes this revision (see `history`).
+            history::link(&mut record, current.as_ref().map(|v| &v.value));
+            let rev = history::Revision::new(
+                &record,
+                event.as_str(),
+                ctx.now,
+                Some(ctx.request_id.to_string()),
+                ctx.command_id.as_ref().map(ToString::to_string),
+                ctx.stream.as_ref().map(|s| s.seq),
+            );
+            if !self.claim_revision(&rev, current.as_ref()).await? {
+                conflicts += 1;
+                if conflicts >= self.retry.max_attempts {
+                    return Err(StoreError::Contention {
+                        run_id: id.clone(),
+                        attempts: conflicts,
+                    });
+                }
+                let delay = delays.next().unwrap_or(self.retry.max_delay);
+                tracing::debug!(run_id = %id, conflicts, ?delay, "revision taken; retrying");
+                tokio::time::sleep(delay).await;
+                continue;
             }
             // Index entries: the new ones go in before the record (a reader may briefly see a
             // run's next entry, never none), the old ones go after it. On the local store the
@@ -474,7 +501,7 @@ impl RunStore {
                 Some(v) => PutMode::Update(v.version),
             };
             let revision = record.revision();
-            let artifact_sha256 = record_sha256(&record);
+            let artifact_sha256 = rev.artifact_sha256;
             let key = self.artifact_key(id);
             let payload = PutPayload::from(record.encode());
             drop(record);
@@ -506,6 +533,25 @@ impl RunStore {
                     });
                 }
                 Err(e) if is_race(&e) => {
+                    // We hold the revision, so whoever changed the record rolled ours forward
+                    // (then it is done), or wrote around the history (then decide again).
+                    if let Some(now) = self.load(id).await?
+                        && now.value.revision() == revision
+                        && record_sha256(&now.value) == artifact_sha256
+                    {
+                        for sha in &released {
+                            self.release_blob(sha, id).await?;
+                        }
+                        self.remove_entries(&gone).await?;
+                        return Ok(Outcome {
+                            run_id: id.clone(),
+                            revision,
+                            event,
+                            changed: true,
+                            artifact_sha256,
+                            conflicts,
+                        });
+                    }
                     // Another writer won: our entries describe a record that will never be.
                     self.remove_entries(&added).await?;
                     conflicts += 1;

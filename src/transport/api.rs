@@ -31,6 +31,37 @@ struct GetRequest {
     run_id: RunId,
     #[serde(default)]
     include_outputs: bool,
+    /// A past revision (its record as it was stored then).
+    #[serde(default)]
+    revision: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRequest {
+    run_id: RunId,
+    #[serde(default)]
+    limit: Option<usize>,
+    /// The previous page's `next_cursor`.
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// Two revisions of one run (`from` defaults to the one before `to`, `to` to the latest), or
+/// the latest revisions of two runs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffRequest {
+    #[serde(default)]
+    run_id: Option<RunId>,
+    #[serde(default)]
+    from: Option<u64>,
+    #[serde(default)]
+    to: Option<u64>,
+    #[serde(default)]
+    a: Option<RunId>,
+    #[serde(default)]
+    b: Option<RunId>,
 }
 
 #[derive(Deserialize)]
@@ -102,7 +133,7 @@ impl Api {
             })
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await?;
-        for name in ["get", "list", "verify"] {
+        for name in ["get", "list", "verify", "history", "diff"] {
             let endpoint = service
                 .endpoint_builder()
                 .name(name)
@@ -163,6 +194,8 @@ impl Api {
             let result = match name {
                 "get" => self.get(&req.message.payload).await,
                 "list" => self.list(&req.message.payload).await,
+                "history" => self.history(&req.message.payload).await,
+                "diff" => self.diff(&req.message.payload).await,
                 _ => self.verify(&req.message.payload).await,
             };
             let (sent, code) = match result {
@@ -224,9 +257,33 @@ impl Api {
         let q: GetRequest = parse_id_or_json(body, |run_id| GetRequest {
             run_id,
             include_outputs: false,
+            revision: None,
         })
         .map_err(|r| WireError::from(&r))?;
-        let bytes = if q.include_outputs {
+        let bytes = if let Some(revision) = q.revision {
+            let value = self
+                .store
+                .get_revision(&q.run_id, revision)
+                .await
+                .map_err(|e| self.store_err(e))?;
+            let value = if q.include_outputs {
+                let bytes = serde_json::to_vec(&value).unwrap_or_default();
+                match StoredRecord::decode(&bytes) {
+                    Ok(StoredRecord::Live(a)) => {
+                        let a = self
+                            .store
+                            .inline_outputs(*a)
+                            .await
+                            .map_err(|e| self.store_err(e))?;
+                        serde_json::to_value(&a).unwrap_or(value)
+                    }
+                    _ => value,
+                }
+            } else {
+                value
+            };
+            Bytes::from(serde_json::to_vec_pretty(&value).unwrap_or_default())
+        } else if q.include_outputs {
             let artifact = self
                 .store
                 .get(&q.run_id)
@@ -275,7 +332,99 @@ impl Api {
             .verify(&q.run_id)
             .await
             .map_err(|e| self.store_err(e))?;
-        Ok(Bytes::from(serde_json::to_vec(&report).unwrap_or_default()))
+        let chain = self
+            .store
+            .verify_chain(&q.run_id)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        let mut value = serde_json::to_value(&report).unwrap_or_default();
+        value["ok"] = serde_json::Value::Bool(report.ok && chain.ok);
+        value["chain"] = serde_json::to_value(&chain).unwrap_or_default();
+        Ok(Bytes::from(serde_json::to_vec(&value).unwrap_or_default()))
+    }
+
+    async fn history(&self, body: &[u8]) -> Result<Bytes, WireError> {
+        let q: HistoryRequest = parse_id_or_json(body, |run_id| HistoryRequest {
+            run_id,
+            limit: None,
+            cursor: None,
+        })
+        .map_err(|r| WireError::from(&r))?;
+        let after = match &q.cursor {
+            None => None,
+            Some(c) => Some(c.parse::<u64>().map_err(|_| {
+                WireError::invalid(format!("cursor {c:?} is not one this service issued"))
+            })?),
+        };
+        let limit = q.limit.unwrap_or(100);
+        if limit == 0 || limit > crate::store::history::MAX_HISTORY_PAGE {
+            return Err(WireError::invalid(format!(
+                "limit must be 1 to {}",
+                crate::store::history::MAX_HISTORY_PAGE
+            )));
+        }
+        let page = self
+            .store
+            .history(&q.run_id, after, limit)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        Ok(Bytes::from(serde_json::to_vec(&page).unwrap_or_default()))
+    }
+
+    async fn diff(&self, body: &[u8]) -> Result<Bytes, WireError> {
+        let q: DiffRequest = parse_id_or_json(body, |run_id| DiffRequest {
+            run_id: Some(run_id),
+            from: None,
+            to: None,
+            a: None,
+            b: None,
+        })
+        .map_err(|r| WireError::from(&r))?;
+        let latest = |id: RunId| async move {
+            let rev = self
+                .store
+                .load(&id)
+                .await
+                .map_err(|e| self.store_err(e))?
+                .map(|v| v.value.revision())
+                .ok_or_else(|| WireError::from(&StoreError::NotFound(id.clone())))?;
+            Ok::<_, WireError>((id, rev))
+        };
+        let (left, right) = match (q.run_id, q.a, q.b) {
+            (Some(run), None, None) => {
+                let to = match q.to {
+                    Some(t) => t,
+                    None => latest(run.clone()).await?.1,
+                };
+                let from = q.from.unwrap_or(to.saturating_sub(1));
+                ((run.clone(), from), (run, to))
+            }
+            (None, Some(a), Some(b)) if q.from.is_none() && q.to.is_none() => {
+                (latest(a).await?, latest(b).await?)
+            }
+            _ => {
+                return Err(WireError::invalid(
+                    "diff takes {\"run_id\", \"from\"?, \"to\"?} or {\"a\": run_id, \"b\": run_id}",
+                ));
+            }
+        };
+        let before = self
+            .store
+            .get_revision(&left.0, left.1)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        let after = self
+            .store
+            .get_revision(&right.0, right.1)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        let changes = crate::domain::diff::diff(&before, &after);
+        let reply = serde_json::json!({
+            "from": {"run_id": left.0, "revision": left.1},
+            "to": {"run_id": right.0, "revision": right.1},
+            "changes": changes,
+        });
+        Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))
     }
 }
 

@@ -70,7 +70,7 @@ impl CommandOutcome {
 /// that is not a command subject; exposed only when it happens).
 const SUBJECTS: [&str; 5] = ["create", "patch_meta", "advisory", "delete", "unknown"];
 /// `endpoint` label values.
-const ENDPOINTS: [&str; 3] = ["get", "list", "verify"];
+const ENDPOINTS: [&str; 5] = ["get", "list", "verify", "history", "diff"];
 /// Protocol error codes (`code` label); anything else is counted as `internal`.
 const CODES: [&str; 8] = [
     "invalid_request",

@@ -309,6 +309,7 @@ impl CreateRun {
             meta,
             source_sha256: Some(self.source_sha256.clone()),
             applied_commands: Vec::new(),
+            prev_sha256: None,
             extra: JsonMap::new(),
         };
         Ok(Decision::Write {

@@ -50,6 +50,7 @@ impl DeleteRun {
                 request_id: Some(ctx.request_id.to_string()),
                 source_sha256: artifact.source_sha256.clone(),
                 blobs: released.clone(),
+                prev_sha256: None,
             }),
             blobs: Vec::new(),
             event: EventKind::Deleted,

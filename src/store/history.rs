@@ -1,0 +1,613 @@
+//! Every revision of a run, kept: the audit trail and its hash chain.
+//!
+//! ```text
+//! history/<run_id>/<revision, 20 digits>.json    one immutable object per applied command
+//! ```
+//!
+//! A revision holds the record it produced and what is known of the command (event, time,
+//! request id, command id, stream sequence), with `artifact_sha256` (RFC 8785 SHA-256 of the
+//! record) and `prev_sha256` (the previous revision's): the revisions form a hash chain, and the
+//! record itself carries `prev_sha256` too, so the current record is the chain's head.
+//!
+//! **History first.** A change claims its revision with a create-if-absent put *before* it
+//! writes the record: the claim decides which of two racing writers makes revision N. A
+//! writer that finds revision N claimed by another and the record still at N-1 *rolls it
+//! forward* (writes that revision's record itself), since a claimed revision is a decided
+//! change whose writer may have died; the dead writer's command, redelivered, then finds itself
+//! applied. So no record exists without its revision, and no revision stays unapplied once any
+//! command reaches the run. On the local store the claim is written without a barrier of its
+//! own: the record's group commit makes it durable first. A claim torn by a power cut before
+//! that barrier (the only way to get one) is replaced conditionally on its torn bytes.
+
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{GetOptions, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{RunStore, StoreError, Versioned, listing, local, record_sha256};
+use crate::domain::artifact::{Sha256Hex, StoredRecord, Timestamp};
+use crate::domain::hashing::sha256_json;
+use crate::domain::ids::RunId;
+
+/// Largest history page.
+pub const MAX_HISTORY_PAGE: usize = 1000;
+
+/// One revision as stored under `history/<run>/`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revision {
+    /// The run.
+    pub run_id: RunId,
+    /// The revision this command produced.
+    pub revision: u64,
+    /// `created`, `meta_patched`, `advisory_attached`, `deleted`, or `imported`.
+    pub event: String,
+    /// When it was applied.
+    pub at: Timestamp,
+    /// The command's correlation id.
+    pub request_id: Option<String>,
+    /// The command's identity (`Nats-Msg-Id`, or `js:<stream>:<sequence>`).
+    pub command_id: Option<String>,
+    /// The stream sequence of the message that carried it.
+    pub stream_seq: Option<u64>,
+    /// RFC 8785 SHA-256 of `record`.
+    pub artifact_sha256: String,
+    /// The previous revision's `artifact_sha256` (none for revision 1).
+    pub prev_sha256: Option<String>,
+    /// The record as this revision stored it.
+    pub record: Value,
+}
+
+impl Revision {
+    /// A revision for `record`, which must already carry its `prev_sha256`.
+    pub fn new(
+        record: &StoredRecord,
+        event: &str,
+        at: Timestamp,
+        request_id: Option<String>,
+        command_id: Option<String>,
+        stream_seq: Option<u64>,
+    ) -> Self {
+        let value = match record {
+            StoredRecord::Live(a) => serde_json::to_value(a),
+            StoredRecord::Deleted(t) => serde_json::to_value(t),
+        }
+        .unwrap_or(Value::Null);
+        Self {
+            run_id: record.run_id().clone(),
+            revision: record.revision(),
+            event: event.to_owned(),
+            at,
+            request_id,
+            command_id,
+            stream_seq,
+            artifact_sha256: sha256_json(&value),
+            prev_sha256: record.prev_sha256().map(ToString::to_string),
+            record: value,
+        }
+    }
+
+    /// The record this revision stored.
+    pub fn decode_record(&self) -> Result<StoredRecord, String> {
+        let bytes = serde_json::to_vec(&self.record).map_err(|e| e.to_string())?;
+        StoredRecord::decode(&bytes)
+    }
+
+    /// What `rmos.runs.history` shows of it (everything but the record).
+    pub fn summary(&self) -> RevisionSummary {
+        RevisionSummary {
+            revision: self.revision,
+            event: self.event.clone(),
+            at: self.at,
+            request_id: self.request_id.clone(),
+            command_id: self.command_id.clone(),
+            stream_seq: self.stream_seq,
+            artifact_sha256: self.artifact_sha256.clone(),
+            prev_sha256: self.prev_sha256.clone(),
+        }
+    }
+}
+
+/// One line of a run's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionSummary {
+    /// Revision.
+    pub revision: u64,
+    /// Event.
+    pub event: String,
+    /// When.
+    pub at: Timestamp,
+    /// Correlation id.
+    pub request_id: Option<String>,
+    /// Command id.
+    pub command_id: Option<String>,
+    /// Stream sequence.
+    pub stream_seq: Option<u64>,
+    /// Hash of the record this revision stored.
+    pub artifact_sha256: String,
+    /// Hash of the previous revision's record.
+    pub prev_sha256: Option<String>,
+}
+
+/// A page of `rmos.runs.history`, oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    /// The run.
+    pub run_id: RunId,
+    /// Revisions, oldest first.
+    pub revisions: Vec<RevisionSummary>,
+    /// Pass as `cursor` to continue; `null` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// Why a chain does not hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChainFault {
+    /// A revision's (or the current record's) content no longer hashes to what was recorded.
+    ContentChanged,
+    /// A revision is missing.
+    RevisionMissing,
+    /// A revision does not point at the one before it (or sits under another number).
+    ChainBroken,
+}
+
+/// The first link of a chain that does not hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BrokenLink {
+    /// The revision at fault.
+    pub revision: u64,
+    /// Why.
+    pub reason: ChainFault,
+    /// In words.
+    pub detail: String,
+}
+
+/// The hash chain of one run, checked end to end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// True when every link holds.
+    pub ok: bool,
+    /// Revisions in the history.
+    pub revisions: u64,
+    /// The first revision kept (above 1 for a run recorded before history was kept).
+    pub starts_at: Option<u64>,
+    /// A revision claimed but not yet applied to the record (an interrupted write; the
+    /// command's redelivery completes it). Not a failure.
+    pub pending: Option<u64>,
+    /// The first broken link.
+    pub broken: Option<BrokenLink>,
+}
+
+/// What claiming a revision found.
+enum Claim {
+    /// The revision is ours (written now, or by an earlier attempt of the same change).
+    Ours,
+    /// Another change holds it.
+    Theirs(Box<Revision>),
+    /// The object there does not decode (torn by a power cut before its barrier).
+    Torn(UpdateVersion),
+}
+
+fn history_name(revision: u64) -> String {
+    format!("{revision:020}.json")
+}
+
+fn revision_of(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".json")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+impl RunStore {
+    /// `<prefix>/history/<run>/<revision>.json`
+    pub fn history_key(&self, id: &RunId, revision: u64) -> Path {
+        self.key(&format!("history/{id}/{}", history_name(revision)))
+    }
+
+    /// Claims `rev` for its run (create-if-absent). Loops over torn objects it replaces.
+    async fn claim(&self, rev: &Revision) -> Result<Claim, StoreError> {
+        let key = self.history_key(&rev.run_id, rev.revision);
+        let bytes = serde_json::to_vec_pretty(rev)
+            .map_err(|e| StoreError::Unusable(format!("encode {key}: {e}")))?;
+        let mut opts = PutOptions::from(PutMode::Create);
+        opts.extensions.insert(local::DeferredSync);
+        match self
+            .store
+            .put_opts(&key, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => return Ok(Claim::Ours),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {}
+            Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
+        }
+        let Some((version, existing)) = self.read_raw(&key, GetOptions::default()).await? else {
+            // Removed meanwhile (retention): let the caller start over.
+            return Ok(Claim::Torn(UpdateVersion {
+                e_tag: None,
+                version: None,
+            }));
+        };
+        match serde_json::from_slice::<Revision>(&existing) {
+            Ok(theirs) if theirs.artifact_sha256 == rev.artifact_sha256 => Ok(Claim::Ours),
+            Ok(theirs) => Ok(Claim::Theirs(Box::new(theirs))),
+            Err(_) => Ok(Claim::Torn(version)),
+        }
+    }
+
+    /// Writes the history entry of a change about to be applied to `current`. `Ok(true)` when
+    /// the caller may write its record; `Ok(false)` when it must reload and decide again
+    /// (another change held the revision, and was rolled forward here if it had not landed).
+    pub(super) async fn claim_revision(
+        &self,
+        rev: &Revision,
+        current: Option<&Versioned<StoredRecord>>,
+    ) -> Result<bool, StoreError> {
+        match self.claim(rev).await? {
+            Claim::Ours => Ok(true),
+            Claim::Theirs(theirs) => {
+                self.roll_forward(current, &theirs).await?;
+                Ok(false)
+            }
+            Claim::Torn(version) => {
+                let key = self.history_key(&rev.run_id, rev.revision);
+                if version.e_tag.is_some() || version.version.is_some() {
+                    // Replace it only as it is: a racing writer may be doing the same.
+                    let bytes = serde_json::to_vec_pretty(rev)
+                        .map_err(|e| StoreError::Unusable(format!("encode {key}: {e}")))?;
+                    match self
+                        .store
+                        .put_opts(
+                            &key,
+                            PutPayload::from(bytes),
+                            PutOptions::from(PutMode::Update(version)),
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::warn!(%key, "replaced a torn, never-applied revision");
+                            return Ok(true);
+                        }
+                        Err(e) if super::is_race(&e) => {}
+                        Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
+                    }
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Applies a revision another change claimed but did not (yet) write: its record replaces
+    /// `current` if `current` is still the revision before it. Losing that race is fine (the
+    /// record moved on).
+    async fn roll_forward(
+        &self,
+        current: Option<&Versioned<StoredRecord>>,
+        theirs: &Revision,
+    ) -> Result<(), StoreError> {
+        let key = self.history_key(&theirs.run_id, theirs.revision);
+        let current_rev = current.map_or(0, |c| c.value.revision());
+        if current_rev + 1 != theirs.revision {
+            return Ok(());
+        }
+        let record = theirs
+            .decode_record()
+            .map_err(|reason| StoreError::Corrupt {
+                key: key.to_string(),
+                reason,
+            })?;
+        if record_sha256(&record) != theirs.artifact_sha256 || record.run_id() != &theirs.run_id {
+            return Err(StoreError::Corrupt {
+                key: key.to_string(),
+                reason: "its record does not hash to its artifact_sha256".into(),
+            });
+        }
+        let old = current
+            .map(|c| listing::entries_of(&c.value))
+            .unwrap_or_default();
+        let new = listing::entries_of(&record);
+        let added: Vec<String> = new.iter().filter(|k| !old.contains(k)).cloned().collect();
+        let gone: Vec<String> = old.iter().filter(|k| !new.contains(k)).cloned().collect();
+        self.put_entries(&added).await?;
+        let mode = match current {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(v.version.clone()),
+        };
+        let record_key = self.artifact_key(&theirs.run_id);
+        match self
+            .store
+            .put_opts(
+                &record_key,
+                PutPayload::from(record.encode()),
+                PutOptions::from(mode),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(run_id = %theirs.run_id, revision = theirs.revision,
+                    "rolled forward a revision whose writer had not applied it");
+                self.remove_entries(&gone).await
+            }
+            Err(e) if super::is_race(&e) => Ok(()),
+            Err(e) => Err(self.os_err(e, &format!("write {record_key}"))),
+        }
+    }
+
+    /// Revision numbers kept for a run, ascending.
+    async fn revisions(&self, id: &RunId) -> Result<Vec<u64>, StoreError> {
+        let dir = self.key(&format!("history/{id}"));
+        let names: Vec<String> = if let Some(local) = &self.local {
+            local
+                .read_dir_names(&dir)
+                .map_err(|e| self.os_err(e, &format!("list {dir}")))?
+                .into_iter()
+                .filter(|(_, is_dir)| !is_dir)
+                .map(|(n, _)| n)
+                .collect()
+        } else {
+            self.store
+                .list_with_delimiter(Some(&dir))
+                .await
+                .map_err(|e| self.os_err(e, &format!("list {dir}")))?
+                .objects
+                .iter()
+                .filter_map(|m| m.location.filename().map(str::to_owned))
+                .collect()
+        };
+        let mut revs: Vec<u64> = names.iter().filter_map(|n| revision_of(n)).collect();
+        revs.sort_unstable();
+        Ok(revs)
+    }
+
+    /// Reads one revision; `None` when it is not kept.
+    pub async fn revision(
+        &self,
+        id: &RunId,
+        revision: u64,
+    ) -> Result<Option<Revision>, StoreError> {
+        let key = self.history_key(id, revision);
+        let Some((_, bytes)) = self.read_raw(&key, super::read_only()).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt {
+                key: key.to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// A run as it was at `revision` (its record then, tombstone included), as stored JSON.
+    /// A run recorded before history was kept answers its current revision only.
+    pub async fn get_revision(&self, id: &RunId, revision: u64) -> Result<Value, StoreError> {
+        if let Some(rev) = self.revision(id, revision).await? {
+            return Ok(rev.record);
+        }
+        match self.load(id).await? {
+            Some(v) if v.value.revision() == revision => match &v.value {
+                StoredRecord::Live(a) => serde_json::to_value(a),
+                StoredRecord::Deleted(t) => serde_json::to_value(t),
+            }
+            .map_err(|e| StoreError::Unusable(e.to_string())),
+            Some(_) => Err(StoreError::Rejected(
+                crate::domain::error::Rejection::not_found(format!(
+                    "run {id} has no revision {revision} in its history"
+                )),
+            )),
+            None => Err(StoreError::NotFound(id.clone())),
+        }
+    }
+
+    /// One page of a run's history, oldest first, after revision `after`.
+    pub async fn history(
+        &self,
+        id: &RunId,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, StoreError> {
+        let limit = limit.clamp(1, MAX_HISTORY_PAGE);
+        let revs = self.revisions(id).await?;
+        if revs.is_empty() && self.load(id).await?.is_none() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let wanted: Vec<u64> = revs
+            .into_iter()
+            .filter(|r| after.is_none_or(|a| *r > a))
+            .collect();
+        let more = wanted.len() > limit;
+        let page: Vec<u64> = wanted.into_iter().take(limit).collect();
+        let mut read = futures::stream::iter(page.iter().copied())
+            .map(|r| async move { (r, self.revision(id, r).await) })
+            .buffered(16);
+        let mut revisions = Vec::new();
+        while let Some((r, got)) = read.next().await {
+            match got? {
+                Some(rev) => revisions.push(rev.summary()),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        key: self.history_key(id, r).to_string(),
+                        reason: "listed, then gone".into(),
+                    });
+                }
+            }
+        }
+        Ok(HistoryPage {
+            run_id: id.clone(),
+            next_cursor: more.then(|| page.last().map(|r| r.to_string())).flatten(),
+            revisions,
+        })
+    }
+
+    /// Checks a run's hash chain end to end: every revision hashes to what it recorded, points
+    /// at the one before it, none is missing, and the current record is the last one.
+    pub async fn verify_chain(&self, id: &RunId) -> Result<ChainReport, StoreError> {
+        let revs = self.revisions(id).await?;
+        let current = self.load(id).await?;
+        if revs.is_empty() && current.is_none() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let mut report = ChainReport {
+            ok: true,
+            revisions: revs.len() as u64,
+            starts_at: revs.first().copied(),
+            pending: None,
+            broken: None,
+        };
+        let fail = |report: &mut ChainReport, revision, reason, detail: String| {
+            if report.broken.is_none() {
+                report.ok = false;
+                report.broken = Some(BrokenLink {
+                    revision,
+                    reason,
+                    detail,
+                });
+            }
+        };
+        let mut prev: Option<(u64, String)> = None;
+        for r in &revs {
+            if let Some((p, _)) = &prev
+                && *r != p + 1
+            {
+                fail(
+                    &mut report,
+                    p + 1,
+                    ChainFault::RevisionMissing,
+                    format!("revision {} is missing from the history", p + 1),
+                );
+                break;
+            }
+            let rev = match self.revision(id, *r).await {
+                Ok(Some(rev)) => rev,
+                Ok(None) => {
+                    fail(
+                        &mut report,
+                        *r,
+                        ChainFault::RevisionMissing,
+                        format!("revision {r} vanished while being checked"),
+                    );
+                    break;
+                }
+                Err(e) => {
+                    fail(
+                        &mut report,
+                        *r,
+                        ChainFault::ContentChanged,
+                        format!("revision {r} is unreadable: {e}"),
+                    );
+                    break;
+                }
+            };
+            if rev.revision != *r || rev.run_id != *id {
+                fail(
+                    &mut report,
+                    *r,
+                    ChainFault::ChainBroken,
+                    format!(
+                        "the object of revision {r} holds revision {} of {} (moved or reordered)",
+                        rev.revision, rev.run_id
+                    ),
+                );
+                break;
+            }
+            let actual = sha256_json(&rev.record);
+            if actual != rev.artifact_sha256 {
+                fail(
+                    &mut report,
+                    *r,
+                    ChainFault::ContentChanged,
+                    format!(
+                        "revision {r}'s record hashes to {actual}, recorded {}",
+                        rev.artifact_sha256
+                    ),
+                );
+                break;
+            }
+            let record_prev = rev.record.get("prev_sha256").and_then(Value::as_str);
+            let expected_prev = prev.as_ref().map(|(_, sha)| sha.as_str());
+            let linked = match (r, expected_prev) {
+                (1, _) => rev.prev_sha256.is_none(),
+                (_, Some(e)) => rev.prev_sha256.as_deref() == Some(e),
+                // The first revision kept of a run recorded before history was.
+                (_, None) => true,
+            };
+            if !linked || record_prev != rev.prev_sha256.as_deref() {
+                fail(
+                    &mut report,
+                    *r,
+                    ChainFault::ChainBroken,
+                    format!(
+                        "revision {r} points at {:?}, the revision before it is {:?}",
+                        rev.prev_sha256, expected_prev
+                    ),
+                );
+                break;
+            }
+            prev = Some((*r, rev.artifact_sha256));
+        }
+        if report.ok
+            && let (Some(cur), Some((last, last_sha))) = (&current, &prev)
+        {
+            let cur_rev = cur.value.revision();
+            if cur_rev + 1 == *last {
+                report.pending = Some(*last);
+            } else if cur_rev != *last {
+                fail(
+                    &mut report,
+                    (*last + 1).min(cur_rev),
+                    ChainFault::RevisionMissing,
+                    format!("the record is at revision {cur_rev}, the history ends at {last}"),
+                );
+            } else {
+                let actual = record_sha256(&cur.value);
+                if &actual != last_sha {
+                    fail(
+                        &mut report,
+                        cur_rev,
+                        ChainFault::ContentChanged,
+                        format!(
+                            "the current record hashes to {actual}, its revision recorded {last_sha}"
+                        ),
+                    );
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Removes a run's whole history (retention). Returns how many revisions went.
+    pub async fn remove_history(&self, id: &RunId) -> Result<usize, StoreError> {
+        let revs = self.revisions(id).await?;
+        for r in &revs {
+            let key = self.history_key(id, *r);
+            match self.store.delete(&key).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.os_err(e, &format!("delete {key}"))),
+            }
+        }
+        if let Some(local) = &self.local {
+            local.prune_empty_dirs(&self.history_key(id, 0), &self.key("history"));
+        }
+        Ok(revs.len())
+    }
+
+    /// Writes a revision as it is (import): create-if-absent, an identical one is fine.
+    pub async fn put_revision(&self, rev: &Revision) -> Result<(), StoreError> {
+        match self.claim(rev).await? {
+            Claim::Ours => Ok(()),
+            _ => Err(StoreError::Rejected(
+                crate::domain::error::Rejection::conflict(format!(
+                    "run {} already has a different revision {} in its history",
+                    rev.run_id, rev.revision
+                )),
+            )),
+        }
+    }
+}
+
+/// For a record about to replace `current`: links it to `current` (its hash) and returns it.
+pub(super) fn link(record: &mut StoredRecord, current: Option<&StoredRecord>) {
+    record.set_prev_sha256(current.map(|c| Sha256Hex::from_computed(record_sha256(c))));
+}
