@@ -43,6 +43,9 @@ pub struct Overrides {
     #[arg(long, env = "NATS_NKEY", global = true)]
     pub nats_nkey: Option<PathBuf>,
     /// CA bundle for the broker's TLS certificate.
+    /// nkey seed file whose key signs every revision's hash (history); off when unset.
+    #[arg(long, env = "RMOS_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
     #[arg(long, env = "NATS_CA", global = true)]
     pub nats_ca: Option<PathBuf>,
     /// Client certificate for TLS.
@@ -123,6 +126,8 @@ struct FileConfig {
     s3_sse_bucket_key: Option<bool>,
     connect_timeout: Option<String>,
     retention: Option<String>,
+    signing_key: Option<PathBuf>,
+    trusted_keys: Option<Vec<String>>,
 }
 
 /// A configuration error: one line naming the key.
@@ -193,6 +198,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `serve` deletes runs older than this, hourly (`None`: off, the default).
     pub retention: Option<Duration>,
+    /// nkey seed file signing every revision (`None`: revisions are not signed).
+    pub signing_key: Option<PathBuf>,
+    /// Public nkeys whose revision signatures `verify` accepts (besides the signing key's).
+    pub trusted_keys: Vec<String>,
 }
 
 /// Parses `500ms`, `30s`, `2m`, `12h`, `90d` (a bare number is seconds).
@@ -387,6 +396,8 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             retention: retention_from(f.retention.as_deref())?,
+            signing_key: o.signing_key.clone().or(f.signing_key),
+            trusted_keys: trusted_keys_from(f.trusted_keys.unwrap_or_default())?,
         })
     }
 }
@@ -409,6 +420,15 @@ pub fn default_inbox_prefix(nats_user: Option<&str>) -> String {
         }
         _ => "_INBOX".to_owned(),
     }
+}
+
+/// `trusted_keys`: each a public nkey (`U...`, `A...`, `O...`, `S`eeds refused: never a secret).
+fn trusted_keys_from(keys: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for k in &keys {
+        nkeys::KeyPair::from_public_key(k)
+            .map_err(|e| ConfigError(format!("trusted_keys: {k:?} is not a public nkey ({e})")))?;
+    }
+    Ok(keys)
 }
 
 /// `s3_sse` ("AES256", "aws:kms", "aws:kms:dsse"), with a KMS key id and bucket key for KMS.

@@ -11,6 +11,7 @@ use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::domain::ids::RequestId;
+use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::transport::api::Api;
@@ -428,9 +429,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// The revision signing key (from `signing_key`) and the trusted keys.
+fn signing(cfg: &Config) -> Result<Signing, Failure> {
+    let key = match &cfg.signing_key {
+        Some(path) => Some(Signing::load_seed(path).map_err(|e| anyhow!(e))?),
+        None => None,
+    };
+    Ok(Signing::new(key, cfg.trusted_keys.clone()))
+}
+
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
-    let store = RunStore::open(url, &cfg.store_options())?;
+    let store = RunStore::open(url, &cfg.store_options())?.with_signing(signing(cfg)?);
     if write {
         store
             .probe()
@@ -514,6 +524,8 @@ fn print_config(cfg: &Config) {
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
         "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
         "retention_s": cfg.retention.map(|d| d.as_secs()),
+        "signing_key": cfg.signing_key,
+        "trusted_keys": cfg.trusted_keys,
         "aws_secret_access_key": std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(|_| "****"),
     });
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -521,7 +533,7 @@ fn print_config(cfg: &Config) {
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
-    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?;
+    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?);
     store
         .probe()
         .await

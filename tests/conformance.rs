@@ -1149,6 +1149,96 @@ async fn a_claimed_revision_is_rolled_forward(store: RunStore) {
     assert!(store.reindex(true).await.unwrap().consistent());
 }
 
+/// Someone who can write the bucket but does not hold the worker's key rewrites a past
+/// revision and recomputes the whole chain after it: the hashes then agree, and only the
+/// signatures tell. Unsigned and foreign-signed revisions are refused too.
+async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
+    use rmos_runs::domain::hashing::sha256_json;
+    use rmos_runs::store::history::{ChainFault, Signing};
+    let worker_key = nkeys::KeyPair::new_user();
+    let signed = store
+        .clone()
+        .with_signing(Signing::new(Some(worker_key), Vec::new()));
+    let os = store.object_store().clone();
+    let read = |key: object_store::path::Path| {
+        let store = store.clone();
+        async move { serde_json::from_slice::<Value>(&raw(&store, &key).await).unwrap() }
+    };
+    let write = |key: object_store::path::Path, v: Value| {
+        let os = os.clone();
+        async move {
+            os.put(&key, PutPayload::from(serde_json::to_vec(&v).unwrap()))
+                .await
+                .unwrap();
+        }
+    };
+    let id = run_id(0x8001);
+    signed
+        .execute(
+            &cmd(CommandKind::Create, create_body(id.as_str(), "T1")),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        patch_n(&signed, &id, n).await;
+    }
+    let chain = signed.verify_chain(&id).await.unwrap();
+    assert!(chain.ok && chain.signatures_checked, "{chain:?}");
+
+    // Rewrite revision 2 and re-chain 3, 4 and the current record, as a careful forger would.
+    let mut prev = read(store.history_key(&id, 1)).await["artifact_sha256"].clone();
+    for r in 2..=4u64 {
+        let mut v = read(store.history_key(&id, r)).await;
+        if r == 2 {
+            v["record"]["meta"]["n"] = json!(1000);
+        }
+        v["record"]["prev_sha256"] = prev.clone();
+        v["prev_sha256"] = prev.clone();
+        v["artifact_sha256"] = json!(sha256_json(&v["record"]));
+        prev = v["artifact_sha256"].clone();
+        write(store.history_key(&id, r), v.clone()).await;
+        if r == 4 {
+            write(store.artifact_key(&id), v["record"].clone()).await;
+        }
+    }
+    let unsigned_view = store.verify_chain(&id).await.unwrap();
+    assert!(
+        unsigned_view.ok,
+        "the forgery is consistent by hashes alone: {unsigned_view:?}"
+    );
+    let c = signed.verify_chain(&id).await.unwrap();
+    let b = c.broken.expect("forgery found");
+    assert_eq!(
+        (b.revision, b.reason),
+        (2, ChainFault::SignatureInvalid),
+        "{}",
+        b.detail
+    );
+    assert!(b.detail.contains("does not match"), "{}", b.detail);
+
+    // Re-signed with the forger's own key: not a trusted key.
+    let forger = nkeys::KeyPair::new_user();
+    let mut v = read(store.history_key(&id, 2)).await;
+    let rev: rmos_runs::store::history::Revision = serde_json::from_value(v.clone()).unwrap();
+    v["signature"] = json!({"key": forger.public_key(),
+                            "sig": hex::encode(forger.sign(rev.signed_text().as_bytes()).unwrap())});
+    write(store.history_key(&id, 2), v.clone()).await;
+    let b = signed.verify_chain(&id).await.unwrap().broken.unwrap();
+    assert!(
+        b.reason == ChainFault::SignatureInvalid && b.detail.contains("not a trusted key"),
+        "{b:?}"
+    );
+    // Signature removed.
+    v.as_object_mut().unwrap().remove("signature");
+    write(store.history_key(&id, 2), v).await;
+    let b = signed.verify_chain(&id).await.unwrap().broken.unwrap();
+    assert!(
+        b.reason == ChainFault::SignatureInvalid && b.detail.contains("unsigned"),
+        "{b:?}"
+    );
+}
+
 /// One `#[tokio::test]` per listed case, each on a fresh store of `$backend`.
 macro_rules! cases {
     ($backend:ident: $($case:ident),+ $(,)?) => {
@@ -1185,6 +1275,7 @@ macro_rules! suite {
                 history_keeps_every_revision_chained,
                 tampering_with_the_history_is_reported,
                 a_claimed_revision_is_rolled_forward,
+                signatures_hold_against_a_writer_without_the_key,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

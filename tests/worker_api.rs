@@ -678,3 +678,123 @@ async fn acknowledged_patch_ids_are_forgotten() {
         );
     }
 }
+
+/// History, a past revision, diff and the chain in verify, over NATS; and the CLI's `verify`
+/// exit code once the record is edited behind the worker's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_revision_diff_and_chain_over_nats() {
+    let env = Env::new().await;
+    let worker = env.worker("a").await;
+    let events = env.events().await;
+    let run_id = "run_00000000a157";
+    let r = rid("create");
+    env.publish("create", &r, bytes_of(&create_payload(Some(run_id), "T5")))
+        .await;
+    let created = events.one(&r, EVENT_TIMEOUT, &worker).await;
+    let mut stored = vec![created.body.clone()];
+    for n in 1..=2 {
+        let r = rid("patch");
+        let patch = json!({"run_id": run_id, "meta_updates": {"n": n}});
+        env.publish("patch_meta", &r, bytes_of(&patch)).await;
+        stored.push(events.one(&r, EVENT_TIMEOUT, &worker).await.body);
+    }
+
+    let (status, h) = env
+        .request(
+            "history",
+            &rid("h"),
+            bytes_of(&json!({"run_id": run_id, "limit": 2})),
+        )
+        .await;
+    assert_eq!(status, None, "{h}");
+    assert_eq!(h["revisions"].as_array().unwrap().len(), 2, "{h}");
+    let (_, h2) = env
+        .request(
+            "history",
+            &rid("h"),
+            bytes_of(&json!({"run_id": run_id, "cursor": h["next_cursor"]})),
+        )
+        .await;
+    assert!(h2["next_cursor"].is_null(), "{h2}");
+    let revs: Vec<Value> = h["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(h2["revisions"].as_array().unwrap())
+        .cloned()
+        .collect();
+    assert_eq!(revs.len(), 3);
+    for (rev, ev) in revs.iter().zip(&stored) {
+        // The broker's stored events are a second witness of the chain.
+        assert_eq!(rev["artifact_sha256"], ev["artifact_sha256"], "{rev} {ev}");
+        assert_eq!(rev["request_id"], ev["request_id"]);
+        assert_eq!(rev["revision"], ev["revision"]);
+    }
+    assert_eq!(revs[1]["prev_sha256"], revs[0]["artifact_sha256"]);
+    assert!(revs[1]["stream_seq"].is_u64(), "{}", revs[1]);
+
+    let (status, old) = env
+        .request(
+            "get",
+            &rid("g"),
+            bytes_of(&json!({"run_id": run_id, "revision": 2})),
+        )
+        .await;
+    assert_eq!(status, None, "{old}");
+    assert_eq!(old["meta"]["n"], 1);
+    let (status, body) = env
+        .request(
+            "get",
+            &rid("g"),
+            bytes_of(&json!({"run_id": run_id, "revision": 9})),
+        )
+        .await;
+    assert_eq!(status.as_deref(), Some("404"), "{body}");
+
+    let (status, d) = env
+        .request("diff", &rid("d"), bytes_of(&json!({"run_id": run_id})))
+        .await;
+    assert_eq!(status, None, "{d}");
+    assert_eq!(d["from"]["revision"], 2);
+    assert_eq!(d["to"]["revision"], 3);
+    let n = d["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["path"] == "/meta/n")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (n["before"].clone(), n["after"].clone()),
+        (json!(1), json!(2)),
+        "{d}"
+    );
+    let (status, body) = env
+        .request("diff", &rid("d"), bytes_of(&json!({"a": run_id})))
+        .await;
+    assert_eq!(status.as_deref(), Some("400"), "{body}");
+
+    let (_, rep) = env.request("verify", &rid("v"), run_id).await;
+    assert_eq!(rep["ok"], true, "{rep}");
+    assert_eq!(rep["chain"]["revisions"], 3, "{rep}");
+
+    // Edit the record on disk, hashes and all: the chain says so, and the CLI exits 5.
+    let path = env.runs_dir().join(format!("{run_id}.json"));
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["meta"]["n"] = json!(7);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let (_, rep) = env.request("verify", &rid("v"), run_id).await;
+    assert_eq!(rep["ok"], false, "{rep}");
+    assert_eq!(rep["chain"]["broken"]["reason"], "content_changed", "{rep}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(["verify", run_id])
+        .env("NATS_URL", env.nats.url())
+        .env_remove("RMOS_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("content_changed"),
+        "{out:?}"
+    );
+}

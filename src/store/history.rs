@@ -57,6 +57,98 @@ pub struct Revision {
     pub prev_sha256: Option<String>,
     /// The record as this revision stored it.
     pub record: Value,
+    /// The worker's signature of [`Revision::signed_text`], when a signing key is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<RevisionSignature>,
+}
+
+/// An ed25519 signature (nkeys) of a revision's hash and place in its chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevisionSignature {
+    /// The signer's public nkey.
+    pub key: String,
+    /// The signature, hex.
+    pub sig: String,
+}
+
+/// The worker's signing key and the keys `verify` trusts (the signing key's own included).
+#[derive(Default)]
+pub struct Signing {
+    key: Option<nkeys::KeyPair>,
+    trusted: Vec<String>,
+}
+
+impl std::fmt::Debug for Signing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the seed.
+        f.debug_struct("Signing")
+            .field("key", &self.key.as_ref().map(nkeys::KeyPair::public_key))
+            .field("trusted", &self.trusted)
+            .finish()
+    }
+}
+
+impl Signing {
+    /// Signs with `key` (when given) and trusts it and `trusted` (public nkeys).
+    pub fn new(key: Option<nkeys::KeyPair>, mut trusted: Vec<String>) -> Self {
+        if let Some(k) = &key {
+            trusted.push(k.public_key());
+        }
+        trusted.sort();
+        trusted.dedup();
+        Self { key, trusted }
+    }
+
+    /// Reads an nkey seed file (the first line starting with `S`, as `nk -gen` and `nsc` write
+    /// them; a creds file's seed line works too).
+    pub fn load_seed(path: &std::path::Path) -> Result<nkeys::KeyPair, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("signing key {}: {e}", path.display()))?;
+        let seed = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with('S') && l.len() > 50)
+            .ok_or_else(|| format!("signing key {}: no nkey seed in it", path.display()))?;
+        nkeys::KeyPair::from_seed(seed).map_err(|e| format!("signing key {}: {e}", path.display()))
+    }
+
+    /// Whether revisions are checked against trusted keys.
+    pub fn checks(&self) -> bool {
+        !self.trusted.is_empty()
+    }
+
+    fn sign(&self, rev: &mut Revision) -> Result<(), StoreError> {
+        if let Some(k) = &self.key {
+            let sig = k
+                .sign(rev.signed_text().as_bytes())
+                .map_err(|e| StoreError::Unusable(format!("signing a revision: {e}")))?;
+            rev.signature = Some(RevisionSignature {
+                key: k.public_key(),
+                sig: hex::encode(sig),
+            });
+        }
+        Ok(())
+    }
+
+    /// Why a revision's signature does not hold, if it does not.
+    fn check(&self, rev: &Revision) -> Option<String> {
+        let Some(s) = &rev.signature else {
+            return Some("unsigned".into());
+        };
+        if !self.trusted.contains(&s.key) {
+            return Some(format!("signed by {}, which is not a trusted key", s.key));
+        }
+        let Ok(sig) = hex::decode(&s.sig) else {
+            return Some("the signature is not hex".into());
+        };
+        match nkeys::KeyPair::from_public_key(&s.key)
+            .and_then(|k| k.verify(rev.signed_text().as_bytes(), &sig))
+        {
+            Ok(()) => None,
+            Err(_) => Some(format!("the signature by {} does not match", s.key)),
+        }
+    }
 }
 
 impl Revision {
@@ -85,7 +177,20 @@ impl Revision {
             artifact_sha256: sha256_json(&value),
             prev_sha256: record.prev_sha256().map(ToString::to_string),
             record: value,
+            signature: None,
         }
+    }
+
+    /// What a signature covers: the revision's place (run, number, previous hash) and its
+    /// content hash, so a signature cannot be moved to another revision or chain.
+    pub fn signed_text(&self) -> String {
+        format!(
+            "rmos-runs revision v1\n{}\n{}\n{}\n{}\n",
+            self.run_id,
+            self.revision,
+            self.artifact_sha256,
+            self.prev_sha256.as_deref().unwrap_or("-")
+        )
     }
 
     /// The record this revision stored.
@@ -151,6 +256,8 @@ pub enum ChainFault {
     RevisionMissing,
     /// A revision does not point at the one before it (or sits under another number).
     ChainBroken,
+    /// A revision is unsigned, signed by an untrusted key, or its signature does not match.
+    SignatureInvalid,
 }
 
 /// The first link of a chain that does not hold.
@@ -176,6 +283,8 @@ pub struct ChainReport {
     /// A revision claimed but not yet applied to the record (an interrupted write; the
     /// command's redelivery completes it). Not a failure.
     pub pending: Option<u64>,
+    /// Whether signatures were checked (a trusted key is configured).
+    pub signatures_checked: bool,
     /// The first broken link.
     pub broken: Option<BrokenLink>,
 }
@@ -205,6 +314,11 @@ impl RunStore {
     /// `<prefix>/history/<run>/<revision>.json`
     pub fn history_key(&self, id: &RunId, revision: u64) -> Path {
         self.key(&format!("history/{id}/{}", history_name(revision)))
+    }
+
+    /// Signs a revision with the worker's key, when one is configured.
+    pub(super) fn sign_revision(&self, rev: &mut Revision) -> Result<(), StoreError> {
+        self.signing.sign(rev)
     }
 
     /// Claims `rev` for its run (create-if-absent). Loops over torn objects it replaces.
@@ -454,6 +568,7 @@ impl RunStore {
             revisions: revs.len() as u64,
             starts_at: revs.first().copied(),
             pending: None,
+            signatures_checked: self.signing.checks(),
             broken: None,
         };
         let fail = |report: &mut ChainReport, revision, reason, detail: String| {
@@ -545,6 +660,17 @@ impl RunStore {
                 );
                 break;
             }
+            if self.signing.checks()
+                && let Some(why) = self.signing.check(&rev)
+            {
+                fail(
+                    &mut report,
+                    *r,
+                    ChainFault::SignatureInvalid,
+                    format!("revision {r}: {why}"),
+                );
+                break;
+            }
             prev = Some((*r, rev.artifact_sha256));
         }
         if report.ok
@@ -593,9 +719,12 @@ impl RunStore {
         Ok(revs.len())
     }
 
-    /// Writes a revision as it is (import): create-if-absent, an identical one is fine.
+    /// Writes a revision as it is (import), signed when a key is configured: create-if-absent,
+    /// an identical one is fine.
     pub async fn put_revision(&self, rev: &Revision) -> Result<(), StoreError> {
-        match self.claim(rev).await? {
+        let mut rev = rev.clone();
+        self.signing.sign(&mut rev)?;
+        match self.claim(&rev).await? {
             Claim::Ours => Ok(()),
             _ => Err(StoreError::Rejected(
                 crate::domain::error::Rejection::conflict(format!(

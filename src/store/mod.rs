@@ -200,6 +200,8 @@ pub struct RunStore {
     index_built: Arc<std::sync::atomic::AtomicBool>,
     /// Whether commands maintain the index (off only in benchmarks measuring its cost).
     indexing: bool,
+    /// The key signing revisions, and the keys `verify` trusts.
+    signing: Arc<history::Signing>,
     retry: RetryPolicy,
     url: String,
 }
@@ -253,6 +255,7 @@ impl RunStore {
             local: backend.local,
             index_built: Arc::default(),
             indexing: true,
+            signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: url.to_string(),
         })
@@ -271,6 +274,7 @@ impl RunStore {
             local: None,
             index_built: Arc::default(),
             indexing: true,
+            signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
         }
@@ -280,6 +284,12 @@ impl RunStore {
     /// the index costs a write, never for a store anyone lists: its index would fall behind.
     pub fn without_index(mut self) -> Self {
         self.indexing = false;
+        self
+    }
+
+    /// Signs every revision with `signing`'s key and checks signatures against its trusted keys.
+    pub fn with_signing(mut self, signing: history::Signing) -> Self {
+        self.signing = Arc::new(signing);
         self
     }
 
@@ -449,7 +459,7 @@ impl RunStore {
             // The revision first (after its blobs, so a roll-forward finds them): it decides
             // which of two racing changes makes this revision (see `history`).
             history::link(&mut record, current.as_ref().map(|v| &v.value));
-            let rev = history::Revision::new(
+            let mut rev = history::Revision::new(
                 &record,
                 event.as_str(),
                 ctx.now,
@@ -457,6 +467,7 @@ impl RunStore {
                 ctx.command_id.as_ref().map(ToString::to_string),
                 ctx.stream.as_ref().map(|s| s.seq),
             );
+            self.sign_revision(&mut rev)?;
             if !self.claim_revision(&rev, current.as_ref()).await? {
                 conflicts += 1;
                 if conflicts >= self.retry.max_attempts {
