@@ -120,6 +120,7 @@ struct FileConfig {
     max_meta_keys: Option<usize>,
     max_meta_bytes: Option<usize>,
     max_advisory_body_bytes: Option<usize>,
+    max_advisories: Option<usize>,
     fsync: Option<bool>,
     s3_sse: Option<String>,
     s3_sse_kms_key_id: Option<String>,
@@ -508,6 +509,7 @@ fn limits_from(f: &FileConfig) -> Result<crate::domain::command::Limits, ConfigE
             f.max_advisory_body_bytes,
             d.max_advisory_body_bytes,
         )?,
+        max_advisories: positive("max_advisories", f.max_advisories, d.max_advisories)?,
     })
 }
 

@@ -132,7 +132,18 @@ enum Cmd {
     /// fails).
     Verify {
         /// Run id.
-        run_id: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        run_id: Option<String>,
+        /// Sweep every live run, directly on the configured store (in run id order, from the
+        /// index): list every one that fails, with its reason; exit 5 if any does.
+        #[arg(long)]
+        all: bool,
+        /// With --all: start after this run (resume an interrupted sweep).
+        #[arg(long, requires = "all")]
+        after: Option<String>,
+        /// With --all: runs checked at once.
+        #[arg(long, default_value_t = 8, requires = "all")]
+        concurrency: usize,
     },
     /// Publish a create command (JSON from --file or stdin) and wait for its outcome.
     Create(PayloadArgs),
@@ -369,7 +380,40 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
             }
         }
-        Cmd::Verify { run_id } => verify_run(&cfg, run_id, timeout, cli.json).await,
+        Cmd::Verify {
+            run_id: Some(run_id),
+            ..
+        } => verify_run(&cfg, run_id, timeout, cli.json).await,
+        Cmd::Verify {
+            after, concurrency, ..
+        } => {
+            let store = open_store(&cfg.store_url, &cfg, false).await?;
+            let after = after
+                .map(|a| rmos_runs::domain::ids::RunId::parse(&a))
+                .transpose()
+                .map_err(|r| anyhow!("--after: {}", r.message))?;
+            let r = store
+                .sweep(after, concurrency, |r| {
+                    if let Some(last) = &r.last {
+                        eprintln!("verify --all: {} runs checked, through {last}", r.checked);
+                    }
+                })
+                .await
+                .map_err(|e| anyhow!(e))?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                print!("{r}");
+            }
+            if r.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: EXIT_VERIFY_FAILED,
+                    message: format!("{} runs failed verification", r.failed.len()),
+                })
+            }
+        }
         Cmd::Create(a) => publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await,
         Cmd::PatchMeta(a) => {
             publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await

@@ -501,6 +501,15 @@ async fn create_at(store: &RunStore, body: Value, at: &str) {
         .unwrap();
 }
 
+/// Deletes run `id` (reason `t`).
+async fn delete(store: &RunStore, id: &RunId) {
+    let c = cmd(
+        CommandKind::Delete,
+        json!({"run_id": id.as_str(), "reason": "t"}),
+    );
+    store.execute(&c, &ctx()).await.unwrap();
+}
+
 /// Every page of `q`, concatenated; panics on a repeated run.
 async fn walk(store: &RunStore, mut q: ListQuery) -> Vec<RunSummary> {
     let mut out: Vec<RunSummary> = Vec::new();
@@ -577,16 +586,7 @@ async fn index_matches_a_model(store: RunStore) {
     for id in &ids {
         match rng.random_range(0..6) {
             0 => {
-                store
-                    .execute(
-                        &cmd(
-                            CommandKind::Delete,
-                            json!({"run_id": id.as_str(), "reason": "t"}),
-                        ),
-                        &ctx(),
-                    )
-                    .await
-                    .unwrap();
+                delete(&store, id).await;
                 continue;
             }
             1 => {
@@ -897,16 +897,7 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
     );
 
     // 4. Deleted: no entry left.
-    store
-        .execute(
-            &cmd(
-                CommandKind::Delete,
-                json!({"run_id": id.as_str(), "reason": "t"}),
-            ),
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    delete(&store, &id).await;
     assert!(
         store
             .list(&ListQuery::default())

@@ -289,6 +289,57 @@ pub struct ChainReport {
     pub broken: Option<BrokenLink>,
 }
 
+/// One run's full check (`verify --all`): content hashes and the hash chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RunCheck {
+    /// The run.
+    pub run_id: RunId,
+    /// True when every check passed.
+    pub ok: bool,
+    /// A record without recorded hashes (imported from the original service): reported
+    /// apart, not as a failure.
+    pub legacy: bool,
+    /// Why it failed.
+    pub reason: Option<String>,
+}
+
+/// What a sweep of the whole store found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    /// Runs checked.
+    pub checked: usize,
+    /// Runs that failed, with their reasons.
+    pub failed: Vec<RunCheck>,
+    /// Runs whose record carries no hashes (legacy imports).
+    pub legacy: Vec<RunId>,
+    /// The last run checked (pass it as `--after` to resume).
+    pub last: Option<RunId>,
+}
+
+impl std::fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "verify --all: {} runs checked, {} failed, {} legacy (no recorded hashes)",
+            self.checked,
+            self.failed.len(),
+            self.legacy.len()
+        )?;
+        for c in &self.failed {
+            writeln!(
+                f,
+                "  FAILED {}: {}",
+                c.run_id,
+                c.reason.as_deref().unwrap_or("?")
+            )?;
+        }
+        for id in &self.legacy {
+            writeln!(f, "  legacy {id}")?;
+        }
+        Ok(())
+    }
+}
+
 /// What claiming a revision found.
 enum Claim {
     /// The revision is ours (written now, or by an earlier attempt of the same change).
@@ -701,6 +752,91 @@ impl RunStore {
             }
         }
         Ok(report)
+    }
+
+    /// Every check of one run: its content hashes (blobs included) and its hash chain.
+    pub async fn check_run(&self, id: &RunId) -> Result<RunCheck, StoreError> {
+        let report = self.verify(id).await?;
+        let chain = self.verify_chain(id).await?;
+        use crate::domain::verify::CheckStatus;
+        let bad: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| {
+                c.status == CheckStatus::Mismatch
+                    || (c.status == CheckStatus::Missing && c.expected.is_some())
+            })
+            .map(|c| format!("{} {:?}", c.name, c.status).to_lowercase())
+            .collect();
+        let legacy = report
+            .checks
+            .iter()
+            .any(|c| c.status == CheckStatus::Missing && c.expected.is_none());
+        let reason = match (&chain.broken, bad.is_empty()) {
+            (Some(b), _) => Some(format!(
+                "revision {}: {} ({})",
+                b.revision,
+                serde_json::to_value(b.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                b.detail
+            )),
+            (None, false) => Some(bad.join(", ")),
+            (None, true) => None,
+        };
+        Ok(RunCheck {
+            run_id: id.clone(),
+            ok: reason.is_none(),
+            legacy: legacy && reason.is_none(),
+            reason,
+        })
+    }
+
+    /// Checks every live run after `after`, in run id order (from the index), `concurrency`
+    /// at a time; `progress` hears of each page. Resumable: pass the report's `last` again.
+    pub async fn sweep(
+        &self,
+        after: Option<RunId>,
+        concurrency: usize,
+        mut progress: impl FnMut(&SweepReport),
+    ) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        let mut q = super::ListQuery {
+            limit: Some(super::MAX_PAGE),
+            order: Some(super::Order::Id),
+            cursor: after.map(|a| a.to_string()),
+            ..Default::default()
+        };
+        loop {
+            let page = self.list(&q).await?;
+            let mut checks = futures::stream::iter(page.runs.iter().map(|r| r.run_id.clone()))
+                .map(|id| async move {
+                    let got = self.check_run(&id).await;
+                    (id, got)
+                })
+                .buffered(concurrency.max(1));
+            while let Some((id, got)) = checks.next().await {
+                report.checked += 1;
+                match got {
+                    Ok(c) if !c.ok => report.failed.push(c),
+                    Ok(c) if c.legacy => report.legacy.push(id.clone()),
+                    Ok(_) | Err(StoreError::NotFound(_)) => {}
+                    Err(e) => report.failed.push(RunCheck {
+                        run_id: id.clone(),
+                        ok: false,
+                        legacy: false,
+                        reason: Some(e.to_string()),
+                    }),
+                }
+                report.last = Some(id);
+            }
+            progress(&report);
+            match page.next_cursor {
+                Some(c) => q.cursor = Some(c),
+                None => return Ok(report),
+            }
+        }
     }
 
     /// Removes a run's whole history (retention). Returns how many revisions went.

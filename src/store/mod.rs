@@ -469,16 +469,8 @@ impl RunStore {
             );
             self.sign_revision(&mut rev)?;
             if !self.claim_revision(&rev, current.as_ref()).await? {
-                conflicts += 1;
-                if conflicts >= self.retry.max_attempts {
-                    return Err(StoreError::Contention {
-                        run_id: id.clone(),
-                        attempts: conflicts,
-                    });
-                }
-                let delay = delays.next().unwrap_or(self.retry.max_delay);
-                tracing::debug!(run_id = %id, conflicts, ?delay, "revision taken; retrying");
-                tokio::time::sleep(delay).await;
+                self.back_off(id, &mut conflicts, &mut delays, "revision taken")
+                    .await?;
                 continue;
             }
             // Index entries: the new ones go in before the record (a reader may briefly see a
@@ -565,22 +557,36 @@ impl RunStore {
                     }
                     // Another writer won: our entries describe a record that will never be.
                     self.remove_entries(&added).await?;
-                    conflicts += 1;
-                    if conflicts >= self.retry.max_attempts {
-                        return Err(StoreError::Contention {
-                            run_id: id.clone(),
-                            attempts: conflicts,
-                        });
-                    }
-                    let delay = delays.next().unwrap_or(self.retry.max_delay);
-                    tracing::debug!(run_id = %id, conflicts, ?delay, "lost a write race; retrying");
-                    tokio::time::sleep(delay).await;
+                    self.back_off(id, &mut conflicts, &mut delays, "lost a write race")
+                        .await?;
                 }
                 // The outcome is unknown (a lost response may hide a write that landed): the
                 // entries stay, and the redelivery's reconciliation settles them.
                 Err(e) => return Err(self.os_err(e, &format!("write {key}"))),
             }
         }
+    }
+
+    /// Counts a lost race and waits its jittered delay; `Contention` once the policy's
+    /// attempts are spent.
+    async fn back_off(
+        &self,
+        id: &RunId,
+        conflicts: &mut u32,
+        delays: &mut impl Iterator<Item = Duration>,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        *conflicts += 1;
+        if *conflicts >= self.retry.max_attempts {
+            return Err(StoreError::Contention {
+                run_id: id.clone(),
+                attempts: *conflicts,
+            });
+        }
+        let delay = delays.next().unwrap_or(self.retry.max_delay);
+        tracing::debug!(run_id = %id, conflicts = *conflicts, ?delay, "{why}; retrying");
+        tokio::time::sleep(delay).await;
+        Ok(())
     }
 
     /// Stores a blob for `run` (marker first, so a concurrent release sees the reference).

@@ -96,6 +96,13 @@ impl AttachAdvisory {
                 event: EventKind::AdvisoryAttached,
             });
         }
+        if artifact.advisory_inputs.len() >= ctx.limits.max_advisories {
+            return Err(Rejection::too_large(format!(
+                "run {} already has {} advisories, the most a run keeps (max_advisories)",
+                self.run_id,
+                artifact.advisory_inputs.len()
+            )));
+        }
         let sha = Sha256Hex::from_computed(sha256_bytes(&self.body_canonical));
         let mut next = artifact.clone();
         next.advisory_inputs.push(AdvisoryInputRef {
@@ -130,5 +137,50 @@ impl AttachAdvisory {
             event: EventKind::AdvisoryAttached,
             released: Vec::new(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::domain::command::{Command, CommandKind, Context, Decision, Limits};
+    use crate::domain::error::RejectCode;
+
+    fn decode(kind: CommandKind, v: serde_json::Value) -> Command {
+        Command::decode(kind, v.to_string().as_bytes(), None).unwrap()
+    }
+
+    #[test]
+    fn a_run_keeps_at_most_max_advisories() {
+        let ctx = Context {
+            limits: Limits {
+                max_advisories: 3,
+                ..Limits::default()
+            },
+            ..Context::now()
+        };
+        let create = decode(
+            CommandKind::Create,
+            json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": "run_0000000000a1"}),
+        );
+        let Ok(Decision::Write { mut record, .. }) = create.decide(None, &ctx) else {
+            panic!("create")
+        };
+        for n in 0..4 {
+            let adv = decode(
+                CommandKind::Advisory,
+                json!({"run_id": "run_0000000000a1", "advisory_id": format!("adv_00000000000{n}"),
+                       "kind": "note", "body": {"n": n}}),
+            );
+            match adv.decide(Some(&record), &ctx) {
+                Ok(Decision::Write { record: next, .. }) if n < 3 => record = next,
+                Err(r) if n == 3 => {
+                    assert_eq!(r.code, RejectCode::TooLarge);
+                    assert!(r.message.contains("max_advisories"), "{r}");
+                }
+                other => panic!("advisory {n}: {other:?}"),
+            }
+        }
     }
 }

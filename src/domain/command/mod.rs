@@ -193,6 +193,9 @@ pub struct Limits {
     pub max_meta_bytes: usize,
     /// Largest advisory body, in bytes of canonical JSON.
     pub max_advisory_body_bytes: usize,
+    /// Most advisories one run keeps: each adds about 400 bytes to its record, and a record
+    /// must stay small enough to fetch in one message and cheap to rewrite.
+    pub max_advisories: usize,
 }
 
 impl Default for Limits {
@@ -205,6 +208,7 @@ impl Default for Limits {
             max_meta_keys: 1024,
             max_meta_bytes: 256 * 1024,
             max_advisory_body_bytes: 1024 * 1024,
+            max_advisories: 500,
         }
     }
 }
