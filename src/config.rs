@@ -63,6 +63,9 @@ pub struct Overrides {
     /// Subject prefix.
     #[arg(long, env = "RMOS_SUBJECT_PREFIX", global = true)]
     pub subject_prefix: Option<String>,
+    /// Inbox prefix for replies and PubAcks (default `_INBOX.<NATS_USER>`, else `_INBOX`).
+    #[arg(long, env = "RMOS_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
     /// Ingest mode: jetstream or core.
     #[arg(long, env = "RMOS_INGEST", global = true)]
     pub ingest: Option<String>,
@@ -99,6 +102,7 @@ struct FileConfig {
     store_url: Option<String>,
     runs_dir: Option<PathBuf>,
     subject_prefix: Option<String>,
+    inbox_prefix: Option<String>,
     ingest: Option<String>,
     stream: Option<String>,
     consumer: Option<String>,
@@ -159,6 +163,9 @@ pub struct Config {
     pub store_url: StoreUrl,
     /// Subject prefix (`rmos.runs`).
     pub subject_prefix: String,
+    /// Prefix of this client's reply subjects (request replies, PubAcks, pulled messages); see
+    /// [`default_inbox_prefix`].
+    pub inbox_prefix: String,
     /// Ingest mode.
     pub ingest: IngestMode,
     /// Stream name.
@@ -297,6 +304,14 @@ impl Config {
             .or(f.subject_prefix)
             .unwrap_or_else(|| "rmos.runs".to_owned());
         check_token("subject_prefix", &subject_prefix)?;
+        let nats_user = o.nats_user.clone().or(f.nats_user);
+        let inbox_prefix = match o.inbox_prefix.clone().or(f.inbox_prefix) {
+            Some(p) => {
+                check_token("inbox_prefix", &p)?;
+                p
+            }
+            None => default_inbox_prefix(nats_user.as_deref()),
+        };
         let ingest = match o.ingest.clone().or(f.ingest).as_deref() {
             None | Some("jetstream") => IngestMode::JetStream,
             Some("core") => IngestMode::Core,
@@ -353,7 +368,7 @@ impl Config {
         }
         Ok(Config {
             nats_urls,
-            nats_user: o.nats_user.clone().or(f.nats_user),
+            nats_user,
             nats_password: o.nats_password.clone().or(f.nats_password),
             nats_token: o.nats_token.clone().or(f.nats_token),
             nats_creds: o.nats_creds.clone().or(f.nats_creds),
@@ -363,6 +378,7 @@ impl Config {
             nats_key: o.nats_key.clone().or(f.nats_key),
             store_url,
             subject_prefix,
+            inbox_prefix,
             ingest,
             stream,
             consumer,
@@ -401,6 +417,26 @@ impl Config {
             signing_key: o.signing_key.clone().or(f.signing_key),
             trusted_keys: trusted_keys_from(f.trusted_keys.unwrap_or_default())?,
         })
+    }
+}
+
+/// The inbox prefix used when none is configured: `_INBOX.<user>` for a user/password login
+/// whose name is one subject token (letters, digits, `_`, `-`), else the NATS default `_INBOX`.
+///
+/// The shipped broker permissions (`deploy/nats/permissions.conf`) let each role subscribe only
+/// to `_INBOX.<role>.>`, so that no client can read another's replies or PubAcks; with the
+/// shipped user names this default is the right prefix for every role. Logins without a user
+/// name (nkey, creds file, token) set `inbox_prefix` / `RMOS_INBOX_PREFIX` themselves.
+pub fn default_inbox_prefix(nats_user: Option<&str>) -> String {
+    match nats_user {
+        Some(u)
+            if !u.is_empty()
+                && u.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) =>
+        {
+            format!("_INBOX.{u}")
+        }
+        _ => "_INBOX".to_owned(),
     }
 }
 
@@ -548,6 +584,41 @@ mod tests {
                 .0
                 .starts_with("metrics_addr:")
         );
+    }
+
+    #[test]
+    fn inbox_prefix_follows_the_user_unless_set() {
+        assert_eq!(default_inbox_prefix(Some("engine")), "_INBOX.engine");
+        assert_eq!(
+            default_inbox_prefix(Some("rmos-worker")),
+            "_INBOX.rmos-worker"
+        );
+        assert_eq!(default_inbox_prefix(None), "_INBOX");
+        // Not one subject token: the NATS default, never a malformed subject.
+        assert_eq!(default_inbox_prefix(Some("a.b")), "_INBOX");
+        assert_eq!(default_inbox_prefix(Some("x>")), "_INBOX");
+        assert_eq!(default_inbox_prefix(Some("")), "_INBOX");
+        let c = Config::resolve(&Overrides {
+            nats_user: Some("reader".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.inbox_prefix, "_INBOX.reader");
+        let c = Config::resolve(&Overrides {
+            nats_user: Some("reader".into()),
+            inbox_prefix: Some("_INBOX.dashboards".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.inbox_prefix, "_INBOX.dashboards");
+        for bad in ["_INBOX.>", "_INBOX.*", "_INBOX.", "a b", ""] {
+            let e = Config::resolve(&Overrides {
+                inbox_prefix: Some(bad.into()),
+                ..Default::default()
+            })
+            .unwrap_err();
+            assert!(e.0.starts_with("inbox_prefix:"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

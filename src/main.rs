@@ -554,6 +554,7 @@ fn print_config(cfg: &Config) {
         "nats_ca": cfg.nats_ca, "nats_cert": cfg.nats_cert, "nats_key": cfg.nats_key,
         "store_url": cfg.store_url.to_string(),
         "subject_prefix": cfg.subject_prefix,
+        "inbox_prefix": cfg.inbox_prefix,
         "ingest": match cfg.ingest { IngestMode::JetStream => "jetstream", IngestMode::Core => "core" },
         "stream": cfg.stream, "consumer": cfg.consumer,
         "concurrency": cfg.concurrency,
@@ -591,6 +592,11 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             code: EXIT_UNREACHABLE,
             message: e.to_string(),
         })?;
+    if cfg.ingest == IngestMode::JetStream
+        && let Some(warning) = connect::server_version_warning(&client.server_info().version)
+    {
+        tracing::warn!("{warning}");
+    }
     let subjects = Subjects::new(cfg.subject_prefix.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = Metrics::new();
@@ -710,7 +716,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         }));
     }
     let mut tasks: futures::stream::FuturesUnordered<_> = tasks.into_iter().collect();
-    tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix,
+    tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix, inbox = %cfg.inbox_prefix,
         ingest = ?cfg.ingest, "rmos-runs worker ready");
 
     let gave_up = tokio::select! {

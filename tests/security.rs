@@ -3,6 +3,12 @@
 //! - roles: the shipped `deploy/nats/nats-server.conf` (+ `permissions.conf`), with the worker
 //!   logged in as `worker` and each role as an async-nats client; what a role may not do is
 //!   refused by the broker and never takes effect;
+//! - private inboxes: each role reads only replies under `_INBOX.<role>` (no role can read
+//!   another's answers or PubAcks; the CLI's prefix follows `NATS_USER`), on one node and on the
+//!   shipped 3-node cluster;
+//! - bounded replies: the worker's credential publishes only the one reply it owes per request
+//!   (`allow_responses`), reaches only its own stream and consumer on the JetStream API, and the
+//!   worker refuses reply subjects that would make its answer an API call or a command;
 //! - every credential kind the worker reads from its environment: user/password, token, nkey
 //!   seed file (the shipped `nats-server-nkeys.conf`), a creds file (JWT) against a server in
 //!   operator mode, TLS with a private CA and a client certificate (keys, JWTs and certificates
@@ -101,10 +107,12 @@ impl RoleClient {
         RoleClient { client, js, errors }
     }
 
+    /// Logs in as `user` with the inbox prefix the shipped permissions give that role.
     async fn user(url: &str, user: &str, password: &str) -> RoleClient {
         Self::connect(
             url,
-            ConnectOptions::with_user_and_password(user.into(), password.into()),
+            ConnectOptions::with_user_and_password(user.into(), password.into())
+                .custom_inbox_prefix(format!("_INBOX.{user}")),
         )
         .await
     }
@@ -400,6 +408,9 @@ async fn roles_from_the_shipped_config_allow_only_their_subjects() {
         events.snapshot()
     );
 
+    // The worker did all of that within its rights.
+    assert_worker_never_refused(&worker);
+
     // Secrets: masked by `rmos-runs config`, absent from the (debug-level) worker log.
     let (ok, shown) = rmos_config(&[("NATS_USER", "worker"), ("NATS_PASSWORD", &worker_pw)]);
     assert!(ok, "{shown}");
@@ -412,6 +423,782 @@ async fn roles_from_the_shipped_config_allow_only_their_subjects() {
     let status = worker.wait(Duration::from_secs(20)).await;
     assert!(status.success(), "{status}; log:\n{}", worker.log());
     assert_not_in_log(&worker, &worker_pw, "worker password");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Private inboxes and bounded replies (shipped config, user/password)
+// ---------------------------------------------------------------------------------------------
+
+const ROLES: [&str; 5] = ["worker", "engine", "advisor", "reader", "operator"];
+
+/// The shipped single-node configuration with a random password per role, and a worker
+/// logged in as `worker` (its inbox prefix derived from the user name, as shipped).
+struct ShippedBroker {
+    nats: ConfiguredNatsServer,
+    passwords: Vec<(String, String)>,
+    worker: Worker,
+    _tmp: tempfile::TempDir,
+}
+
+impl ShippedBroker {
+    async fn start(tag: &str) -> ShippedBroker {
+        Self::start_with(tag, &[]).await
+    }
+
+    /// Like [`ShippedBroker::start`], with more environment for the worker.
+    async fn start_with(tag: &str, worker_env: &[(&str, &str)]) -> ShippedBroker {
+        let passwords: Vec<(String, String)> = ROLES
+            .iter()
+            .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
+            .collect();
+        let env: Vec<(String, String)> = passwords
+            .iter()
+            .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
+            .collect();
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let nats = ConfiguredNatsServer::start(
+            &shipped_template("nats-server.conf"),
+            &[("permissions.conf", &deploy_file("permissions.conf"))],
+            &env_refs,
+        )
+        .await;
+        let tmp = tempdir(tag);
+        let worker_pw = passwords[0].1.clone();
+        let mut env = vec![
+            ("NATS_USER", "worker"),
+            ("NATS_PASSWORD", worker_pw.as_str()),
+        ];
+        env.extend_from_slice(worker_env);
+        let worker = spawn_worker(&nats.url(), &tmp.path().join("runs"), tag, &env);
+        ShippedBroker {
+            nats,
+            passwords,
+            worker,
+            _tmp: tmp,
+        }
+    }
+
+    fn password(&self, role: &str) -> String {
+        self.passwords
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no role {role}"))
+    }
+
+    /// A client of `role` on the inbox prefix the shipped permissions give it.
+    async fn client(&self, role: &str) -> RoleClient {
+        RoleClient::user(&self.nats.url(), role, &self.password(role)).await
+    }
+
+    /// A client of `role` on an inbox prefix of the caller's choosing.
+    async fn client_with_inbox(&self, role: &str, prefix: &str) -> RoleClient {
+        RoleClient::connect(
+            &self.nats.url(),
+            ConnectOptions::with_user_and_password(role.into(), self.password(role))
+                .custom_inbox_prefix(prefix),
+        )
+        .await
+    }
+
+    /// `rmos-runs <args>` as `role` with only the user and password set (so the inbox prefix
+    /// is the CLI's default for that user), plus `env`; (exit code, stdout, stderr).
+    fn cli(&self, role: &str, args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
+        use std::io::Write;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rmos-runs"));
+        for var in [
+            "RMOS_CONFIG",
+            "RMOS_INBOX_PREFIX",
+            "RMOS_SUBJECT_PREFIX",
+            "RMOS_INGEST",
+            "NATS_TOKEN",
+            "NATS_CREDS",
+            "NATS_NKEY",
+        ] {
+            cmd.env_remove(var);
+        }
+        let mut child = cmd
+            .args(["--json", "--timeout", "5s"])
+            .args(args)
+            .env("NATS_URL", self.nats.url())
+            .env("NATS_USER", role)
+            .env("NATS_PASSWORD", self.password(role))
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn rmos-runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin)
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("rmos-runs output");
+        Output {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// What a CLI run printed, and how it exited.
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Asserts that the broker refused the worker nothing: every stream, consumer, pull, ack, event,
+/// reply and services subscription it used was within its rights (async-nats logs each server
+/// error at debug level, which these workers run at).
+fn assert_worker_never_refused(worker: &Worker) {
+    let log = std::fs::read_to_string(&worker.log).expect("worker log");
+    assert!(
+        log.contains("DEBUG"),
+        "the worker does not log at debug level:\n{log}"
+    );
+    assert!(
+        !log.contains("Permissions Violation"),
+        "the broker refused the worker something:\n{log}"
+    );
+}
+
+/// Asserts that `sub` receives nothing within `within` (it was refused, or nobody may send
+/// there).
+async fn receives_nothing(sub: &mut async_nats::Subscriber, within: Duration, what: &str) {
+    use futures::StreamExt;
+    if let Ok(Some(m)) = tokio::time::timeout(within, sub.next()).await {
+        panic!(
+            "{what}: received a message on {}: {:?}",
+            m.subject,
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inboxes_are_private_to_their_role() {
+    let mut b = ShippedBroker::start("inboxes").await;
+    let engine = b.client("engine").await;
+    let reader = b.client("reader").await;
+    let operator = b.client("operator").await;
+    b.worker.wait_ready_with(&reader.client).await;
+    assert!(reader.client.new_inbox().starts_with("_INBOX.reader."));
+    let events = Events::subscribe(&engine.client).await;
+    let run = "run_00000000b001";
+    create_ok(&engine, &events, &b.worker, run).await;
+
+    // The engine tries to listen where the reader's answers arrive: every such subscription is
+    // refused by the broker, so the reader's `get` reply (which does arrive, below) never
+    // reaches it.
+    let mut spies = Vec::new();
+    for subject in ["_INBOX.reader.>", "_INBOX.>", "_INBOX.*.>", ">"] {
+        spies.push(
+            engine
+                .client
+                .subscribe(subject.to_owned())
+                .await
+                .expect("subscribe is sent"),
+        );
+        engine
+            .violation(&format!("Subscription to \"{subject}\""))
+            .await;
+    }
+    let (code, got) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None, "{got}");
+    assert_eq!(got["run_id"], run, "the reply carries the run");
+    for spy in &mut spies {
+        receives_nothing(
+            spy,
+            Duration::from_millis(500),
+            "engine spying on the reader",
+        )
+        .await;
+    }
+
+    // The reader tries to listen to the engine's PubAcks: refused, and the engine's next
+    // create (PubAck and stored event, so the PubAck was sent) is not seen by it.
+    let mut spies = Vec::new();
+    for subject in ["_INBOX.engine.>", "_INBOX.>"] {
+        spies.push(
+            reader
+                .client
+                .subscribe(subject.to_owned())
+                .await
+                .expect("subscribe is sent"),
+        );
+        reader
+            .violation(&format!("Subscription to \"{subject}\""))
+            .await;
+    }
+    create_ok(&engine, &events, &b.worker, "run_00000000b002").await;
+    for spy in &mut spies {
+        receives_nothing(
+            spy,
+            Duration::from_millis(500),
+            "reader spying on the engine",
+        )
+        .await;
+    }
+
+    // Nor may the operator (who reads runs itself) listen to the reader's inbox.
+    let mut spy = operator
+        .client
+        .subscribe("_INBOX.reader.>".to_owned())
+        .await
+        .expect("subscribe is sent");
+    operator
+        .violation("Subscription to \"_INBOX.reader.>\"")
+        .await;
+    let (code, _) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None);
+    receives_nothing(
+        &mut spy,
+        Duration::from_millis(500),
+        "operator spying on the reader",
+    )
+    .await;
+
+    // No client may forge the worker's events, or touch the stream through the JetStream API.
+    engine
+        .client
+        .publish(format!("{PREFIX}.stored"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish is sent");
+    engine.violation(&format!("{PREFIX}.stored")).await;
+    for who in [&engine, &reader, &operator] {
+        let req = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(REFUSED_ACK_TIMEOUT));
+        let r = who
+            .client
+            .send_request("$JS.API.STREAM.PURGE.RMOS_RUNS".to_owned(), req)
+            .await;
+        assert!(r.is_err(), "purge answered: {r:?}");
+        who.violation("$JS.API.STREAM.PURGE.RMOS_RUNS").await;
+    }
+    assert!(
+        events.snapshot().iter().all(|e| e.body != json!({})),
+        "a forged event arrived: {:?}",
+        events.snapshot()
+    );
+
+    // A reader on the NATS default prefix is refused its reply subscription: it gets no
+    // answer, which is why every client must set its role's prefix.
+    let stray = b.client_with_inbox("reader", "_INBOX").await;
+    let r = stray
+        .request_within("get", run, Duration::from_secs(2))
+        .await;
+    assert!(r.is_err(), "a reader on _INBOX got an answer: {r:?}");
+    stray.violation("Subscription to \"_INBOX.").await;
+
+    // The CLI derives the prefix from NATS_USER: each role's commands work as shipped ...
+    let out = b.cli("reader", &["get", run], b"", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("get output is JSON");
+    assert_eq!(v["run_id"], run, "{out}");
+    let out = b.cli(
+        "engine",
+        &["create"],
+        &bytes_of(&create_payload(Some("run_00000000b003"), "T7")),
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    let v: Value = serde_json::from_str(out.stdout.trim()).expect("create output is JSON");
+    assert_eq!(v["event"], "created", "{out}");
+    let out = b.cli(
+        "operator",
+        &["patch-meta"],
+        &bytes_of(&json!({"run_id": run, "meta_updates": {"checked": true}})),
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = b.cli("operator", &["verify", run], b"", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    // The reader's history and diff of the patched run come back on its own inbox too.
+    let (code, history) = reader
+        .request("history", &json!({"run_id": run}).to_string())
+        .await
+        .expect("reader history");
+    assert_eq!(code, None, "{history}");
+    assert_eq!(
+        history["revisions"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
+    let (code, diff) = reader
+        .request(
+            "diff",
+            &json!({"run_id": run, "from": 1, "to": 2}).to_string(),
+        )
+        .await
+        .expect("reader diff");
+    assert_eq!(code, None, "{diff}");
+    // ... and a prefix outside the role's own gets no answer (exit 4, broker reachable).
+    let out = b.cli(
+        "reader",
+        &["get", run],
+        b"",
+        &[("RMOS_INBOX_PREFIX", "_INBOX.engine")],
+    );
+    assert_eq!(out.code, Some(4), "{out}");
+    // A role's clients share its prefix: isolation is between roles, not between two
+    // connections of one role (docs/security.md).
+    let engine2 = b.client("engine").await;
+    let _same_role = engine2
+        .client
+        .subscribe("_INBOX.engine.>".to_owned())
+        .await
+        .expect("subscribe");
+    engine2.client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        engine2.errors.lock().unwrap().is_empty(),
+        "{:?}",
+        engine2.errors.lock().unwrap()
+    );
+    assert_worker_never_refused(&b.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_credential_publishes_only_replies_it_owes() {
+    let mut b = ShippedBroker::start("replies").await;
+    let reader = b.client("reader").await;
+    let operator = b.client("operator").await;
+    b.worker.wait_ready_with(&reader.client).await;
+    // A second connection with the worker's credential: what a stolen or compromised worker
+    // could do.
+    let rogue = b.client("worker").await;
+
+    // A reply subject in the reader's inbox that nobody asked the rogue to answer.
+    let mut inbox = reader
+        .client
+        .subscribe("_INBOX.reader.probe.1".to_owned())
+        .await
+        .expect("reader subscribes to its own inbox");
+    reader.client.flush().await.expect("flush");
+    rogue
+        .client
+        .publish("_INBOX.reader.probe.1", Bytes::from_static(b"unsolicited"))
+        .await
+        .expect("publish is sent");
+    rogue.violation("_INBOX.reader.probe.1").await;
+    receives_nothing(
+        &mut inbox,
+        Duration::from_millis(500),
+        "an unsolicited reply",
+    )
+    .await;
+
+    // A request the rogue did receive (it may subscribe to the request subjects): it may answer
+    // once, not twice. The real worker answers too (not_found); the reader tells the answers
+    // apart by their bodies.
+    let mut requests = rogue
+        .client
+        .subscribe(format!("{PREFIX}.get"))
+        .await
+        .expect("worker may subscribe to get");
+    rogue.client.flush().await.expect("flush");
+    let mut owed = reader
+        .client
+        .subscribe("_INBOX.reader.owed.1".to_owned())
+        .await
+        .expect("subscribe");
+    reader.client.flush().await.expect("flush");
+    // (Sent again if the rogue's copy does not come: once, on 2.12.0, a fresh subscription
+    // missed the first request.)
+    let mut req = None;
+    for _ in 0..3 {
+        reader
+            .client
+            .publish_with_reply(
+                format!("{PREFIX}.get"),
+                "_INBOX.reader.owed.1",
+                Bytes::from_static(b"run_000000000000"),
+            )
+            .await
+            .expect("request sent");
+        if let Ok(Some(m)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            futures::StreamExt::next(&mut requests),
+        )
+        .await
+        {
+            req = Some(m);
+            break;
+        }
+    }
+    let req = req.expect("the rogue's copy of the request never came");
+    let reply_to = req.reply.expect("the request has a reply subject");
+    assert_eq!(reply_to.as_str(), "_INBOX.reader.owed.1");
+    for body in ["first", "second"] {
+        rogue
+            .client
+            .publish(reply_to.clone(), Bytes::from(body))
+            .await
+            .expect("publish is sent");
+    }
+    rogue.client.flush().await.expect("flush");
+    let mut bodies = Vec::new();
+    while let Ok(Some(m)) =
+        tokio::time::timeout(Duration::from_secs(1), futures::StreamExt::next(&mut owed)).await
+    {
+        bodies.push(String::from_utf8_lossy(&m.payload).into_owned());
+    }
+    assert!(
+        bodies.iter().any(|b| b == "first"),
+        "the owed reply was refused: {bodies:?}"
+    );
+    assert!(
+        !bodies.iter().any(|b| b == "second"),
+        "a second reply to one request got through: {bodies:?}"
+    );
+    assert!(
+        bodies.iter().any(|b| b.contains("not_found")),
+        "the real worker's answer is missing: {bodies:?}"
+    );
+    rogue.violation("_INBOX.reader.owed.1").await;
+
+    // Commands and the JetStream API beyond the worker's own stream and consumer: refused.
+    rogue
+        .refused_publish("create", &create_payload(Some("run_00000000c001"), "T1"))
+        .await;
+    for subject in [
+        "$JS.API.STREAM.PURGE.RMOS_RUNS",
+        "$JS.API.STREAM.DELETE.RMOS_RUNS",
+        "$JS.API.STREAM.UPDATE.RMOS_RUNS",
+        "$JS.API.STREAM.CREATE.OTHER",
+        "$JS.API.CONSUMER.DELETE.RMOS_RUNS.rmos-runs-worker",
+        "$JS.API.CONSUMER.CREATE.RMOS_RUNS.other",
+        "$JS.API.CONSUMER.MSG.NEXT.OTHER.rmos-runs-worker",
+        "$JS.API.INFO",
+        "$JS.ACK.OTHER.c.1.1.1.1.0",
+    ] {
+        let req = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(REFUSED_ACK_TIMEOUT));
+        let r = rogue.client.send_request(subject.to_owned(), req).await;
+        assert!(r.is_err(), "{subject} answered: {r:?}");
+        rogue.violation(subject).await;
+    }
+    // What it needs still works: the stream is there, untouched.
+    let js = jetstream::new(rogue.client.clone());
+    let mut stream = js.get_stream("RMOS_RUNS").await.expect("stream info");
+    let info = stream.info().await.expect("stream info");
+    assert_eq!(info.config.name, "RMOS_RUNS");
+
+    // A reader cannot turn the worker's answer into a JetStream API call: a get whose reply
+    // subject is the stream's purge API is not answered there, and a command waiting in the
+    // stream survives it. (The patch names an unknown run, so the worker holds it back for a
+    // few seconds before rejecting it.)
+    let r = rid("held");
+    operator
+        .publish(
+            "patch_meta",
+            &r,
+            &json!({"run_id": "run_00000000dead", "meta_updates": {"x": 1}}),
+        )
+        .await
+        .expect("patch PubAck");
+    let before = stream.info().await.expect("info").state.clone();
+    assert_eq!(before.messages, 1, "the held command is in the stream");
+    // A purge moves the stream's first sequence past the held command; acks of later
+    // commands do not.
+    let held_seq = before.last_sequence;
+    reader
+        .client
+        .publish_with_reply(
+            format!("{PREFIX}.get"),
+            "$JS.API.STREAM.PURGE.RMOS_RUNS",
+            Bytes::from_static(b"run_000000000000"),
+        )
+        .await
+        .expect("request sent");
+    reader.client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = stream.info().await.expect("info");
+    assert!(
+        after.state.first_sequence <= held_seq,
+        "the stream was purged through the worker's reply: {:?}; worker log:\n{}",
+        after.state,
+        b.worker.log()
+    );
+    let log = std::fs::read_to_string(&b.worker.log).expect("worker log");
+    assert!(
+        log.contains("$JS.API.STREAM.PURGE.RMOS_RUNS"),
+        "the refused reply is not logged:\n{log}"
+    );
+    // Nor can a publisher aim the stream's own PubAck at the API.
+    let engine = b.client("engine").await;
+    engine
+        .client
+        .publish_with_reply(
+            format!("{PREFIX}.create"),
+            "$JS.API.STREAM.PURGE.RMOS_RUNS",
+            bytes_of(&create_payload(Some("run_00000000c002"), "T1")),
+        )
+        .await
+        .expect("create sent");
+    engine.client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = stream.info().await.expect("info");
+    let (major, minor) = support::NatsServer::version();
+    let purged = info.state.first_sequence > held_seq;
+    if (major, minor) >= (2, 12) {
+        assert!(
+            !purged,
+            "nats-server {major}.{minor} let a publisher purge the stream through its PubAck: {:?}",
+            info.state
+        );
+    } else {
+        // Before 2.12 the server acts on a PubAck aimed at its API: any publisher can purge
+        // the pending commands (docs/security.md, row 7b). That is why the worker warns and the
+        // deployment docs ask for 2.12; this pins the claim on the oldest supported server.
+        assert!(
+            purged,
+            "nats-server {major}.{minor} no longer acts on a PubAck aimed at the API: update \
+             docs/security.md (row 7b) and connect::MIN_SAFE_SERVER ({:?})",
+            info.state
+        );
+    }
+    // The worker warns at start-up on a broker with that flaw, and only then.
+    let full_log = std::fs::read_to_string(&b.worker.log).expect("worker log");
+    let warned = full_log.contains("upgrade the broker to 2.12");
+    assert_eq!(
+        warned,
+        (major, minor) < (2, 12),
+        "start-up warning on nats-server {major}.{minor}; worker log:\n{full_log}"
+    );
+    assert_worker_never_refused(&b.worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_mode_replies_through_allow_responses_on_the_shipped_config() {
+    let mut b = ShippedBroker::start_with("core", &[("RMOS_INGEST", "core")]).await;
+    let engine = b.client("engine").await;
+    let reader = b.client("reader").await;
+    b.worker.wait_ready_with(&reader.client).await;
+    let events = Events::subscribe(&engine.client).await;
+    // The outcome comes back on the engine's own inbox, sent through allow_responses.
+    let reply = engine
+        .client
+        .request(
+            format!("{PREFIX}.create"),
+            bytes_of(&create_payload(Some("run_00000000d001"), "T1")),
+        )
+        .await
+        .expect("core-mode reply");
+    let v: Value = serde_json::from_slice(&reply.payload).expect("json");
+    assert_eq!(v["event"], "created", "{v}");
+    // A command whose reply subject is one of the service's own subjects is handled and
+    // announced, but the outcome is not published there.
+    let r = rid("core-own-subject");
+    let mut h = HeaderMap::new();
+    h.insert("X-Request-Id", r.as_str());
+    engine
+        .client
+        .publish_with_reply_and_headers(
+            format!("{PREFIX}.create"),
+            format!("{PREFIX}.delete"),
+            h,
+            bytes_of(&create_payload(Some("run_00000000d002"), "T1")),
+        )
+        .await
+        .expect("publish");
+    let ev = events.one(&r, EVENT_TIMEOUT, &b.worker).await;
+    assert_eq!(ev.body["event"], "created", "{:?}", ev.body);
+    // The reply step follows the event: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(&b.worker.log).expect("worker log");
+        if log.contains("outcome not sent as a reply") && log.contains("rmos.runs.delete") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not refuse to reply to {PREFIX}.delete:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_worker_never_refused(&b.worker);
+}
+
+/// `deploy/nats/cluster/nats-<i+1>.conf` as a test template: loopback, free ports, private
+/// store, `permissions.conf` beside it (the routes come from the environment).
+fn shipped_cluster_template(i: usize, cluster_ports: &[u16; 3]) -> String {
+    let name = format!("cluster/nats-{}.conf", i + 1);
+    let mut text = deploy_file(&name);
+    for j in 1..=3 {
+        assert!(
+            text.contains(&format!("$RMOS_CLUSTER_ROUTE_{j}")),
+            "{name}: routes"
+        );
+    }
+    let mut replace = |from: String, to: String| {
+        assert!(text.contains(&from), "{name} no longer contains {from:?}");
+        text = text.replace(&from, &to);
+    };
+    replace("port: 6222".into(), format!("port: {}", cluster_ports[i]));
+    replace("host: 0.0.0.0".into(), "host: 127.0.0.1".into());
+    replace("port: 4222".into(), "port: {{PORT}}".into());
+    replace("http_port: 8222".into(), "http_port: {{HTTP_PORT}}".into());
+    replace(
+        "store_dir: \"/data/jetstream\"".into(),
+        "store_dir: \"{{STORE_DIR}}\"".into(),
+    );
+    replace("max_file_store: 20GB".into(), "max_file_store: 1GB".into());
+    replace(
+        "include \"../permissions.conf\"".into(),
+        "include \"permissions.conf\"".into(),
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_and_inboxes_hold_across_the_shipped_cluster() {
+    let passwords: Vec<(String, String)> = ROLES
+        .iter()
+        .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
+        .collect();
+    let password = |role: &str| {
+        passwords
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    };
+    let mut env: Vec<(String, String)> = passwords
+        .iter()
+        .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
+        .collect();
+    let route_password = secret("route");
+    env.push(("RMOS_CLUSTER_PASSWORD".into(), route_password.clone()));
+    let cluster_ports = [
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    ];
+    for (j, port) in cluster_ports.iter().enumerate() {
+        env.push((
+            format!("RMOS_CLUSTER_ROUTE_{}", j + 1),
+            format!("nats-route://route:{route_password}@127.0.0.1:{port}"),
+        ));
+    }
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let permissions = deploy_file("permissions.conf");
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        nodes.push(
+            ConfiguredNatsServer::start(
+                &shipped_cluster_template(i, &cluster_ports),
+                &[("permissions.conf", &permissions)],
+                &env_refs,
+            )
+            .await,
+        );
+    }
+    let urls: Vec<String> = nodes.iter().map(|n| n.url()).collect();
+    let logs = || {
+        nodes
+            .iter()
+            .map(|n| n.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+
+    // JetStream answers once the three nodes have elected a meta leader: until then the
+    // worker could not create its R3 stream. (Asked as the worker: its own stream's info.)
+    let probe = RoleClient::user(&urls[0], "worker", &password("worker")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let req = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(Duration::from_secs(2)));
+        let r = probe
+            .client
+            .send_request("$JS.API.STREAM.INFO.RMOS_RUNS".to_owned(), req)
+            .await;
+        let v: Value = r
+            .as_ref()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null);
+        if v["error"]["err_code"] == 10059 {
+            break; // stream not found: JetStream is up
+        }
+        assert!(
+            Instant::now() < deadline,
+            "JetStream cluster not up: last answer {r:?} {v}; logs:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let tmp = tempdir("cluster");
+    let toml = tmp.path().join("rmos-runs.toml");
+    std::fs::write(&toml, "stream_replicas = 3\n").expect("worker config");
+    let worker_pw = password("worker");
+    let mut worker = spawn_worker(
+        &urls.join(","),
+        &tmp.path().join("runs"),
+        "cluster",
+        &[
+            ("NATS_USER", "worker"),
+            ("NATS_PASSWORD", &worker_pw),
+            ("RMOS_CONFIG", &toml.display().to_string()),
+        ],
+    );
+    // Each client on another node than the next, so answers and PubAcks cross routes.
+    let engine = RoleClient::user(&urls[1], "engine", &password("engine")).await;
+    let reader = RoleClient::user(&urls[2], "reader", &password("reader")).await;
+    worker.wait_ready_with(&reader.client).await;
+    let events = Events::subscribe(&engine.client).await;
+    let run = "run_00000000e0c1";
+    create_ok(&engine, &events, &worker, run).await;
+    let (code, got) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None, "{got}");
+    assert_eq!(got["run_id"], run);
+    let js = jetstream::new(probe.client.clone());
+    let info = js
+        .get_stream("RMOS_RUNS")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .clone();
+    assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
+    // The engine cannot listen to the reader's inbox on its node either.
+    let mut spy = engine
+        .client
+        .subscribe("_INBOX.reader.>".to_owned())
+        .await
+        .expect("subscribe is sent");
+    engine
+        .violation("Subscription to \"_INBOX.reader.>\"")
+        .await;
+    let (code, _) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None);
+    receives_nothing(
+        &mut spy,
+        Duration::from_millis(500),
+        "engine spying across nodes",
+    )
+    .await;
+    assert_worker_never_refused(&worker);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -627,15 +1414,26 @@ async fn nkey_seed_file_with_the_shipped_nkeys_config() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&seed_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
-    let engine =
-        RoleClient::connect(&nats.url(), ConnectOptions::with_nkey(seed_of("engine"))).await;
-    let reader =
-        RoleClient::connect(&nats.url(), ConnectOptions::with_nkey(seed_of("reader"))).await;
+    // An nkey login has no user name to derive the inbox prefix from: each client sets its
+    // role's prefix (the worker through RMOS_INBOX_PREFIX).
+    let engine = RoleClient::connect(
+        &nats.url(),
+        ConnectOptions::with_nkey(seed_of("engine")).custom_inbox_prefix("_INBOX.engine"),
+    )
+    .await;
+    let reader = RoleClient::connect(
+        &nats.url(),
+        ConnectOptions::with_nkey(seed_of("reader")).custom_inbox_prefix("_INBOX.reader"),
+    )
+    .await;
     let seed_path = seed_file.display().to_string();
     let (_runs, worker) = worker_stores_a_run(
         &nats,
         "nkey",
-        &[("NATS_NKEY", &seed_path)],
+        &[
+            ("NATS_NKEY", &seed_path),
+            ("RMOS_INBOX_PREFIX", "_INBOX.worker"),
+        ],
         &reader.client,
         &engine,
     )
@@ -1055,8 +1853,8 @@ async fn creds_file_in_operator_mode() {
 }
 
 /// Starts a worker with `NATS_CREDS=creds` and expects a quick failure whose last log line says
-/// `broker credentials:` (and, if given, the server's debug log naming `server_reason`);
-/// returns that line.
+/// `broker credentials:` (and, if any are given, the server's debug log naming one of
+/// `server_reasons`: the wording differs between server versions); returns that line.
 async fn creds_refused_at_start_up(
     op: &Operated,
     tag: &str,

@@ -149,6 +149,7 @@ impl Api {
                 .await
                 .map_err(|e| format!("endpoint {name}: {e}"))?;
             let this = self.clone();
+            let subjects = subjects.clone();
             let mut stop = shutdown.clone();
             served.push(Box::pin(async move {
                 let stop = async move {
@@ -158,7 +159,17 @@ impl Api {
                     .take_until(stop)
                     .for_each_concurrent(this.concurrency, |req| {
                         let this = this.clone();
-                        async move { this.answer(name, req).await }
+                        let refused = req
+                            .message
+                            .reply
+                            .as_ref()
+                            .and_then(|r| subjects.refused_reply(r.as_str()));
+                        async move {
+                            match refused {
+                                Some(why) => this.refuse_reply_subject(name, &req, why),
+                                None => this.answer(name, req).await,
+                            }
+                        }
                     })
                     .await;
                 name
@@ -170,6 +181,17 @@ impl Api {
             return Ok(());
         }
         Err(format!("endpoint {ended}: subscription ended"))
+    }
+
+    /// A request whose reply subject the worker must not publish to: not served, logged with
+    /// the subject and counted as `invalid_request` (there is nowhere safe to say so).
+    fn refuse_reply_subject(&self, name: &'static str, req: &Request, why: &'static str) {
+        let rid = request_id(req.message.headers.as_ref());
+        let reply = req.message.reply.as_ref().map(|r| r.as_str()).unwrap_or("");
+        tracing::warn!(endpoint = name, request_id = %rid, reply, reason = why,
+            "request refused: not answered");
+        self.metrics
+            .request(name, Some("invalid_request"), std::time::Duration::ZERO);
     }
 
     async fn answer(&self, name: &'static str, req: Request) {

@@ -49,8 +49,40 @@ async fn options(cfg: &Config, name: &str) -> Result<ConnectOptions, ConnectErro
         o = o.add_client_certificate(cert.clone(), key.clone());
     }
     Ok(o.name(name)
+        // Replies, PubAcks and pulled messages arrive under this prefix; the broker may allow
+        // this client no other inbox (deploy/nats/permissions.conf).
+        .custom_inbox_prefix(&cfg.inbox_prefix)
         .connection_timeout(Duration::from_secs(5))
         .max_reconnects(None))
+}
+
+/// The oldest nats-server whose JetStream API ignores a PubAck aimed at it.
+pub const MIN_SAFE_SERVER: (u32, u32) = (2, 12);
+
+/// A warning when the broker's version (`2.11.11`) is older than [`MIN_SAFE_SERVER`].
+///
+/// Up to 2.11 (measured: 2.9.10, 2.10.25, 2.11.11; 2.12.0 and later are not affected) the
+/// server delivers a stream's PubAck to whatever reply subject the publisher named, and the
+/// JetStream API acts on it: a client allowed to publish one command can purge the pending
+/// commands of the stream by naming `$JS.API.STREAM.PURGE.<stream>` as its reply subject. No
+/// permission can forbid a reply subject, so the remedy is the server version.
+pub fn server_version_warning(version: &str) -> Option<String> {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        return Some(format!(
+            "nats-server version {version:?} not understood; 2.12 or later is needed so that \
+             no publisher can purge the stream through its PubAck"
+        ));
+    };
+    ((major, minor) < MIN_SAFE_SERVER).then(|| {
+        format!(
+            "nats-server {version} lets any publisher purge the stream's pending commands by \
+             aiming its PubAck at the JetStream API; upgrade the broker to 2.12 or later"
+        )
+    })
 }
 
 /// Connects, retrying (100 ms doubling to 2 s, [`backon`]) until `cfg.connect_timeout` has
@@ -93,4 +125,20 @@ pub async fn connect(cfg: &Config, name: &str) -> Result<Client, ConnectError> {
         .adjust(|_, delay| delay.filter(|d| started.elapsed() + *d <= cfg.connect_timeout))
         .notify(|e, _| tracing::warn!(%urls, error = %e, "broker not reachable yet; retrying"))
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_version_warning;
+
+    #[test]
+    fn brokers_before_2_12_are_warned_about() {
+        for old in ["2.9.10", "2.10.25", "2.11.11", "v2.11.0"] {
+            assert!(server_version_warning(old).is_some(), "{old}");
+        }
+        for new in ["2.12.0", "2.12.8", "2.15.1", "3.0.0", "2.14.0-beta.1"] {
+            assert_eq!(server_version_warning(new), None, "{new}");
+        }
+        assert!(server_version_warning("unknown").is_some());
+    }
 }

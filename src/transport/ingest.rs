@@ -744,7 +744,9 @@ impl Ingest {
         }
     }
 
-    /// Core mode: answers on the request's reply subject, if it has one.
+    /// Core mode: answers on the request's reply subject, if it has one and it is an inbox (a
+    /// reply aimed at `$JS.API...` or the service's own subjects would be sent with the
+    /// worker's rights: the command is handled and announced as usual, only not answered).
     async fn reply(
         &self,
         msg: &async_nats::Message,
@@ -754,6 +756,10 @@ impl Ingest {
         let Some(reply_to) = msg.reply.clone() else {
             return;
         };
+        if let Some(why) = self.subjects.refused_reply(reply_to.as_str()) {
+            tracing::warn!(reply = %reply_to, reason = why, "outcome not sent as a reply");
+            return;
+        }
         let sent = match reply {
             Ok(body) => {
                 self.client

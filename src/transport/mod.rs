@@ -63,6 +63,41 @@ impl Subjects {
     pub fn rejected(&self) -> String {
         self.sub("rejected")
     }
+    /// Why the worker must not send a reply to `reply`, if it must not.
+    ///
+    /// The broker lets the worker answer a request on whatever reply subject the requester
+    /// named (`allow_responses`), with the worker's own rights. A reply subject in a system
+    /// namespace or among this service's subjects would turn a reader's request into a
+    /// worker-signed JetStream API call (`$JS.API.STREAM.PURGE...` accepts any JSON body) or a
+    /// command; real inboxes never look like that, so such requests are refused.
+    pub fn refused_reply(&self, reply: &str) -> Option<&'static str> {
+        if reply.starts_with('$') {
+            Some("reply subject in a system namespace ($JS, $SRV, $SYS, ...)")
+        } else if reply
+            .strip_prefix(self.prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        {
+            Some("reply subject among the service's own subjects")
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::Subjects;
+
+    #[test]
+    fn replies_go_to_inboxes_only() {
+        let s = Subjects::new("rmos.runs");
+        assert_eq!(s.refused_reply("_INBOX.reader.abc.1"), None);
+        assert_eq!(s.refused_reply("rmos.runsx.y"), None);
+        assert!(s.refused_reply("$JS.API.STREAM.PURGE.RMOS_RUNS").is_some());
+        assert!(s.refused_reply("$SRV.PING").is_some());
+        assert!(s.refused_reply("rmos.runs.create").is_some());
+        assert!(s.refused_reply("rmos.runs").is_some());
+    }
 }
 
 /// An error as it goes on the wire: protocol code, NATS-services status, message.

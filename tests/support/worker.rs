@@ -66,6 +66,7 @@ impl Worker {
             "RMOS_STORE_URL",
             "RMOS_CONFIG",
             "RMOS_SUBJECT_PREFIX",
+            "RMOS_INBOX_PREFIX",
             "RMOS_INGEST",
             "RMOS_STREAM",
             "RMOS_CONSUMER",
