@@ -19,6 +19,10 @@
 //! * **creates**: durable creates/s (fsync on) at 1, 16 and 256 in flight with the index
 //!   maintained and without it (`RunStore::without_index`), in fresh directories.
 //!
+//! `BENCH_LOCAL_DIR=<dir> BENCH_SKIP_FILL=1 BENCH_ONLY=walk` re-measures, on a store a previous
+//! run filled, only the index's first page and full walk (no scan, which evicts the page cache
+//! with its million `stat`s).
+//!
 //! Store directories stay under `target/bench-tmp/index-<stamp>/` (see benches/store.rs on why
 //! nothing is deleted); `cargo clean` removes them.
 
@@ -513,6 +517,46 @@ fn main() {
         let rows = rt.block_on(listing_rows(&store, n, None));
         print_rows("local filesystem", n, &rows);
         json.insert("local".into(), rows_json(n, &rows));
+    }
+
+    // Opt-in only (not part of a default run).
+    if std::env::var("BENCH_ONLY").is_ok_and(|v| v.split(',').any(|p| p.trim() == "walk")) {
+        let n = env_usize("BENCH_RUNS", 1_000_000);
+        let dir = std::env::var("BENCH_LOCAL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("local"));
+        let store = local_store(&dir, false);
+        if std::env::var_os("BENCH_SKIP_FILL").is_none() {
+            rt.block_on(fill(&store, n as u64, base_ms));
+        }
+        let first = rt.block_on(median_ms(9, || async {
+            store
+                .list(&ListQuery::default())
+                .await
+                .expect("list")
+                .runs
+                .len()
+        }));
+        for pass in 1..=2 {
+            let t = Instant::now();
+            let (runs, pages) = rt.block_on(walk(
+                &store,
+                ListQuery {
+                    limit: Some(1000),
+                    ..Default::default()
+                },
+            ));
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "walk pass {pass}: {runs} runs in {pages} pages, {s:.1} s ({:.2} us per run); first page {:.2} ms",
+                s * 1e6 / runs.max(1) as f64,
+                first.0
+            );
+            json.insert(
+                format!("walk_{pass}"),
+                json!({"runs": runs, "secs": s, "first_page_ms": first.0}),
+            );
+        }
     }
 
     if only("s3") {
