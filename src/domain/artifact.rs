@@ -1,4 +1,4 @@
-//! The stored run artifact and its parts, compatible with files written by the seed's Python
+//! The stored run artifact and its parts, compatible with files written by the original service's Python
 //! store (the same fields without `schema_version`, `revision` and `updated_at_utc`).
 
 use std::fmt;
@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use super::error::Rejection;
 use super::ids::{AdvisoryId, CommandId, Mode, RunId, ToolId};
 
-/// The schema version this build writes. Seed files have none and load as version 0.
+/// The schema version this build writes. The original service's files have none and load as version 0.
 pub const SCHEMA_VERSION: u32 = 1;
 
 /// A JSON object (`{...}`), as used for free-form parts of the artifact.
@@ -237,13 +237,13 @@ pub struct RunOutputs {
     /// Operation plan, inline when small.
     #[serde(default)]
     pub opplan_json: Option<JsonMap>,
-    /// Seed field: a path the engine wrote G-code to.
+    /// Field of the original service: a path the engine wrote G-code to.
     #[serde(default)]
     pub gcode_path: Option<String>,
-    /// Seed field: a path the engine wrote the op plan to.
+    /// Field of the original service: a path the engine wrote the op plan to.
     #[serde(default)]
     pub opplan_path: Option<String>,
-    /// Seed field: a path to a preview SVG.
+    /// Field of the original service: a path to a preview SVG.
     #[serde(default)]
     pub preview_svg_path: Option<String>,
     /// The G-code's blob, when it was too large to keep inline.
@@ -276,7 +276,7 @@ pub struct AdvisoryInputRef {
     /// The producing engine's version.
     #[serde(default)]
     pub engine_version: Option<String>,
-    /// The body's object (`blobs/<sha256>`, canonical JSON); absent in seed files.
+    /// The body's object (`blobs/<sha256>`, canonical JSON); absent in the original service's files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<BlobRef>,
     /// Fields written by other producers; kept as they are.
@@ -287,7 +287,7 @@ pub struct AdvisoryInputRef {
 /// The persistent record of one run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunArtifact {
-    /// Schema version; 0 for files written by the seed store.
+    /// Schema version; 0 for files written by the original FastAPI service.
     #[serde(default)]
     pub schema_version: u32,
     /// The run id.
@@ -297,7 +297,7 @@ pub struct RunArtifact {
     /// When the last change was applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at_utc: Option<Timestamp>,
-    /// 1 on create, +1 per applied change. Seed files load as 1.
+    /// 1 on create, +1 per applied change. The original service's files load as 1.
     #[serde(default = "one")]
     pub revision: u64,
     /// The run's mode.
@@ -460,7 +460,7 @@ impl StoredRecord {
         }
     }
 
-    /// Encodes for storage (pretty JSON, like the seed's files, ending in a newline).
+    /// Encodes for storage (pretty JSON, like the original service's files, ending in a newline).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = match self {
             StoredRecord::Live(a) => serde_json::to_vec_pretty(a),
@@ -514,7 +514,7 @@ pub struct RecordHead {
     /// `true` for a tombstone.
     #[serde(default)]
     pub tombstone: bool,
-    /// The schema version it was written at (0 for the seed's files).
+    /// The schema version it was written at (0 for the original service's files).
     #[serde(default)]
     pub schema_version: u32,
 }

@@ -1,6 +1,6 @@
 //! Operator maintenance on a [`RunStore`], without the broker: retention ([`gc`] and the
 //! worker's [`retention_loop`]), backup / restore between any two stores ([`transfer`]), and
-//! the import of a data directory written by the seed's Python store ([`import_dir`]).
+//! the import of a data directory written by the original FastAPI service's JSON store ([`import_dir`]).
 //!
 //! * **Retention** deletes each expired run through [`RunStore::execute`] with a `delete`
 //!   command (reason `retention`), exactly like the `delete` subject: the run becomes a
@@ -15,7 +15,7 @@
 //!   create-if-absent; a different object at the destination is a conflict, except that a
 //!   run record whose destination revision is lower is moved forward (conditional update), and
 //!   `overwrite` replaces anything (conditional on the version that was compared).
-//! * **Import** writes each `<run_id>.json` of a seed directory verbatim (it is the historical
+//! * **Import** writes each `<run_id>.json` of a JSON data directory of the original FastAPI service verbatim (it is the historical
 //!   record), create-if-absent, and reports each file's outcome and `verify` status; anything
 //!   that cannot be imported is reported with its reason.
 
@@ -885,7 +885,7 @@ async fn put(dst: &RunStore, key: &Path, bytes: &Bytes, mode: PutMode) -> Result
 }
 
 // ---------------------------------------------------------------------------------------------
-// Import of a seed data directory
+// Import of a JSON data directory of the original FastAPI service
 // ---------------------------------------------------------------------------------------------
 
 /// What happened to one file of an imported directory.

@@ -1,6 +1,6 @@
 //! The store layer: [`RunStore`] over any `object_store` backend.
 //!
-//! Layout under the store's prefix (a seed data directory is readable as it is):
+//! Layout under the store's prefix (a JSON data directory of the original FastAPI service is readable as it is):
 //!
 //! ```text
 //! <run_id>.json                 the run (or its tombstone)
@@ -392,7 +392,7 @@ impl RunStore {
     ///
     /// An object written at the current schema version is returned byte for byte, after
     /// checking only its head (this run, not a tombstone): it was encoded from a typed
-    /// artifact, and `verify` is what checks its contents. Older objects (the seed's files)
+    /// artifact, and `verify` is what checks its contents. Older objects (the original service's files)
     /// are decoded and encoded again, so readers see every field, with its default where the
     /// file had none (revision 1, for one).
     pub async fn get_bytes(&self, id: &RunId) -> Result<Bytes, StoreError> {

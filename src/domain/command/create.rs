@@ -20,7 +20,7 @@ pub const GCODE_MEDIA_TYPE: &str = "text/plain; charset=utf-8";
 /// Media type of JSON blobs (canonical RFC 8785 bytes).
 pub const JSON_MEDIA_TYPE: &str = "application/json";
 
-/// The outputs a publisher may send (the seed's fields; blob references are the worker's).
+/// The outputs a publisher may send (the original service's fields; blob references are the worker's).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputsPayload {
