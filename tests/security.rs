@@ -579,6 +579,28 @@ fn assert_worker_never_refused(worker: &Worker) {
 
 /// Asserts that `sub` receives nothing within `within` (it was refused, or nobody may send
 /// there).
+/// `spy` subscribes to `subject`: the broker refuses it (the violation comes back); the
+/// subscription is returned so the caller can show it receives nothing.
+async fn refused_subscription(spy: &RoleClient, subject: &str) -> async_nats::Subscriber {
+    let sub = spy
+        .client
+        .subscribe(subject.to_owned())
+        .await
+        .expect("subscribe is sent");
+    spy.violation(&format!("Subscription to \"{subject}\""))
+        .await;
+    sub
+}
+
+/// `spy` cannot listen to the reader's inbox: refused, and a reader's `get` answered meanwhile
+/// never reaches it.
+async fn reader_inbox_closed_to(spy: &RoleClient, reader: &RoleClient, run: &str, what: &str) {
+    let mut sub = refused_subscription(spy, "_INBOX.reader.>").await;
+    let (code, _) = reader.request("get", run).await.expect("reader get");
+    assert_eq!(code, None);
+    receives_nothing(&mut sub, Duration::from_millis(500), what).await;
+}
+
 async fn receives_nothing(sub: &mut async_nats::Subscriber, within: Duration, what: &str) {
     use futures::StreamExt;
     if let Ok(Some(m)) = tokio::time::timeout(within, sub.next()).await {
@@ -607,16 +629,7 @@ async fn inboxes_are_private_to_their_role() {
     // reaches it.
     let mut spies = Vec::new();
     for subject in ["_INBOX.reader.>", "_INBOX.>", "_INBOX.*.>", ">"] {
-        spies.push(
-            engine
-                .client
-                .subscribe(subject.to_owned())
-                .await
-                .expect("subscribe is sent"),
-        );
-        engine
-            .violation(&format!("Subscription to \"{subject}\""))
-            .await;
+        spies.push(refused_subscription(&engine, subject).await);
     }
     let (code, got) = reader.request("get", run).await.expect("reader get");
     assert_eq!(code, None, "{got}");
@@ -634,16 +647,7 @@ async fn inboxes_are_private_to_their_role() {
     // create (PubAck and stored event, so the PubAck was sent) is not seen by it.
     let mut spies = Vec::new();
     for subject in ["_INBOX.engine.>", "_INBOX.>"] {
-        spies.push(
-            reader
-                .client
-                .subscribe(subject.to_owned())
-                .await
-                .expect("subscribe is sent"),
-        );
-        reader
-            .violation(&format!("Subscription to \"{subject}\""))
-            .await;
+        spies.push(refused_subscription(&reader, subject).await);
     }
     create_ok(&engine, &events, &b.worker, "run_00000000b002").await;
     for spy in &mut spies {
@@ -656,22 +660,7 @@ async fn inboxes_are_private_to_their_role() {
     }
 
     // Nor may the operator (who reads runs itself) listen to the reader's inbox.
-    let mut spy = operator
-        .client
-        .subscribe("_INBOX.reader.>".to_owned())
-        .await
-        .expect("subscribe is sent");
-    operator
-        .violation("Subscription to \"_INBOX.reader.>\"")
-        .await;
-    let (code, _) = reader.request("get", run).await.expect("reader get");
-    assert_eq!(code, None);
-    receives_nothing(
-        &mut spy,
-        Duration::from_millis(500),
-        "operator spying on the reader",
-    )
-    .await;
+    reader_inbox_closed_to(&operator, &reader, run, "operator spying on the reader").await;
 
     // No client may forge the worker's events, or touch the stream through the JetStream API.
     engine
@@ -1182,22 +1171,7 @@ async fn roles_and_inboxes_hold_across_the_shipped_cluster() {
         .clone();
     assert_eq!(info.config.num_replicas, 3, "{:?}", info.config);
     // The engine cannot listen to the reader's inbox on its node either.
-    let mut spy = engine
-        .client
-        .subscribe("_INBOX.reader.>".to_owned())
-        .await
-        .expect("subscribe is sent");
-    engine
-        .violation("Subscription to \"_INBOX.reader.>\"")
-        .await;
-    let (code, _) = reader.request("get", run).await.expect("reader get");
-    assert_eq!(code, None);
-    receives_nothing(
-        &mut spy,
-        Duration::from_millis(500),
-        "engine spying across nodes",
-    )
-    .await;
+    reader_inbox_closed_to(&engine, &reader, run, "engine spying across nodes").await;
     assert_worker_never_refused(&worker);
 }
 

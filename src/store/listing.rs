@@ -586,7 +586,7 @@ impl RunStore {
     }
 
     /// `reindex_run` for a record already read; `apply` false only counts.
-    async fn reconcile(
+    pub(super) async fn reconcile(
         &self,
         id: &RunId,
         record: Option<&StoredRecord>,

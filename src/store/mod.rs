@@ -435,7 +435,8 @@ impl RunStore {
                     // A command seen before: its first delivery may have died before the
                     // index caught up with the record.
                     if self.indexing {
-                        self.reindex_run(id).await?;
+                        self.reconcile(id, Some(&cur.value), Timestamp::now(), true)
+                            .await?;
                     }
                     return Ok(Outcome {
                         run_id: id.clone(),
