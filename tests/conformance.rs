@@ -1040,6 +1040,20 @@ async fn history_keeps_every_revision_chained(store: RunStore) {
     }
 }
 
+/// An object's JSON, read past `RunStore`.
+async fn read_json(store: &RunStore, key: &object_store::path::Path) -> Value {
+    serde_json::from_slice(&raw(store, key).await).unwrap()
+}
+
+/// Writes JSON under `key` past `RunStore`, as someone with write access to the bucket could.
+async fn write_json(store: &RunStore, key: &object_store::path::Path, v: &Value) {
+    store
+        .object_store()
+        .put(key, PutPayload::from(serde_json::to_vec(v).unwrap()))
+        .await
+        .unwrap();
+}
+
 /// Someone with write access to the store edits the trail: each kind of tampering is found,
 /// with its reason.
 async fn tampering_with_the_history_is_reported(store: RunStore) {
@@ -1069,38 +1083,22 @@ async fn tampering_with_the_history_is_reported(store: RunStore) {
     };
     // A past revision's content changed (its recorded hash left as it was).
     let id = fresh(1).await;
-    let mut v: Value = serde_json::from_slice(&raw(&store, &history_key(&id, 2)).await).unwrap();
+    let mut v = read_json(&store, &history_key(&id, 2)).await;
     v["record"]["meta"]["n"] = json!(99);
-    os.put(
-        &history_key(&id, 2),
-        PutPayload::from(serde_json::to_vec(&v).unwrap()),
-    )
-    .await
-    .unwrap();
+    write_json(&store, &history_key(&id, 2), &v).await;
     assert_eq!(broken(id).await, (2, ChainFault::ContentChanged));
     // ... and rehashed too: then the next revision no longer points at it.
     let id = fresh(2).await;
-    let mut v: Value = serde_json::from_slice(&raw(&store, &history_key(&id, 2)).await).unwrap();
+    let mut v = read_json(&store, &history_key(&id, 2)).await;
     v["record"]["meta"]["n"] = json!(99);
     v["artifact_sha256"] = json!(rmos_runs::domain::hashing::sha256_json(&v["record"]));
-    os.put(
-        &history_key(&id, 2),
-        PutPayload::from(serde_json::to_vec(&v).unwrap()),
-    )
-    .await
-    .unwrap();
+    write_json(&store, &history_key(&id, 2), &v).await;
     assert_eq!(broken(id).await, (3, ChainFault::ChainBroken));
     // The current record edited in place.
     let id = fresh(3).await;
-    let mut v: Value =
-        serde_json::from_slice(&raw(&store, &store.artifact_key(&id)).await).unwrap();
+    let mut v = read_json(&store, &store.artifact_key(&id)).await;
     v["meta"]["n"] = json!(42);
-    os.put(
-        &store.artifact_key(&id),
-        PutPayload::from(serde_json::to_vec(&v).unwrap()),
-    )
-    .await
-    .unwrap();
+    write_json(&store, &store.artifact_key(&id), &v).await;
     assert_eq!(broken(id).await, (4, ChainFault::ContentChanged));
     // A revision removed.
     let id = fresh(4).await;
@@ -1194,19 +1192,6 @@ async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
     let signed = store
         .clone()
         .with_signing(Signing::new(Some(worker_key), Vec::new()));
-    let os = store.object_store().clone();
-    let read = |key: object_store::path::Path| {
-        let store = store.clone();
-        async move { serde_json::from_slice::<Value>(&raw(&store, &key).await).unwrap() }
-    };
-    let write = |key: object_store::path::Path, v: Value| {
-        let os = os.clone();
-        async move {
-            os.put(&key, PutPayload::from(serde_json::to_vec(&v).unwrap()))
-                .await
-                .unwrap();
-        }
-    };
     let id = run_id(0x8001);
     signed
         .execute(
@@ -1222,9 +1207,9 @@ async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
     assert!(chain.ok && chain.signatures_checked, "{chain:?}");
 
     // Rewrite revision 2 and re-chain 3, 4 and the current record, as a careful forger would.
-    let mut prev = read(store.history_key(&id, 1)).await["artifact_sha256"].clone();
+    let mut prev = read_json(&store, &store.history_key(&id, 1)).await["artifact_sha256"].clone();
     for r in 2..=4u64 {
-        let mut v = read(store.history_key(&id, r)).await;
+        let mut v = read_json(&store, &store.history_key(&id, r)).await;
         if r == 2 {
             v["record"]["meta"]["n"] = json!(1000);
         }
@@ -1232,9 +1217,9 @@ async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
         v["prev_sha256"] = prev.clone();
         v["artifact_sha256"] = json!(sha256_json(&v["record"]));
         prev = v["artifact_sha256"].clone();
-        write(store.history_key(&id, r), v.clone()).await;
+        write_json(&store, &store.history_key(&id, r), &v).await;
         if r == 4 {
-            write(store.artifact_key(&id), v["record"].clone()).await;
+            write_json(&store, &store.artifact_key(&id), &v["record"]).await;
         }
     }
     let unsigned_view = store.verify_chain(&id).await.unwrap();
@@ -1254,11 +1239,11 @@ async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
 
     // Re-signed with the forger's own key: not a trusted key.
     let forger = nkeys::KeyPair::new_user();
-    let mut v = read(store.history_key(&id, 2)).await;
+    let mut v = read_json(&store, &store.history_key(&id, 2)).await;
     let rev: rmos_runs::store::history::Revision = serde_json::from_value(v.clone()).unwrap();
     v["signature"] = json!({"key": forger.public_key(),
                             "sig": hex::encode(forger.sign(rev.signed_text().as_bytes()).unwrap())});
-    write(store.history_key(&id, 2), v.clone()).await;
+    write_json(&store, &store.history_key(&id, 2), &v).await;
     let b = signed.verify_chain(&id).await.unwrap().broken.unwrap();
     assert!(
         b.reason == ChainFault::SignatureInvalid && b.detail.contains("not a trusted key"),
@@ -1266,7 +1251,7 @@ async fn signatures_hold_against_a_writer_without_the_key(store: RunStore) {
     );
     // Signature removed.
     v.as_object_mut().unwrap().remove("signature");
-    write(store.history_key(&id, 2), v).await;
+    write_json(&store, &store.history_key(&id, 2), &v).await;
     let b = signed.verify_chain(&id).await.unwrap().broken.unwrap();
     assert!(
         b.reason == ChainFault::SignatureInvalid && b.detail.contains("unsigned"),
