@@ -6,6 +6,7 @@ pub mod connect;
 pub mod events;
 pub mod ingest;
 pub mod metrics;
+pub mod reads;
 
 use serde::Serialize;
 
