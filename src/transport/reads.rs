@@ -276,4 +276,3 @@ impl Reads {
         Ok(Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()))
     }
 }
-
