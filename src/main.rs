@@ -586,6 +586,7 @@ fn print_config(cfg: &Config) {
 
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
+    raise_open_files_limit();
     let store = RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?);
     store
         .probe()
@@ -827,6 +828,25 @@ async fn start_http(
         tasks.push(t);
     }
     Ok(tasks)
+}
+
+/// Raises the soft limit on open files to the hard one: HTTP connections and store files are
+/// file descriptors, and the usual soft limit (1,024) is below what `http.max_connections`
+/// allows.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open files limit");
+            }
+        }
+    }
 }
 
 /// A store without a complete index (one written before the index existed, or the JSON data

@@ -70,12 +70,14 @@ pub fn ensure(cond: bool, why: impl FnOnce() -> String) -> Result<(), String> {
     if cond { Ok(()) } else { Err(why()) }
 }
 
-/// One HTTP/1.1 exchange with a worker's metrics endpoint: (status, body).
+/// One HTTP/1.1 exchange with a worker's metrics endpoint (written out by hand, so the test
+/// sees exactly what goes over the wire): (status, body).
 pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
-    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
     sock.write_all(req.as_bytes()).await.expect("send request");
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut raw))

@@ -61,7 +61,9 @@ impl Worker {
         cmd.arg("serve")
             .env("NATS_URL", nats_url)
             .env("RMOS_RUNS_DIR", dir)
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            // The HTTP API's default port is one per machine: tests that want it say so.
+            .env("RMOS_HTTP_ADDR", "off");
         for var in [
             "RMOS_STORE_URL",
             "RMOS_CONFIG",

@@ -318,6 +318,14 @@ async fn output(
 ) -> Result<Response, HttpError> {
     ctx.allow(&s, Access::Read)?;
     let run = ctx.run_id(&run_id)?;
+    if which != "gcode" && which != "opplan" {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no output {which:?}: outputs are gcode and opplan"),
+            &ctx.request_id,
+        ));
+    }
     let a = live(&s, &ctx, &run).await?;
     let missing = |what: &str| {
         HttpError::new(
@@ -349,12 +357,7 @@ async fn output(
             }
             (None, None) => Err(missing("op plan")),
         },
-        other => Err(HttpError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no output {other:?}: outputs are gcode and opplan"),
-            &ctx.request_id,
-        )),
+        _ => Err(missing("such output")),
     }
 }
 
@@ -559,5 +562,15 @@ async fn delete(
     let caller = ctx.allow(&s, Access::Operate)?;
     let run = ctx.run_id(&run_id)?;
     let payload = command_body(&ctx, &s, body, Some(&run), true)?;
+    // The original service's DELETE took no body: a reason is recorded all the same.
+    let mut obj: Map<String, Value> = serde_json::from_slice(&payload).unwrap_or_default();
+    if !obj.contains_key("reason") {
+        let reason = match caller.name() {
+            Some(name) => format!("deleted over HTTP by {name}"),
+            None => "deleted over HTTP".to_owned(),
+        };
+        obj.insert("reason".into(), Value::String(reason));
+    }
+    let payload = Bytes::from(Value::Object(obj).to_string());
     command(&s, &ctx, &caller, &headers, CommandKind::Delete, payload).await
 }
