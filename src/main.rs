@@ -794,6 +794,7 @@ async fn start_http(
     });
     let mut tasks = Vec::new();
     let api = HttpSettings {
+        key: "http_addr",
         addr: cfg.http.addr.clone(),
         required: cfg.http.addr_explicit,
         limits: cfg.http.limits.clone(),
@@ -811,6 +812,7 @@ async fn start_http(
         tasks.push(t);
     }
     let ops = HttpSettings {
+        key: "metrics_addr",
         addr: cfg.metrics_addr.clone(),
         required: cfg.metrics_addr_explicit,
         limits: cfg.http.limits.clone(),

@@ -1,10 +1,11 @@
 //! The metrics / health endpoint of a real worker process over a real broker: `/healthz`,
 //! `/readyz` through a broker outage, `/metrics` counters after a create, a rejected command
-//! and requests, `$SRV.STATS` agreeing with them, and `RMOS_METRICS_ADDR=off`.
+//! and requests, `$SRV.STATS` agreeing with them, the HTTP API's requests by route, method and
+//! status, and `RMOS_METRICS_ADDR=off`.
 
 mod support;
 
-use support::{eventually, http, scrape};
+use support::{ensure, eventually, http, scrape};
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -53,22 +54,26 @@ fn listening_ports(pid: libc::pid_t) -> Vec<u16> {
     ports
 }
 
+/// The metrics address, and no API listener (its default port is fixed, so workers of
+/// concurrent tests would compete for it); a test that wants one sets `RMOS_HTTP_ADDR` after.
 fn metrics_env(addr: &str) -> Vec<(String, String)> {
-    vec![("RMOS_METRICS_ADDR".to_owned(), addr.to_owned())]
+    vec![
+        ("RMOS_METRICS_ADDR".to_owned(), addr.to_owned()),
+        ("RMOS_HTTP_ADDR".to_owned(), "off".to_owned()),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_through_a_broker_outage() {
     let mut env = Env::new().await;
     let port = support::free_port();
-    let worker = Worker::start_with(
-        &env.nats,
-        &env.runs_dir(),
-        "metrics",
-        &metrics_env(&format!("127.0.0.1:{port}")),
-    )
-    .await;
-    assert_eq!(listening_ports(worker.pid()), vec![port]);
+    let api_port = support::free_port();
+    let mut vars = metrics_env(&format!("127.0.0.1:{port}"));
+    vars.push(("RMOS_HTTP_ADDR".to_owned(), format!("127.0.0.1:{api_port}")));
+    let worker = Worker::start_with(&env.nats, &env.runs_dir(), "metrics", &vars).await;
+    let mut ports = vec![port, api_port];
+    ports.sort_unstable();
+    assert_eq!(listening_ports(worker.pid()), ports);
 
     assert_eq!(http(port, "GET", "/healthz").await, (200, "ok\n".into()));
     let (status, body) = http(port, "GET", "/readyz").await;
@@ -164,6 +169,59 @@ async fn metrics_health_and_readiness_through_a_broker_outage() {
     })
     .await;
 
+    // The HTTP API's requests, by route pattern (not the path), method and status; the
+    // API address had no request before these.
+    assert_eq!(
+        http(api_port, "GET", "/api/rmos/runs/run_00000000000a")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http(api_port, "GET", "/api/rmos/runs/run_00000000000b")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(http(api_port, "GET", "/no/such/path").await.0, 404);
+    let run_route = r#"route="/api/rmos/runs/{run_id}""#;
+    let http_expected = [
+        (
+            format!(r#"rmos_http_requests_total{{{run_route},method="GET",status="200"}}"#),
+            1.0,
+        ),
+        (
+            format!(r#"rmos_http_requests_total{{{run_route},method="GET",status="404"}}"#),
+            1.0,
+        ),
+        (
+            r#"rmos_http_requests_total{route="unmatched",method="GET",status="404"}"#.to_owned(),
+            1.0,
+        ),
+        (
+            format!("rmos_http_request_duration_seconds_count{{{run_route}}}"),
+            2.0,
+        ),
+        (
+            r#"rmos_http_request_duration_seconds_count{route="unmatched"}"#.to_owned(),
+            1.0,
+        ),
+    ];
+    eventually(Duration::from_secs(10), async || {
+        let m = scrape(port).await;
+        for (series, n) in &http_expected {
+            match m.get(series) {
+                Some(v) if v == n => {}
+                other => return Err(format!("{series}: {other:?}, expected {n}")),
+            }
+        }
+        let raw_paths: Vec<&String> = m.keys().filter(|k| k.contains("run_00000000000")).collect();
+        ensure(raw_paths.is_empty(), || {
+            format!("a raw path became a label: {raw_paths:?}")
+        })
+    })
+    .await;
+
     // `nats micro stats` agrees with the metrics, error replies included.
     eventually(Duration::from_secs(10), async || {
         let reply = env
@@ -248,6 +306,7 @@ async fn explicit_metrics_addr_in_use_stops_start_up() {
         .env("NATS_URL", env.nats.url())
         .env("RMOS_RUNS_DIR", env.runs_dir())
         .env("RMOS_METRICS_ADDR", &addr)
+        .env("RMOS_HTTP_ADDR", "off")
         .env("RUST_LOG", "warn")
         .env_remove("RMOS_STORE_URL")
         .env_remove("RMOS_CONFIG")

@@ -1,14 +1,24 @@
 //! Prometheus metrics, served by the HTTP transport at `/metrics`.
 //!
-//! Every series has a fixed label set known at compile time (command kinds, endpoints,
-//! protocol error codes, store error kinds), so the registry is plain atomics: no locks on the
-//! hot path, no unbounded label cardinality, and the exposition is written by hand in the
-//! Prometheus text format 0.0.4.
+//! Built on `prometheus-client`: one [`Registry`] encoded as OpenMetrics text. Every series of
+//! the NATS side has a fixed label set known at compile time (command kinds, endpoints,
+//! protocol error codes, store error kinds, tasks), so those series are created up front (a
+//! scrape shows them at zero from the start) and their handles kept in arrays: the hot path is
+//! an atomic add (a histogram's own short mutex for durations), without a `Family` lookup. The
+//! HTTP series are looked up in their `Family` per request; their labels are bounded (route
+//! patterns, a fixed method list, status codes).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
 use crate::domain::command::CommandKind;
 use crate::store::StoreError;
@@ -54,9 +64,11 @@ impl CommandOutcome {
     }
 }
 
-/// `subject` label values: the four command kinds, then `unknown` (a message on a subject
-/// that is not a command subject; exposed only when it happens).
-const SUBJECTS: [&str; 5] = ["create", "patch_meta", "advisory", "delete", "unknown"];
+/// `subject` label values of the command kinds (always exposed).
+const SUBJECTS: [&str; 4] = ["create", "patch_meta", "advisory", "delete"];
+/// `subject` of a message on a subject that is not a command subject; its series are created
+/// (and so exposed) only when it happens.
+const UNKNOWN_SUBJECT: &str = "unknown";
 /// `endpoint` label values.
 const ENDPOINTS: [&str; 5] = ["get", "list", "verify", "history", "diff"];
 /// Protocol error codes (`code` label); anything else is counted as `internal`.
@@ -85,14 +97,18 @@ pub const TASKS: [&str; 3] = ["ingest", "requests", "retention"];
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// `method` label values of the HTTP series; any other method counts as `other`, so a client
+/// cannot grow the label set.
+const HTTP_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+];
 
-fn subject_index(kind: Option<CommandKind>) -> usize {
+fn subject_index(kind: CommandKind) -> usize {
     match kind {
-        Some(CommandKind::Create) => 0,
-        Some(CommandKind::PatchMeta) => 1,
-        Some(CommandKind::Advisory) => 2,
-        Some(CommandKind::Delete) => 3,
-        None => 4,
+        CommandKind::Create => 0,
+        CommandKind::PatchMeta => 1,
+        CommandKind::Advisory => 2,
+        CommandKind::Delete => 3,
     }
 }
 
@@ -107,68 +123,101 @@ fn endpoint_index(endpoint: &str) -> Option<usize> {
     ENDPOINTS.iter().position(|e| *e == endpoint)
 }
 
-fn counters<const N: usize>() -> [AtomicU64; N] {
-    std::array::from_fn(|_| AtomicU64::new(0))
+fn http_method(method: &str) -> &'static str {
+    HTTP_METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }
 
-/// A fixed-bucket histogram of durations.
-struct Histogram {
-    /// Per-bucket (not cumulative) counts; the last one is `+Inf`.
-    buckets: [AtomicU64; BUCKETS.len() + 1],
-    sum_nanos: AtomicU64,
+fn duration_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-impl Histogram {
-    fn new() -> Self {
-        Self {
-            buckets: counters(),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
+/// A family of duration histograms with [`BUCKETS`].
+type Durations<L> = Family<L, Histogram, fn() -> Histogram>;
 
-    fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|le| secs <= *le)
-            .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    /// Writes `_bucket`, `_sum` and `_count` lines; `labels` is `key="value"` (no braces).
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0u64;
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Ordering::Relaxed);
-            let le = match BUCKETS.get(i) {
-                Some(le) => le.to_string(),
-                None => "+Inf".to_owned(),
-            };
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-        // The count is the +Inf bucket as rendered, so the two always agree.
-        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
-    }
+fn durations<L: Clone + std::hash::Hash + Eq>() -> Durations<L> {
+    Family::new_with_constructor(duration_histogram)
 }
 
-/// The metrics registry: one per process, shared by ingest, the API and the HTTP endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabels {
+    subject: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SubjectLabels {
+    subject: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    endpoint: &'static str,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// The metrics registry: one per process, shared by ingest, the API, the supervisor and the
+/// HTTP server.
 pub struct Metrics {
-    commands: [[AtomicU64; CommandOutcome::ALL.len()]; SUBJECTS.len()],
+    registry: Registry,
+    /// The families behind `commands` and `command_duration`, for the `unknown` subject.
+    command_family: Family<CommandLabels, Counter>,
+    command_duration_family: Durations<SubjectLabels>,
+    /// Per command subject ([`SUBJECTS`]), per [`CommandOutcome`].
+    commands: [[Counter; CommandOutcome::ALL.len()]; SUBJECTS.len()],
     command_duration: [Histogram; SUBJECTS.len()],
     /// Per endpoint: `ok`, then one per entry of [`CODES`].
-    requests: [[AtomicU64; CODES.len() + 1]; ENDPOINTS.len()],
+    requests: [[Counter; CODES.len() + 1]; ENDPOINTS.len()],
     request_duration: [Histogram; ENDPOINTS.len()],
-    conflict_retries: AtomicU64,
-    redeliveries: AtomicU64,
-    dead_letters: [AtomicU64; CODES.len()],
-    store_errors: [AtomicU64; STORE_KINDS.len()],
-    in_flight: AtomicI64,
-    broker_state_recreated: AtomicU64,
-    task_restarts: [AtomicU64; TASKS.len()],
+    conflict_retries: Counter,
+    redeliveries: Counter,
+    dead_letters: [Counter; CODES.len()],
+    store_errors: [Counter; STORE_KINDS.len()],
+    in_flight: Gauge,
+    broker_state_recreated: Counter,
+    task_restarts: [Counter; TASKS.len()],
+    http_requests: Family<HttpLabels, Counter>,
+    http_request_duration: Durations<RouteLabels>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,37 +231,178 @@ pub struct InFlight<'a>(&'a Metrics);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.dec();
     }
+}
+
+/// Creates the series of `labels` in `family` and returns its handle (sharing its value).
+fn series<L, M, C>(family: &Family<L, M, C>, labels: L) -> M
+where
+    L: Clone + std::hash::Hash + Eq,
+    M: Clone,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    family.get_or_create_owned(&labels)
 }
 
 impl Metrics {
     /// An empty registry.
     pub fn new() -> Arc<Self> {
+        // Help texts carry no final full stop: the registry appends one.
+        let mut registry = Registry::default();
+
+        let command_family = Family::<CommandLabels, Counter>::default();
+        let commands = std::array::from_fn(|s| {
+            CommandOutcome::ALL.map(|o| {
+                series(
+                    &command_family,
+                    CommandLabels {
+                        subject: SUBJECTS[s],
+                        outcome: o.as_str(),
+                    },
+                )
+            })
+        });
+        registry.register(
+            "rmos_commands",
+            "Commands processed, by command and outcome (stored, unchanged, rejected, retried, failed)",
+            command_family.clone(),
+        );
+
+        let command_duration_family = durations::<SubjectLabels>();
+        let command_duration =
+            SUBJECTS.map(|subject| series(&command_duration_family, SubjectLabels { subject }));
+        registry.register(
+            "rmos_command_duration_seconds",
+            "Time from receiving a command to acking (or negatively acking) it",
+            command_duration_family.clone(),
+        );
+
+        let request_family = Family::<RequestLabels, Counter>::default();
+        let requests = ENDPOINTS.map(|endpoint| {
+            std::array::from_fn(|c| {
+                let code = if c == 0 { "ok" } else { CODES[c - 1] };
+                series(&request_family, RequestLabels { endpoint, code })
+            })
+        });
+        registry.register(
+            "rmos_requests",
+            "Requests answered, by endpoint and code (ok or the protocol error code)",
+            request_family,
+        );
+
+        let request_duration_family = durations::<EndpointLabels>();
+        let request_duration =
+            ENDPOINTS.map(|endpoint| series(&request_duration_family, EndpointLabels { endpoint }));
+        registry.register(
+            "rmos_request_duration_seconds",
+            "Time to answer a request",
+            request_duration_family,
+        );
+
+        let conflict_retries = Counter::default();
+        registry.register(
+            "rmos_conflict_retries",
+            "Conditional writes that lost a race to another writer and were retried",
+            conflict_retries.clone(),
+        );
+
+        let redeliveries = Counter::default();
+        registry.register(
+            "rmos_redeliveries",
+            "JetStream commands received more than once (delivered > 1)",
+            redeliveries.clone(),
+        );
+
+        let dead_letter_family = Family::<CodeLabels, Counter>::default();
+        let dead_letters = CODES.map(|code| series(&dead_letter_family, CodeLabels { code }));
+        registry.register(
+            "rmos_dead_letters",
+            "Commands kept as dead letters, by protocol error code",
+            dead_letter_family,
+        );
+
+        let store_error_family = Family::<KindLabels, Counter>::default();
+        let store_errors = STORE_KINDS.map(|kind| series(&store_error_family, KindLabels { kind }));
+        registry.register(
+            "rmos_store_errors",
+            "Failed store operations, by kind",
+            store_error_family,
+        );
+
+        let broker_state_recreated = Counter::default();
+        registry.register(
+            "rmos_broker_state_recreated",
+            "Times the stream or the durable consumer was found missing on the broker and re-created",
+            broker_state_recreated.clone(),
+        );
+
+        let task_family = Family::<TaskLabels, Counter>::default();
+        let task_restarts = TASKS.map(|task| series(&task_family, TaskLabels { task }));
+        registry.register(
+            "rmos_task_restarts",
+            "Supervised tasks (ingest, requests, retention) that ended or panicked and were restarted",
+            task_family,
+        );
+
+        let in_flight = Gauge::default();
+        registry.register(
+            "rmos_in_flight_commands",
+            "Commands being processed now",
+            in_flight.clone(),
+        );
+
+        registry.register(
+            "rmos_build",
+            "The build; the version is in the label",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "rmos_http_requests",
+            "HTTP requests answered, by route (the matched path pattern, or unmatched), method and status",
+            http_requests.clone(),
+        );
+
+        let http_request_duration = durations::<RouteLabels>();
+        registry.register(
+            "rmos_http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            http_request_duration.clone(),
+        );
+
         Arc::new(Self {
-            commands: std::array::from_fn(|_| counters()),
-            command_duration: std::array::from_fn(|_| Histogram::new()),
-            requests: std::array::from_fn(|_| counters()),
-            request_duration: std::array::from_fn(|_| Histogram::new()),
-            conflict_retries: AtomicU64::new(0),
-            redeliveries: AtomicU64::new(0),
-            dead_letters: counters(),
-            store_errors: counters(),
-            in_flight: AtomicI64::new(0),
-            broker_state_recreated: AtomicU64::new(0),
-            task_restarts: counters(),
+            registry,
+            command_family,
+            command_duration_family,
+            commands,
+            command_duration,
+            requests,
+            request_duration,
+            conflict_retries,
+            redeliveries,
+            dead_letters,
+            store_errors,
+            in_flight,
+            broker_state_recreated,
+            task_restarts,
+            http_requests,
+            http_request_duration,
         })
     }
 
     /// A command starts; it counts as in flight until the guard is dropped.
     pub fn command_started(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.inc();
         InFlight(self)
     }
 
     /// Commands being processed now.
     pub fn in_flight(&self) -> i64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 
     /// A command (`None`: not on a command subject) ended with `outcome` after `elapsed`.
@@ -222,27 +412,45 @@ impl Metrics {
         outcome: CommandOutcome,
         elapsed: Duration,
     ) {
-        let s = subject_index(kind);
-        self.commands[s][outcome.index()].fetch_add(1, Ordering::Relaxed);
-        self.command_duration[s].observe(elapsed);
+        let secs = elapsed.as_secs_f64();
+        match kind {
+            Some(kind) => {
+                let s = subject_index(kind);
+                self.commands[s][outcome.index()].inc();
+                self.command_duration[s].observe(secs);
+            }
+            None => {
+                // Rare (a stray subject): the family lookup creates the series on first use.
+                self.command_family
+                    .get_or_create(&CommandLabels {
+                        subject: UNKNOWN_SUBJECT,
+                        outcome: outcome.as_str(),
+                    })
+                    .inc();
+                self.command_duration_family
+                    .get_or_create(&SubjectLabels {
+                        subject: UNKNOWN_SUBJECT,
+                    })
+                    .observe(secs);
+            }
+        }
     }
 
     /// A JetStream message arrived with `delivered > 1`.
     pub fn redelivered(&self) {
-        self.redeliveries.fetch_add(1, Ordering::Relaxed);
+        self.redeliveries.inc();
     }
 
     /// Conditional writes that lost a race and were retried (`Outcome::conflicts`).
     pub fn conflicts(&self, n: u32) {
         if n > 0 {
-            self.conflict_retries
-                .fetch_add(u64::from(n), Ordering::Relaxed);
+            self.conflict_retries.inc_by(u64::from(n));
         }
     }
 
     /// A command was kept as a dead letter with protocol code `code`.
     pub fn dead_letter(&self, code: &str) {
-        self.dead_letters[code_index(code)].fetch_add(1, Ordering::Relaxed);
+        self.dead_letters[code_index(code)].inc();
     }
 
     /// A store operation failed. Domain refusals and missing runs are answers, not store
@@ -261,18 +469,18 @@ impl Metrics {
             StoreError::TooLarge(_) => 4,
             StoreError::Unusable(_) => 5,
         };
-        self.store_errors[kind].fetch_add(1, Ordering::Relaxed);
+        self.store_errors[kind].inc();
     }
 
     /// The stream or the durable consumer was missing on the broker and was re-created.
     pub fn broker_state_recreated(&self) {
-        self.broker_state_recreated.fetch_add(1, Ordering::Relaxed);
+        self.broker_state_recreated.inc();
     }
 
     /// A supervised task (one of [`TASKS`]) ended or panicked and is restarted.
     pub fn task_restarted(&self, task: &str) {
         if let Some(i) = TASKS.iter().position(|t| *t == task) {
-            self.task_restarts[i].fetch_add(1, Ordering::Relaxed);
+            self.task_restarts[i].inc();
         }
     }
 
@@ -282,14 +490,26 @@ impl Metrics {
             return;
         };
         let c = error.map_or(0, |code| code_index(code) + 1);
-        self.requests[e][c].fetch_add(1, Ordering::Relaxed);
-        self.request_duration[e].observe(elapsed);
+        self.requests[e][c].inc();
+        self.request_duration[e].observe(elapsed.as_secs_f64());
     }
 
     /// An HTTP request on `route` (the matched path pattern, or `unmatched`) was answered with
-    /// `status` after `elapsed`.
+    /// `status` after `elapsed`. `route` must come from a bounded set (never the raw path):
+    /// each value is a series of its own. Methods outside the standard ones count as `other`.
     pub fn http_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
-        let _ = (route, method, status, elapsed);
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                method: http_method(method),
+                status,
+            })
+            .inc();
+        self.http_request_duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Error replies of `endpoint` by protocol code (non-zero only), for `$SRV.STATS` data.
@@ -297,7 +517,7 @@ impl Metrics {
         let mut out = serde_json::Map::new();
         if let Some(e) = endpoint_index(endpoint) {
             for (i, code) in CODES.iter().enumerate() {
-                let n = self.requests[e][i + 1].load(Ordering::Relaxed);
+                let n = self.requests[e][i + 1].get();
                 if n > 0 {
                     out.insert((*code).to_owned(), n.into());
                 }
@@ -306,191 +526,66 @@ impl Metrics {
         out
     }
 
-    /// The Prometheus text exposition (format 0.0.4).
+    /// The exposition in the OpenMetrics text format (ends with `# EOF`).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-        };
-        // The `unknown` subject only appears once something arrived on it.
-        let subject_shown = |s: usize| s < 4 || self.commands[s].iter().any(|c| load(c) > 0);
-
-        header(
-            &mut out,
-            "rmos_commands_total",
-            "counter",
-            "Commands processed, by command and outcome (stored, unchanged, rejected, retried, failed).",
-        );
-        for (s, subject) in SUBJECTS
-            .iter()
-            .enumerate()
-            .filter(|(s, _)| subject_shown(*s))
-        {
-            for o in CommandOutcome::ALL {
-                let _ = writeln!(
-                    out,
-                    "rmos_commands_total{{subject=\"{subject}\",outcome=\"{}\"}} {}",
-                    o.as_str(),
-                    load(&self.commands[s][o.index()])
-                );
-            }
+        // Writing to a String cannot fail; an encoder refusal would be a bug here, and a
+        // truncated exposition (no `# EOF`) makes the scrape fail visibly.
+        if let Err(e) = encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "metrics: encoding the exposition failed");
         }
-        header(
-            &mut out,
-            "rmos_command_duration_seconds",
-            "histogram",
-            "Time from receiving a command to acking (or negatively acking) it.",
-        );
-        for (s, subject) in SUBJECTS
-            .iter()
-            .enumerate()
-            .filter(|(s, _)| subject_shown(*s))
-        {
-            self.command_duration[s].render(
-                &mut out,
-                "rmos_command_duration_seconds",
-                &format!("subject=\"{subject}\""),
-            );
-        }
-        header(
-            &mut out,
-            "rmos_requests_total",
-            "counter",
-            "Requests answered, by endpoint and code (ok or the protocol error code).",
-        );
-        for (e, endpoint) in ENDPOINTS.iter().enumerate() {
-            for (c, code) in std::iter::once(&"ok").chain(CODES.iter()).enumerate() {
-                let _ = writeln!(
-                    out,
-                    "rmos_requests_total{{endpoint=\"{endpoint}\",code=\"{code}\"}} {}",
-                    load(&self.requests[e][c])
-                );
-            }
-        }
-        header(
-            &mut out,
-            "rmos_request_duration_seconds",
-            "histogram",
-            "Time to answer a request.",
-        );
-        for (e, endpoint) in ENDPOINTS.iter().enumerate() {
-            self.request_duration[e].render(
-                &mut out,
-                "rmos_request_duration_seconds",
-                &format!("endpoint=\"{endpoint}\""),
-            );
-        }
-        header(
-            &mut out,
-            "rmos_conflict_retries_total",
-            "counter",
-            "Conditional writes that lost a race to another writer and were retried.",
-        );
-        let _ = writeln!(
-            out,
-            "rmos_conflict_retries_total {}",
-            load(&self.conflict_retries)
-        );
-        header(
-            &mut out,
-            "rmos_redeliveries_total",
-            "counter",
-            "JetStream commands received more than once (delivered > 1).",
-        );
-        let _ = writeln!(out, "rmos_redeliveries_total {}", load(&self.redeliveries));
-        header(
-            &mut out,
-            "rmos_dead_letters_total",
-            "counter",
-            "Commands kept as dead letters, by protocol error code.",
-        );
-        for (c, code) in CODES.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rmos_dead_letters_total{{code=\"{code}\"}} {}",
-                load(&self.dead_letters[c])
-            );
-        }
-        header(
-            &mut out,
-            "rmos_store_errors_total",
-            "counter",
-            "Failed store operations, by kind.",
-        );
-        for (k, kind) in STORE_KINDS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rmos_store_errors_total{{kind=\"{kind}\"}} {}",
-                load(&self.store_errors[k])
-            );
-        }
-        header(
-            &mut out,
-            "rmos_broker_state_recreated_total",
-            "counter",
-            "Times the stream or the durable consumer was found missing on the broker and re-created.",
-        );
-        let _ = writeln!(
-            out,
-            "rmos_broker_state_recreated_total {}",
-            load(&self.broker_state_recreated)
-        );
-        header(
-            &mut out,
-            "rmos_task_restarts_total",
-            "counter",
-            "Supervised tasks (ingest, requests, retention) that ended or panicked and were restarted.",
-        );
-        for (i, task) in TASKS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "rmos_task_restarts_total{{task=\"{task}\"}} {}",
-                load(&self.task_restarts[i])
-            );
-        }
-        header(
-            &mut out,
-            "rmos_in_flight_commands",
-            "gauge",
-            "Commands being processed now.",
-        );
-        let _ = writeln!(
-            out,
-            "rmos_in_flight_commands {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        header(
-            &mut out,
-            "rmos_build_info",
-            "gauge",
-            "Always 1; the version is in the label.",
-        );
-        let _ = writeln!(
-            out,
-            "rmos_build_info{{version=\"{}\"}} 1",
-            escape_label(env!("CARGO_PKG_VERSION"))
-        );
         out
     }
-}
-
-/// Escapes a label value (backslash, double quote, line feed).
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::ids::RunId;
+    use std::collections::{HashMap, HashSet};
+
+    /// `name{labels}` with its labels sorted, so that a lookup does not depend on the order
+    /// the encoder writes them in (it puts `le` first). Label values may hold `,` and braces.
+    fn canonical(series: &str) -> String {
+        let Some((name, rest)) = series.split_once('{') else {
+            return series.to_owned();
+        };
+        let body = rest.strip_suffix('}').expect(series);
+        let (mut labels, mut current) = (Vec::new(), String::new());
+        let (mut quoted, mut escaped) = (false, false);
+        for c in body.chars() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ',' if !quoted => {
+                    labels.push(std::mem::take(&mut current));
+                    continue;
+                }
+                _ => {}
+            }
+            current.push(c);
+        }
+        if !current.is_empty() {
+            labels.push(current);
+        }
+        labels.sort();
+        format!("{name}{{{}}}", labels.join(","))
+    }
+
+    /// Series (labels sorted) -> value as written, of every sample line.
+    fn samples(text: &str) -> HashMap<String, String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (series, v) = l.rsplit_once(' ').expect(l);
+                (canonical(series), v.to_owned())
+            })
+            .collect()
+    }
 
     fn value(text: &str, series: &str) -> Option<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_owned))
+        samples(text).remove(&canonical(series))
     }
 
     #[test]
@@ -516,6 +611,10 @@ mod tests {
         m.store_error(&StoreError::NotFound(
             RunId::parse("run_000000000000").unwrap(),
         ));
+        m.task_restarted("retention");
+        m.task_restarted("nope");
+        m.broker_state_recreated();
+        m.redelivered();
         let _g = m.command_started();
         let t = m.render();
         let v = |s: &str| value(&t, s).unwrap_or_else(|| panic!("{s} missing:\n{t}"));
@@ -537,10 +636,19 @@ mod tests {
             v(r#"rmos_requests_total{endpoint="get",code="not_found"}"#),
             "1"
         );
+        assert_eq!(
+            v(r#"rmos_request_duration_seconds_count{endpoint="get"}"#),
+            "2"
+        );
         assert_eq!(v(r#"rmos_dead_letters_total{code="invalid_request"}"#), "1");
         assert_eq!(v(r#"rmos_dead_letters_total{code="internal"}"#), "1");
         assert_eq!(v("rmos_conflict_retries_total"), "2");
+        assert_eq!(v("rmos_redeliveries_total"), "1");
+        assert_eq!(v("rmos_broker_state_recreated_total"), "1");
+        assert_eq!(v(r#"rmos_task_restarts_total{task="retention"}"#), "1");
+        assert_eq!(v(r#"rmos_task_restarts_total{task="ingest"}"#), "0");
         assert_eq!(v(r#"rmos_store_errors_total{kind="unavailable"}"#), "1");
+        assert_eq!(v(r#"rmos_store_errors_total{kind="corrupt"}"#), "0");
         assert_eq!(v("rmos_in_flight_commands"), "1");
         assert!(t.contains(&format!(
             "rmos_build_info{{version=\"{}\"}} 1",
@@ -570,31 +678,210 @@ mod tests {
             serde_json::Value::Object(m.request_errors("get")),
             serde_json::json!({"not_found": 1})
         );
+        assert_eq!(m.in_flight(), 1);
         drop(_g);
+        assert_eq!(m.in_flight(), 0);
         assert_eq!(value(&m.render(), "rmos_in_flight_commands").unwrap(), "0");
     }
 
     #[test]
-    fn exposition_is_well_formed() {
+    fn fixed_series_are_present_at_zero_from_the_start() {
+        let s = samples(&Metrics::new().render());
+        let count = |prefix: &str| s.keys().filter(|k| k.starts_with(prefix)).count();
+        // 4 subjects x 5 outcomes; 5 endpoints x (ok + 8 codes); one per code, kind, task.
+        assert_eq!(count("rmos_commands_total{"), 20);
+        assert_eq!(count("rmos_requests_total{"), 45);
+        assert_eq!(count("rmos_dead_letters_total{"), 8);
+        assert_eq!(count("rmos_store_errors_total{"), 6);
+        assert_eq!(count("rmos_task_restarts_total{"), 3);
+        // 14 bounds + `+Inf`, per subject and per endpoint.
+        assert_eq!(count("rmos_command_duration_seconds_bucket{"), 4 * 15);
+        assert_eq!(count("rmos_request_duration_seconds_bucket{"), 5 * 15);
+        for name in [
+            "rmos_conflict_retries_total",
+            "rmos_redeliveries_total",
+            "rmos_broker_state_recreated_total",
+            "rmos_in_flight_commands",
+        ] {
+            assert_eq!(s.get(name).map(String::as_str), Some("0"), "{name}");
+        }
+        let nonzero: Vec<_> = s
+            .iter()
+            .filter(|(k, v)| v.parse::<f64>() != Ok(0.0) && !k.starts_with("rmos_build_info{"))
+            .collect();
+        assert!(nonzero.is_empty(), "{nonzero:?}");
+        // The HTTP series appear with the first request.
+        assert_eq!(count("rmos_http_"), 0);
+    }
+
+    #[test]
+    fn bucket_bounds() {
         let t = Metrics::new().render();
-        let mut typed = std::collections::HashSet::new();
-        for line in t.lines() {
+        let bounds: Vec<f64> = t
+            .lines()
+            .filter(|l| {
+                l.starts_with("rmos_request_duration_seconds_bucket{")
+                    && l.contains(r#"endpoint="get""#)
+            })
+            .map(|l| {
+                let (_, rest) = l.split_once(r#"le=""#).expect(l);
+                let (le, _) = rest.split_once('"').expect(l);
+                if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().expect(le)
+                }
+            })
+            .collect();
+        let mut expected = BUCKETS.to_vec();
+        expected.push(f64::INFINITY);
+        assert_eq!(bounds, expected);
+    }
+
+    #[test]
+    fn unknown_subject_appears_once_used() {
+        let m = Metrics::new();
+        m.command_finished(None, CommandOutcome::Rejected, Duration::from_millis(2));
+        let t = m.render();
+        assert_eq!(
+            value(
+                &t,
+                r#"rmos_commands_total{subject="unknown",outcome="rejected"}"#
+            )
+            .as_deref(),
+            Some("1"),
+            "{t}"
+        );
+        assert_eq!(
+            value(
+                &t,
+                r#"rmos_command_duration_seconds_count{subject="unknown"}"#
+            )
+            .as_deref(),
+            Some("1"),
+            "{t}"
+        );
+        // The known subjects are untouched.
+        assert_eq!(
+            value(
+                &t,
+                r#"rmos_commands_total{subject="create",outcome="rejected"}"#
+            )
+            .as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn http_requests_by_route_method_and_status() {
+        let m = Metrics::new();
+        let route = "/api/rmos/runs/{run_id}";
+        m.http_request(route, "GET", 200, Duration::from_millis(2));
+        m.http_request(route, "GET", 200, Duration::from_millis(20));
+        m.http_request(route, "PATCH", 404, Duration::from_millis(1));
+        m.http_request("unmatched", "BREW", 404, Duration::from_micros(100));
+        let t = m.render();
+        let v = |s: &str| value(&t, s).unwrap_or_else(|| panic!("{s} missing:\n{t}"));
+        assert_eq!(
+            v(
+                r#"rmos_http_requests_total{route="/api/rmos/runs/{run_id}",method="GET",status="200"}"#
+            ),
+            "2"
+        );
+        assert_eq!(
+            v(
+                r#"rmos_http_requests_total{route="/api/rmos/runs/{run_id}",method="PATCH",status="404"}"#
+            ),
+            "1"
+        );
+        // A made-up method does not become a label value of its own.
+        assert_eq!(
+            v(r#"rmos_http_requests_total{route="unmatched",method="other",status="404"}"#),
+            "1"
+        );
+        assert!(!t.contains("BREW"));
+        assert_eq!(
+            v(r#"rmos_http_request_duration_seconds_count{route="/api/rmos/runs/{run_id}"}"#),
+            "3"
+        );
+        assert_eq!(
+            v(
+                r#"rmos_http_request_duration_seconds_bucket{route="/api/rmos/runs/{run_id}",le="0.005"}"#
+            ),
+            "2"
+        );
+        assert_eq!(
+            v(r#"rmos_http_request_duration_seconds_bucket{route="unmatched",le="0.0005"}"#),
+            "1"
+        );
+    }
+
+    /// The OpenMetrics shape: `# EOF` last, one HELP and TYPE per family before its samples,
+    /// each sample named as its type requires.
+    #[test]
+    fn exposition_is_well_formed_openmetrics() {
+        let m = Metrics::new();
+        m.http_request("/healthz", "GET", 200, Duration::ZERO);
+        m.command_finished(None, CommandOutcome::Failed, Duration::ZERO);
+        let t = m.render();
+        let body = t.strip_suffix("# EOF\n").expect("ends with # EOF");
+        let mut typed: HashMap<String, String> = HashMap::new();
+        let mut helped = HashSet::new();
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').expect(line);
+                assert!(helped.insert(name.to_owned()), "{name} has two HELP lines");
+                assert!(help.ends_with('.') && !help.ends_with(".."), "{line}");
+                continue;
+            }
             if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let name = rest.split(' ').next().unwrap();
-                assert!(typed.insert(name.to_owned()), "{name} typed twice");
+                let (name, kind) = rest.split_once(' ').expect(line);
+                assert!(helped.contains(name), "{name}: TYPE before HELP");
+                let previous = typed.insert(name.to_owned(), kind.to_owned());
+                assert!(previous.is_none(), "{name} typed twice");
                 continue;
             }
-            if line.starts_with("# HELP ") {
-                continue;
-            }
+            assert!(!line.starts_with('#'), "unexpected comment: {line}");
             let (series, value) = line.rsplit_once(' ').expect(line);
             value.parse::<f64>().expect(line);
             let name = series.split('{').next().unwrap();
-            let base = ["_bucket", "_sum", "_count"]
+            let suffixes: &[&str] = &["_total", "_info", "_bucket", "_sum", "_count", ""];
+            let (base, kind) = suffixes
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|b| typed.contains(*b)))
-                .unwrap_or(name);
-            assert!(typed.contains(base), "{name} has no TYPE line");
+                .find_map(|s| {
+                    let base = name.strip_suffix(s)?;
+                    Some((base, typed.get(base)?))
+                })
+                .unwrap_or_else(|| panic!("{name} has no TYPE line before it"));
+            let suffix = &name[base.len()..];
+            let allowed: &[&str] = match kind.as_str() {
+                "counter" => &["_total"],
+                "gauge" => &[""],
+                "info" => &["_info"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                other => panic!("{name}: unexpected type {other}"),
+            };
+            assert!(allowed.contains(&suffix), "{name} is not a {kind} sample");
         }
+        let kinds: Vec<(&str, &str)> = vec![
+            ("rmos_commands", "counter"),
+            ("rmos_command_duration_seconds", "histogram"),
+            ("rmos_requests", "counter"),
+            ("rmos_request_duration_seconds", "histogram"),
+            ("rmos_conflict_retries", "counter"),
+            ("rmos_redeliveries", "counter"),
+            ("rmos_dead_letters", "counter"),
+            ("rmos_store_errors", "counter"),
+            ("rmos_broker_state_recreated", "counter"),
+            ("rmos_task_restarts", "counter"),
+            ("rmos_in_flight_commands", "gauge"),
+            ("rmos_build", "info"),
+            ("rmos_http_requests", "counter"),
+            ("rmos_http_request_duration_seconds", "histogram"),
+        ];
+        for (name, kind) in &kinds {
+            assert_eq!(typed.get(*name).map(String::as_str), Some(*kind), "{name}");
+        }
+        assert_eq!(typed.len(), kinds.len(), "{typed:?}");
     }
 }

@@ -70,12 +70,12 @@ pub fn ensure(cond: bool, why: impl FnOnce() -> String) -> Result<(), String> {
     if cond { Ok(()) } else { Err(why()) }
 }
 
-/// One HTTP/1.1 exchange with a worker's metrics endpoint (written out by hand, so the test
-/// sees exactly what goes over the wire): (status, body).
+/// One HTTP/1.1 exchange with a worker's metrics endpoint: (status, body).
 pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap_or_else(|e| panic!("connect 127.0.0.1:{port}: {e}"));
+    // The server keeps connections open unless asked: ask, so that the response ends at EOF.
     let req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
     sock.write_all(req.as_bytes()).await.expect("send request");
@@ -102,10 +102,15 @@ pub async fn http(port: u16, method: &str, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// A worker's `/metrics` as series → value (`name{labels}` exactly as exposed).
+/// A worker's `/metrics` (OpenMetrics text) as series → value (`name{labels}` exactly as
+/// exposed; comment lines and the closing `# EOF` skipped).
 pub async fn scrape(port: u16) -> HashMap<String, f64> {
     let (status, body) = http(port, "GET", "/metrics").await;
     assert_eq!(status, 200, "{body}");
+    assert!(
+        body.ends_with("# EOF\n"),
+        "not a complete OpenMetrics exposition:\n{body}"
+    );
     body.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {

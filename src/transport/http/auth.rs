@@ -303,10 +303,11 @@ impl Auth {
                 })?;
             let (user, password) = decoded.split_once(':').unwrap_or((decoded.as_str(), ""));
             let d = digest(password);
-            // Every credential is compared, so timing does not tell which users exist.
+            // Every credential is compared (a fold, never stopping early), so timing does not
+            // tell which users exist.
             self.credentials.iter().fold(None, |found, c| {
                 let hit = matches!(&c.secret, Secret::Basic { user: u, password: p }
-                        if same(p, &d) & (u == user));
+                    if same(p, &d) & (u == user));
                 if hit { Some(c) } else { found }
             })
         } else {

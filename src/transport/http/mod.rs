@@ -63,6 +63,9 @@ pub struct AppState {
 /// Where and how to serve.
 #[derive(Clone, Debug)]
 pub struct HttpSettings {
+    /// The configuration key of the address (`http_addr`, `metrics_addr`), named in a bind
+    /// failure so that the operator knows what to change.
+    pub key: &'static str,
     /// `host:port`; `None`: disabled.
     pub addr: Option<String>,
     /// Set explicitly (a bind failure then stops start-up; for the default address it only
@@ -230,7 +233,9 @@ pub async fn start(
     };
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
-        Err(e) if settings.required => return Err(format!("{what} {addr}: {e}")),
+        Err(e) if settings.required => {
+            return Err(format!("{what}: {} {addr}: {e}", settings.key));
+        }
         Err(e) => {
             tracing::warn!(addr, error = %e, "{what} not started (set its address to another one, or off)");
             return Ok(None);
