@@ -33,14 +33,43 @@
 // - Not drawn, listed in the notes, position unchanged: G28 / G30 (home), G53 (machine
 //   coordinates), G92 (offset), G10, G4 (dwell). Canned cycles (G73, G81-G89) move to their X Y
 //   as rapids; the drilling itself is not drawn.
-// - What is drawn is decimated (points closer than ~1/3000 of the extent are merged, corners
+// - What is drawn is decimated (points closer than ~1/2000 of the extent are merged, corners
 //   between rapid and cut kept); the figures above are computed from every move, not from the
 //   drawing.
 
-const GC_WORD = /([A-Z])\s*([-+]?(?:\d+\.?\d*|\.\d+))/g;
 const TAU = Math.PI * 2;
 const ARC_STEP = Math.PI / 36; // 5 degrees per chord
-const MAX_DRAWN_POINTS = 600000;
+const MAX_DRAWN_POINTS = 150000;
+
+// A polyline list (x, y pairs, NaN pairs between lines) with points closer than eps to the
+// last kept one dropped; each line's first and last points are kept.
+function decimate(b, eps) {
+  const out = [];
+  let lx = 0, ly = 0, px = 0, py = 0, pend = false;
+  for (let i = 0; i < b.length; i += 2) {
+    const x = b[i], y = b[i + 1];
+    if (x !== x) {
+      if (pend) out.push(px, py);
+      pend = false;
+      out.push(NaN, NaN);
+      lx = NaN;
+      continue;
+    }
+    if (lx !== lx || Math.abs(x - lx) > eps || Math.abs(y - ly) > eps) {
+      if (pend && lx === lx) out.push(px, py);
+      pend = false;
+      out.push(x, y);
+      lx = x;
+      ly = y;
+    } else {
+      pend = true;
+      px = x;
+      py = y;
+    }
+  }
+  if (pend) out.push(px, py);
+  return out;
+}
 
 class GcodeParser {
   constructor() {
@@ -62,12 +91,19 @@ class GcodeParser {
     this.ext = { xMin: Infinity, xMax: -Infinity, yMin: Infinity, yMax: -Infinity, zMin: Infinity, zMax: -Infinity };
     this.seen = {}; // modal codes seen: G90, G91, G20, G21, G17...
     this.notes = {}; // what was not drawn, with counts
+    this.gbuf = [];
+    this.wbuf = new Float64Array(26);
     // Decimated drawing: per kind (0 rapid, 1 cut) a list of x, y pairs; NaN, NaN breaks a polyline.
     this.out = [[], []];
-    this.drawn = 0;
+    this.sent = [0, 0];
     this.kind = -1;
-    this.lastKept = null;
-    this.pending = null;
+    this.lastX = 0;
+    this.lastY = 0;
+    this.hasPending = false;
+    this.pendX = 0;
+    this.pendY = 0;
+    this.pos0x = 0;
+    this.pos0y = 0;
     this.eps = 0;
   }
 
@@ -93,52 +129,67 @@ class GcodeParser {
 
   // Drawing: start or continue a polyline of `kind` and add a point, merging points closer
   // than eps to the last one kept (the last merged point is kept when the polyline ends).
+  // Every kept point stays in this.out (the worker's copy), so that the whole drawing can be
+  // decimated again, coarser, when it grows past MAX_DRAWN_POINTS.
   emit(kind, x, y) {
     const buf = this.out[kind];
     if (kind !== this.kind) {
       this.flushPending();
       this.kind = kind;
       buf.push(NaN, NaN, this.pos0x, this.pos0y);
-      this.lastKept = [this.pos0x, this.pos0y];
-      this.drawn += 2;
+      this.lastX = this.pos0x;
+      this.lastY = this.pos0y;
     }
-    const k = this.lastKept;
-    if (Math.abs(x - k[0]) > this.eps || Math.abs(y - k[1]) > this.eps) {
+    if (Math.abs(x - this.lastX) > this.eps || Math.abs(y - this.lastY) > this.eps) {
       this.flushPending();
       buf.push(x, y);
-      this.lastKept = [x, y];
-      this.drawn++;
+      this.lastX = x;
+      this.lastY = y;
     } else {
-      this.pending = [x, y];
+      this.hasPending = true;
+      this.pendX = x;
+      this.pendY = y;
     }
   }
 
   flushPending() {
-    if (this.pending && this.kind >= 0) {
-      this.out[this.kind].push(this.pending[0], this.pending[1]);
-      this.lastKept = this.pending;
-      this.drawn++;
+    if (this.hasPending && this.kind >= 0) {
+      this.out[this.kind].push(this.pendX, this.pendY);
+      this.lastX = this.pendX;
+      this.lastY = this.pendY;
     }
-    this.pending = null;
+    this.hasPending = false;
   }
 
-  // Takes what was drawn since the last call (Float32Arrays, transferable).
+  // What was drawn since the last call, as Float32Arrays (transferable): {replace: false}
+  // with the new points (from the last point sent, so that lines join), or {replace: true}
+  // with the whole drawing after it was decimated again.
   take() {
     this.flushPending();
     const e = this.ext;
+    let replace = false;
     if (isFinite(e.xMin)) {
-      const diag = Math.hypot(e.xMax - e.xMin, e.yMax - e.yMin);
-      this.eps = Math.max(this.eps, diag / 3000);
-      if (this.drawn > MAX_DRAWN_POINTS) {
-        this.eps *= 2;
-        this.drawn = 0;
-      }
+      const want = Math.hypot(e.xMax - e.xMin, e.yMax - e.yMin) / 2000;
+      const total = () => (this.out[0].length + this.out[1].length) / 2;
+      if (want > this.eps * 4 || total() > MAX_DRAWN_POINTS) {
+        this.eps = Math.max(want, this.eps);
+        this.out = this.out.map((b) => decimate(b, this.eps));
+        while (total() > MAX_DRAWN_POINTS) {
+          this.eps *= 2;
+          this.out = this.out.map((b) => decimate(b, this.eps));
+        }
+        if (this.kind >= 0) {
+          const b = this.out[this.kind];
+          this.lastX = b[b.length - 2];
+          this.lastY = b[b.length - 1];
+        }
+        this.sent = [0, 0];
+        replace = true;
+      } else if (want > this.eps) this.eps = want;
     }
-    const r = [Float32Array.from(this.out[0]), Float32Array.from(this.out[1])];
-    this.out = [[], []];
-    // The next chunk continues the current polyline from its last point.
-    if (this.kind >= 0 && this.lastKept) this.out[this.kind].push(NaN, NaN, this.lastKept[0], this.lastKept[1]);
-    return r;
+    const r = this.out.map((b, k) => Float32Array.from(b.slice(Math.max(0, this.sent[k] - 2))));
+    this.sent = [this.out[0].length, this.out[1].length];
+    return { replace, rapid: r[0], cut: r[1] };
   }
 
   stats() {
@@ -160,25 +211,59 @@ class GcodeParser {
     };
   }
 
+  // One line of G-code. A hand-written scanner (no regular expressions, no allocation per
+  // word): a 200 MB program is millions of lines.
   feedLine(raw) {
     this.lines++;
-    let s = raw;
-    if (s.indexOf('(') >= 0) s = s.replace(/\([^)]*\)?/g, ' ');
-    const semi = s.indexOf(';');
-    if (semi >= 0) s = s.slice(0, semi);
-    s = s.toUpperCase();
-    if (s.trim() === '' || s.trim() === '%') return;
-    const g = [];
-    const w = {};
-    GC_WORD.lastIndex = 0;
-    let m;
-    while ((m = GC_WORD.exec(s)) !== null) {
-      const v = parseFloat(m[2]);
-      if (m[1] === 'G') g.push(Math.round(v * 10) / 10);
-      else w[m[1]] = v;
+    const n = raw.length;
+    const g = this.gbuf;
+    g.length = 0;
+    const w = this.wbuf; // values by letter index (A=0), NaN when absent
+    w.fill(NaN);
+    let i = 0;
+    let words = 0;
+    while (i < n) {
+      let c = raw.charCodeAt(i);
+      if (c === 40) { // "(" comment up to ")"
+        const e = raw.indexOf(')', i + 1);
+        i = e < 0 ? n : e + 1;
+        continue;
+      }
+      if (c === 59) break; // ";" comment to the end of the line
+      if (c >= 97 && c <= 122) c -= 32;
+      if (c < 65 || c > 90) { i++; continue; }
+      // A letter: read its number (spaces allowed between them).
+      let j = i + 1;
+      while (j < n && raw.charCodeAt(j) === 32) j++;
+      let sign = 1;
+      let d = raw.charCodeAt(j);
+      if (d === 45 || d === 43) { if (d === 45) sign = -1; j++; d = raw.charCodeAt(j); }
+      let v = 0, digits = 0;
+      while (d >= 48 && d <= 57) { v = v * 10 + (d - 48); digits++; j++; d = raw.charCodeAt(j); }
+      if (d === 46) {
+        j++;
+        d = raw.charCodeAt(j);
+        let frac = 0, div = 1;
+        while (d >= 48 && d <= 57) { frac = frac * 10 + (d - 48); div *= 10; digits++; j++; d = raw.charCodeAt(j); }
+        v += frac / div;
+      }
+      if (digits) {
+        v *= sign;
+        if (c === 71) g.push(Math.round(v * 10) / 10);
+        else w[c - 65] = v;
+        words++;
+      }
+      i = j > i + 1 ? j : i + 1;
     }
+    if (!words) return;
+    this.block(g, w);
+  }
+
+  // One block: its G codes and its word values (by letter index).
+  block(g, w) {
     let nonModal = null;
-    for (const c of g) {
+    for (let q = 0; q < g.length; q++) {
+      const c = g[q];
       if (c === 0 || c === 1 || c === 2 || c === 3) this.motion = c;
       else if (c === 90) { this.absolute = true; this.seen.G90 = 1; }
       else if (c === 91) { this.absolute = false; this.seen.G91 = 1; }
@@ -197,28 +282,25 @@ class GcodeParser {
       if (nonModal !== 4) this.note(`G${nonModal} (not drawn; position unchanged)`);
       return; // its axis words are not a move
     }
-    const hasAxis = 'X' in w || 'Y' in w || 'Z' in w;
-    if (!hasAxis || this.motion === null) return;
+    const X = w[23], Y = w[24], Z = w[25];
+    if ((X !== X && Y !== Y && Z !== Z) || this.motion === null) return; // no axis word (NaN)
     if (this.reportInch === null) this.reportInch = this.inputInch;
     this.anyMove = true;
     const k = this.scale();
     const p = this.pos;
-    const target = [p[0], p[1], p[2]];
-    const axes = ['X', 'Y', 'Z'];
-    for (let i = 0; i < 3; i++) {
-      if (!(axes[i] in w)) continue;
-      const v = w[axes[i]] * k;
-      target[i] = this.absolute ? v : p[i] + v;
-    }
+    const t = [p[0], p[1], p[2]];
+    if (X === X) t[0] = this.absolute ? X * k : p[0] + X * k;
+    if (Y === Y) t[1] = this.absolute ? Y * k : p[1] + Y * k;
+    if (Z === Z) t[2] = this.absolute ? Z * k : p[2] + Z * k;
     if (this.motion === 'cycle') {
-      target[2] = p[2];
-      this.line(target, 0);
+      t[2] = p[2];
+      this.line(t, 0);
     } else if (this.motion === 2 || this.motion === 3) {
       if (this.plane !== 17) {
         this.note('arcs outside the XY plane (G18 / G19): counted as straight lines');
-        this.line(target, 1);
-      } else this.arc(target, w, k, this.motion === 2);
-    } else this.line(target, this.motion === 0 ? 0 : 1);
+        this.line(t, 1);
+      } else this.arc(t, w[8], w[9], w[17], k, this.motion === 2);
+    } else this.line(t, this.motion === 0 ? 0 : 1);
   }
 
   line(t, kind) {
@@ -236,14 +318,19 @@ class GcodeParser {
 
   countMove(kind, d) {
     this.moves++;
+    if ((this.moves & 1023) === 0) {
+      // Coarsen as the extent grows, so that even the first chunk sent stays small.
+      const e = this.ext;
+      this.eps = Math.max(this.eps, Math.hypot(e.xMax - e.xMin, e.yMax - e.yMin) / 2000);
+    }
     if (kind === 0) { this.rapidMoves++; this.rapidLength += d; } else { this.cutMoves++; this.cutLength += d; }
   }
 
-  arc(t, w, k, cw) {
+  arc(t, I, J, R, k, cw) {
     const p = this.pos;
     let cx, cy;
-    if ('R' in w && !('I' in w) && !('J' in w)) {
-      const r = w.R * k;
+    if (R === R && I !== I && J !== J) {
+      const r = R * k;
       const dx = t[0] - p[0], dy = t[1] - p[1];
       const d = Math.hypot(dx, dy);
       if (d === 0 || d > 2 * Math.abs(r) + 1e-9) {
@@ -256,7 +343,7 @@ class GcodeParser {
       cx = p[0] + dx / 2 + (sign * h * dy) / d;
       cy = p[1] + dy / 2 - (sign * h * dx) / d;
     } else {
-      const i = (w.I || 0) * k, j = (w.J || 0) * k;
+      const i = (I === I ? I : 0) * k, j = (J === J ? J : 0) * k;
       cx = this.arcAbsolute ? i : p[0] + i;
       cy = this.arcAbsolute ? j : p[1] + j;
     }
@@ -279,7 +366,8 @@ class GcodeParser {
     }
     this.pos0x = p[0];
     this.pos0y = p[1];
-    const n = Math.max(1, Math.ceil(sweep / ARC_STEP));
+    // Chords of at most 5 degrees, and none shorter than what the drawing keeps anyway.
+    const n = Math.max(1, Math.min(Math.ceil(sweep / ARC_STEP), Math.ceil((r * sweep) / (this.eps || 1e-9))));
     for (let s = 1; s < n; s++) {
       const a = cw ? a0 - (sweep * s) / n : a0 + (sweep * s) / n;
       this.emit(1, cx + r * Math.cos(a), cy + r * Math.sin(a));
@@ -320,8 +408,8 @@ async function streamGcode(url, post, sliceMs) {
   let lastPost = Date.now();
   let sliceStart = Date.now();
   const progress = (type) => {
-    const [rapid, cut] = parser.take();
-    post({ type, bytes, total, stats: parser.stats(), rapid, cut }, [rapid.buffer, cut.buffer]);
+    const { replace, rapid, cut } = parser.take();
+    post({ type, bytes, total, stats: parser.stats(), replace, rapid, cut }, [rapid.buffer, cut.buffer]);
   };
   for (;;) {
     const { done, value } = await reader.read();
@@ -993,6 +1081,7 @@ function gcodeView(body, a, me) {
   const show = (m, done) => {
     const s = m.stats;
     last = s;
+    if (m.replace) plot.clear();
     plot.add(m.rapid, m.cut);
     if (s.extent) plot.setExtent(s.extent);
     plot.endPoint = s.end;
@@ -1079,6 +1168,8 @@ class Plot {
   constructor(canvas) {
     this.canvas = canvas;
     this.chunks = [[], []];
+    this.points = [0, 0];
+    this.drawMs = 0;
     this.ext = null;
     this.view = null; // {cx, cy, s} once the user zooms or pans; null: fit the extent
     this.pending = false;
@@ -1116,18 +1207,22 @@ class Plot {
     this.view = null;
     this.drawNow();
   }
+  clear() {
+    this.chunks = [[], []];
+    this.points = [0, 0];
+  }
   add(rapid, cut) {
-    if (rapid && rapid.length) this.chunks[0].push(rapid);
-    if (cut && cut.length) this.chunks[1].push(cut);
+    if (rapid && rapid.length) { this.chunks[0].push(rapid); this.points[0] += rapid.length / 2; }
+    if (cut && cut.length) { this.chunks[1].push(cut); this.points[1] += cut.length / 2; }
   }
   setExtent(e) {
     this.ext = e;
   }
-  // Redraws at most every 250 ms while a program streams in.
+  // Redraws while a program streams in, leaving the page at least 80% of its time.
   schedule() {
     if (this.pending) return;
     this.pending = true;
-    const wait = Math.max(0, 250 - (Date.now() - this.lastDraw));
+    const wait = Math.max(0, Math.max(250, this.drawMs * 5) - (Date.now() - this.lastDraw));
     setTimeout(() => requestAnimationFrame(() => { this.pending = false; this.drawNow(); }), wait);
   }
   size() {
@@ -1151,7 +1246,14 @@ class Plot {
     return { s, ox: w / 2 - ((e.xMin + e.xMax) / 2) * s, oy: hgt / 2 + ((e.yMin + e.yMax) / 2) * s };
   }
   drawNow() {
+    const t0 = performance.now();
+    this.paint();
+    this.canvas.getContext('2d').getImageData(0, 0, 1, 1); // the raster happens here, timed
     this.lastDraw = Date.now();
+    this.drawMs = performance.now() - t0;
+    this.canvas.dataset.drawMs = String(Math.round(this.drawMs));
+  }
+  paint() {
     const { w, h: hgt, dpr } = this.size();
     const ctx = this.canvas.getContext('2d');
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -1161,15 +1263,15 @@ class Plot {
     this.grid(ctx, t, w, hgt);
     const styles = [
       { color: '#e8590c', width: 1, dash: [4, 4], alpha: 0.75 },
-      { color: '#1864ab', width: 1.4, dash: [], alpha: 1 },
+      { color: '#1864ab', width: 1.25, dash: [], alpha: 1 },
     ];
     for (let k = 0; k < 2; k++) {
       const st = styles[k];
       ctx.strokeStyle = st.color;
       ctx.lineWidth = st.width;
-      ctx.setLineDash(st.dash);
+      // Dashes cost as much again to raster: a dense drawing gets plain rapids.
+      ctx.setLineDash(this.points[k] < 20000 ? st.dash : []);
       ctx.globalAlpha = st.alpha;
-      ctx.lineJoin = 'round';
       for (const c of this.chunks[k]) {
         ctx.beginPath();
         let pen = false;
