@@ -84,6 +84,9 @@ pub struct Overrides {
     /// Metrics and health endpoint, host:port ("off" or empty: none).
     #[arg(long, env = "RMOS_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<String>,
+    /// HTTP API and web view, host:port (default 127.0.0.1:8000; "off": none).
+    #[arg(long, env = "RMOS_HTTP_ADDR", global = true)]
+    pub http_addr: Option<String>,
 }
 
 /// The TOML file's shape (every key optional; see `config/rmos-runs.toml`).
@@ -109,6 +112,8 @@ struct FileConfig {
     concurrency: Option<usize>,
     log_format: Option<String>,
     metrics_addr: Option<String>,
+    http_addr: Option<String>,
+    http: Option<HttpFile>,
     stream_replicas: Option<usize>,
     stream_max_age: Option<String>,
     ack_wait: Option<String>,
@@ -131,6 +136,34 @@ struct FileConfig {
     task_restarts: Option<u32>,
     signing_key: Option<PathBuf>,
     trusted_keys: Option<Vec<String>>,
+}
+
+/// The `[http]` table.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct HttpFile {
+    command_timeout: Option<String>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
+    #[serde(default)]
+    credentials: Vec<crate::transport::http::auth::CredentialConfig>,
+}
+
+/// HTTP settings.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// The API and web view listen here (`None`: off).
+    pub addr: Option<String>,
+    /// `http_addr` was given (a bind failure then stops `serve`).
+    pub addr_explicit: bool,
+    /// How long an HTTP command waits for its outcome before answering 504.
+    pub command_timeout: Duration,
+    /// Connection limits (both HTTP listeners).
+    pub limits: crate::transport::http::server::ConnLimits,
+    /// Credentials (none: open access, loopback only).
+    pub credentials: Vec<crate::transport::http::auth::Credential>,
 }
 
 /// A configuration error: one line naming the key.
@@ -180,6 +213,8 @@ pub struct Config {
     pub metrics_addr: Option<String>,
     /// `metrics_addr` was given (not the default): failing to bind it stops `serve`.
     pub metrics_addr_explicit: bool,
+    /// The HTTP API.
+    pub http: HttpConfig,
     /// Stream replicas (1, or 3 on a cluster).
     pub stream_replicas: usize,
     /// Stream max age (zero: keep until acked).
@@ -267,7 +302,7 @@ fn check_token(key: &str, v: &str) -> Result<(), ConfigError> {
 impl Config {
     /// Resolves the configuration from file, environment and flags.
     pub fn resolve(o: &Overrides) -> Result<Config, ConfigError> {
-        let f = match &o.config {
+        let mut f = match &o.config {
             Some(p) => read_file(p)?,
             None => FileConfig::default(),
         };
@@ -350,6 +385,7 @@ impl Config {
         };
         let metrics_addr_explicit = o.metrics_addr.is_some() || f.metrics_addr.is_some();
         let metrics_addr = metrics_addr_from(o.metrics_addr.clone().or(f.metrics_addr))?;
+        let http = http_from(o.http_addr.clone().or(f.http_addr.clone()), f.http.take())?;
         let stream_replicas = f.stream_replicas.unwrap_or(1);
         if !(1..=5).contains(&stream_replicas) {
             return Err(ConfigError(
@@ -386,6 +422,7 @@ impl Config {
             log_json,
             metrics_addr,
             metrics_addr_explicit,
+            http,
             stream_replicas,
             stream_max_age: dur("stream_max_age", f.stream_max_age, Duration::ZERO)?,
             ack_wait: dur("ack_wait", f.ack_wait, Duration::from_secs(30))?,
@@ -545,7 +582,12 @@ fn retention_from(v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
 
 /// `metrics_addr`: `host:port` (default `127.0.0.1:9464`); empty or `off` disables it.
 fn metrics_addr_from(v: Option<String>) -> Result<Option<String>, ConfigError> {
-    let v = v.unwrap_or_else(|| "127.0.0.1:9464".to_owned());
+    listen_addr("metrics_addr", v, "127.0.0.1:9464")
+}
+
+/// A listen address: `host:port`, or empty / `off` for none.
+fn listen_addr(key: &str, v: Option<String>, default: &str) -> Result<Option<String>, ConfigError> {
+    let v = v.unwrap_or_else(|| default.to_owned());
     let v = v.trim();
     if v.is_empty() || v.eq_ignore_ascii_case("off") {
         return Ok(None);
@@ -555,9 +597,65 @@ fn metrics_addr_from(v: Option<String>) -> Result<Option<String>, ConfigError> {
             Ok(Some(v.to_owned()))
         }
         _ => Err(ConfigError(format!(
-            "metrics_addr: {v:?} is not host:port (e.g. 127.0.0.1:9464, 0.0.0.0:9464) or off"
+            "{key}: {v:?} is not host:port (e.g. {default}, 0.0.0.0:{}) or off",
+            default.rsplit_once(':').map_or("", |(_, p)| p)
         ))),
     }
+}
+
+/// `http_addr` (default `127.0.0.1:8000`, the original FastAPI service's port) and `[http]`.
+fn http_from(addr: Option<String>, f: Option<HttpFile>) -> Result<HttpConfig, ConfigError> {
+    let addr_explicit = addr.is_some();
+    let addr = listen_addr("http_addr", addr, "127.0.0.1:8000")?;
+    let f = f.unwrap_or_default();
+    let dur = |key: &str, v: &Option<String>, default: Duration| match v {
+        Some(s) => match parse_duration(key, s)? {
+            d if d.is_zero() => Err(ConfigError(format!("{key}: must be above zero"))),
+            d => Ok(d),
+        },
+        None => Ok(default),
+    };
+    let defaults = crate::transport::http::server::ConnLimits::default();
+    let count = |key: &str, v: Option<usize>, default: usize| match v {
+        Some(0) => Err(ConfigError(format!("{key}: must be at least 1"))),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    let limits = crate::transport::http::server::ConnLimits {
+        header_timeout: dur(
+            "http.header_timeout",
+            &f.header_timeout,
+            defaults.header_timeout,
+        )?,
+        idle_timeout: dur("http.idle_timeout", &f.idle_timeout, defaults.idle_timeout)?,
+        max_connections: count(
+            "http.max_connections",
+            f.max_connections,
+            defaults.max_connections,
+        )?,
+        max_connections_per_client: count(
+            "http.max_connections_per_client",
+            f.max_connections_per_client,
+            defaults.max_connections_per_client,
+        )?,
+        grace: defaults.grace,
+    };
+    let credentials = f
+        .credentials
+        .iter()
+        .map(|c| c.parse().map_err(ConfigError))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(HttpConfig {
+        addr,
+        addr_explicit,
+        command_timeout: dur(
+            "http.command_timeout",
+            &f.command_timeout,
+            Duration::from_secs(30),
+        )?,
+        limits,
+        credentials,
+    })
 }
 
 #[cfg(test)]

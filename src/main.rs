@@ -3,6 +3,7 @@
 
 use std::io::Read;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
@@ -16,8 +17,13 @@ use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, Transfer
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
+use rmos_runs::transport::health::{Health, JetStreamCheck};
+use rmos_runs::transport::http::auth::Auth;
+use rmos_runs::transport::http::{self, AppState, HttpSettings};
 use rmos_runs::transport::ingest::{Ingest, IngestSettings};
-use rmos_runs::transport::metrics::{Health, HttpSettings, JetStreamCheck, Metrics};
+use rmos_runs::transport::metrics::Metrics;
+use rmos_runs::transport::outcomes::Commander;
+use rmos_runs::transport::reads::Reads;
 use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
 use tokio::sync::watch;
 
@@ -625,27 +631,18 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     if cfg.ingest == IngestMode::JetStream {
         ingest.ensure_stream().await?;
     }
-    let http = rmos_runs::transport::metrics::start(
-        &HttpSettings {
-            addr: cfg.metrics_addr.clone(),
-            required: cfg.metrics_addr_explicit,
-        },
-        metrics.clone(),
-        Health::new(
-            client.clone(),
-            store.clone(),
-            (cfg.ingest == IngestMode::JetStream).then(|| JetStreamCheck {
-                stream: cfg.stream.clone(),
-                consumer: cfg.consumer.clone(),
-                progress: ingest.progress(),
-                stall_after: cfg.stall_after,
-            }),
-            board.clone(),
-        ),
-        stop_rx.clone(),
-    )
-    .await
-    .map_err(|e| anyhow!(e))?;
+    let health = Arc::new(Health::new(
+        client.clone(),
+        store.clone(),
+        (cfg.ingest == IngestMode::JetStream).then(|| JetStreamCheck {
+            stream: cfg.stream.clone(),
+            consumer: cfg.consumer.clone(),
+            progress: ingest.progress(),
+            stall_after: cfg.stall_after,
+        }),
+        board.clone(),
+    ));
+    let http = start_http(&cfg, &client, &store, &metrics, health, stop_rx.clone()).await?;
     let faults = FaultHook::from_env(&client, &cfg.subject_prefix)
         .await
         .map_err(|e| anyhow!("fault hook: {e}"))?;
@@ -744,7 +741,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             tracing::error!(error = %e, "task stopped with an error");
         }
     }
-    if let Some(task) = http {
+    for task in http {
         let _ = task.await;
     }
     client.flush().await.ok();
@@ -757,6 +754,79 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The HTTP listeners: the API and web view on `http_addr`, the ops routes on `metrics_addr`.
+async fn start_http(
+    cfg: &Config,
+    client: &async_nats::Client,
+    store: &RunStore,
+    metrics: &Arc<Metrics>,
+    health: Arc<Health>,
+    stop: watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, Failure> {
+    let commander = match cfg.http.addr {
+        Some(_) => Some(
+            Commander::start(
+                client.clone(),
+                Subjects::new(cfg.subject_prefix.clone()),
+                cfg.ingest == IngestMode::JetStream,
+            )
+            .await
+            .map_err(|e| anyhow!("http commands: {e}"))?,
+        ),
+        None => None,
+    };
+    let auth = Auth::new(cfg.http.credentials.clone());
+    let state = Arc::new(AppState {
+        reads: Reads::new(store.clone(), metrics.clone()),
+        commander,
+        auth: auth.clone(),
+        metrics: metrics.clone(),
+        health,
+        command_timeout: cfg.http.command_timeout,
+        // A command body goes out as one NATS message.
+        max_body: cfg
+            .limits
+            .max_payload_bytes
+            .min(client.server_info().max_payload),
+    });
+    let mut tasks = Vec::new();
+    let api = HttpSettings {
+        addr: cfg.http.addr.clone(),
+        required: cfg.http.addr_explicit,
+        limits: cfg.http.limits.clone(),
+    };
+    if let Some((_, t)) = http::start(
+        "http api",
+        &api,
+        http::app(state.clone()),
+        |a| auth.check_bind(a),
+        stop.clone(),
+    )
+    .await
+    .map_err(|e| anyhow!(e))?
+    {
+        tasks.push(t);
+    }
+    let ops = HttpSettings {
+        addr: cfg.metrics_addr.clone(),
+        required: cfg.metrics_addr_explicit,
+        limits: cfg.http.limits.clone(),
+    };
+    if let Some((_, t)) = http::start(
+        "metrics endpoint",
+        &ops,
+        http::ops_app(state),
+        |_| Ok(()),
+        stop,
+    )
+    .await
+    .map_err(|e| anyhow!(e))?
+    {
+        tasks.push(t);
+    }
+    Ok(tasks)
 }
 
 /// A store without a complete index (one written before the index existed, or the JSON data

@@ -4,8 +4,12 @@
 pub mod api;
 pub mod connect;
 pub mod events;
+pub mod health;
+pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod outcomes;
+pub mod reads;
 
 use serde::Serialize;
 

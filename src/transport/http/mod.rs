@@ -1,0 +1,249 @@
+//! The HTTP transport (axum over hyper): the original FastAPI service's endpoints and the read
+//! side beside them, the web view, the OpenAPI document, and `/metrics`, `/healthz`,
+//! `/readyz`. Thin, like the NATS transport: reads call the same handlers ([`Reads`]),
+//! commands go through the same stream ([`Commander`]).
+//!
+//! Two listeners may serve it: the main address (`http_addr`, everything) and the metrics
+//! address (`metrics_addr`, only `/metrics`, `/healthz`, `/readyz`, without authentication, for
+//! probes and scrapers on a private interface). Both run on the same connection layer
+//! ([`server`]), with its timeouts and connection caps.
+
+pub mod auth;
+pub mod error;
+pub mod runs;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use self::auth::{Access, Auth};
+use self::error::HttpError;
+use self::runs::Ctx;
+use self::server::ConnLimits;
+use super::health::Health;
+use super::metrics::Metrics;
+use super::outcomes::Commander;
+use super::reads::Reads;
+
+/// The HTTP header whose value becomes a command's `Nats-Msg-Id` (the stream's
+/// de-duplication key): a client retrying a command sends the same key.
+pub const MSG_ID_HTTP_HEADER: &str = "Idempotency-Key";
+
+/// The OpenAPI document served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// What the handlers share.
+pub struct AppState {
+    /// The read handlers.
+    pub reads: Reads,
+    /// Publishes commands (`None`: commands are refused with 503).
+    pub commander: Option<Arc<Commander>>,
+    /// Credentials and roles.
+    pub auth: Auth,
+    /// Metrics (also served at `/metrics`).
+    pub metrics: Arc<Metrics>,
+    /// Readiness checks.
+    pub health: Arc<Health>,
+    /// How long a command waits for its outcome before answering 504.
+    pub command_timeout: Duration,
+    /// Largest request body.
+    pub max_body: usize,
+}
+
+/// Where and how to serve.
+#[derive(Clone, Debug)]
+pub struct HttpSettings {
+    /// `host:port`; `None`: disabled.
+    pub addr: Option<String>,
+    /// Set explicitly (a bind failure then stops start-up; for the default address it only
+    /// disables the listener with a warning).
+    pub required: bool,
+    /// Connection limits.
+    pub limits: ConnLimits,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`.
+fn ops_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+}
+
+/// The whole application: API, web view, OpenAPI, ops.
+pub fn app(state: Arc<AppState>) -> Router {
+    let max_body = state.max_body;
+    Router::new()
+        .merge(runs::routes())
+        .route("/", get(web_index))
+        .route("/assets/{file}", get(web_asset))
+        .route("/openapi.json", get(openapi))
+        .merge(ops_routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Only the ops routes (the metrics address).
+pub fn ops_app(state: Arc<AppState>) -> Router {
+    ops_routes()
+        .fallback(|ctx: Ctx| async move {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "not found: this address serves /metrics, /healthz and /readyz",
+                &ctx.request_id,
+            )
+        })
+        .with_state(state)
+}
+
+/// Counts every request by route and status, and logs refusals.
+async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let response = next.run(req).await;
+    s.metrics.http_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+async fn not_found(ctx: Ctx) -> HttpError {
+    HttpError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint: see /openapi.json",
+        &ctx.request_id,
+    )
+}
+
+async fn method_not_allowed(ctx: Ctx) -> HttpError {
+    HttpError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path: see /openapi.json",
+        &ctx.request_id,
+    )
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let reasons = s.health.not_ready().await;
+    if reasons.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        let mut body = reasons.join("\n");
+        body.push('\n');
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn openapi(State(s): State<Arc<AppState>>, ctx: Ctx) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response())
+}
+
+/// Headers of every web view file: no framing by other sites, no inline script from elsewhere.
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data: blob:; worker-src 'self' blob:; \
+                 style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn web_index(State(s): State<Arc<AppState>>, ctx: Ctx) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    Ok(page("text/html; charset=utf-8", WEB_INDEX))
+}
+
+async fn web_asset(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    match file.as_str() {
+        "app.js" => Ok(page("text/javascript; charset=utf-8", WEB_APP_JS)),
+        "app.css" => Ok(page("text/css; charset=utf-8", WEB_APP_CSS)),
+        _ => Err(not_found(ctx).await),
+    }
+}
+
+const WEB_INDEX: &str = "<!doctype html><title>rmos-runs</title><link rel=stylesheet href=/assets/app.css><script src=/assets/app.js></script>";
+const WEB_APP_JS: &str = "";
+const WEB_APP_CSS: &str = "";
+
+/// Binds `settings.addr` and serves `router` there until `shutdown` turns true. `Ok(None)`
+/// when disabled, or when the default address is taken. `check` may refuse the bound address
+/// (authentication required off loopback).
+pub async fn start(
+    what: &'static str,
+    settings: &HttpSettings,
+    router: Router,
+    check: impl FnOnce(&std::net::SocketAddr) -> Result<(), String>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Option<(std::net::SocketAddr, JoinHandle<()>)>, String> {
+    let Some(addr) = settings.addr.as_deref() else {
+        tracing::info!("{what} disabled");
+        return Ok(None);
+    };
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) if settings.required => return Err(format!("{what} {addr}: {e}")),
+        Err(e) => {
+            tracing::warn!(addr, error = %e, "{what} not started (set its address to another one, or off)");
+            return Ok(None);
+        }
+    };
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("{what} {addr}: {e}"))?;
+    check(&local)?;
+    tracing::info!(addr = %local, "{what} listening");
+    let limits = settings.limits.clone();
+    Ok(Some((
+        local,
+        tokio::spawn(server::serve(listener, router, limits, shutdown)),
+    )))
+}

@@ -1,0 +1,563 @@
+//! `/api/rmos/runs...`: the original FastAPI service's endpoints and the read side beside them.
+//! Reads go to the same handlers as NATS requests ([`Reads`]); commands are published through
+//! the same stream as a NATS publisher's ([`Commander`]) and answered once stored or rejected.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::TryStreamExt as _;
+use object_store::ObjectStoreExt as _;
+use serde_json::{Map, Value};
+
+use super::auth::{Access, AuthError, Caller};
+use super::error::{HttpError, status_of_code};
+use super::{AppState, MSG_ID_HTTP_HEADER};
+use crate::domain::artifact::{BlobRef, RunArtifact};
+use crate::domain::command::CommandKind;
+use crate::domain::ids::{RequestId, RunId};
+use crate::transport::outcomes::{Outcome, SendError};
+use crate::transport::{REQUEST_ID_HEADER, WireError};
+
+/// The routes under `/api/rmos/runs`.
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/rmos/runs", get(list).post(create))
+        .route("/api/rmos/runs/{run_id}", get(get_run).delete(delete))
+        .route(
+            "/api/rmos/runs/{run_id}/meta",
+            axum::routing::patch(patch_meta),
+        )
+        .route("/api/rmos/runs/{run_id}/advisory", post(advisory))
+        .route("/api/rmos/runs/{run_id}/hashes", get(hashes))
+        .route("/api/rmos/runs/{run_id}/history", get(history))
+        .route("/api/rmos/runs/{run_id}/diff", get(diff))
+        .route("/api/rmos/runs/{run_id}/outputs/{which}", get(output))
+        .route(
+            "/api/rmos/runs/{run_id}/advisories/{advisory_id}",
+            get(advisory_body),
+        )
+}
+
+/// What every handler starts from: the request id and the caller's credentials.
+pub struct Ctx {
+    /// `X-Request-Id` when valid, else a new one.
+    pub request_id: RequestId,
+    authorization: Option<String>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Ctx::from_headers(&parts.headers))
+    }
+}
+
+impl Ctx {
+    /// From a request's headers.
+    pub fn from_headers(h: &HeaderMap) -> Self {
+        let request_id = h
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| RequestId::parse(v).ok())
+            .unwrap_or_else(RequestId::generate);
+        Self {
+            request_id,
+            authorization: h
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+
+    /// The caller, if allowed `access`.
+    pub fn allow(&self, state: &AppState, access: Access) -> Result<Caller, HttpError> {
+        state
+            .auth
+            .authorize(self.authorization.as_deref(), access)
+            .map_err(|e| match e {
+                AuthError::Unauthenticated(m) => HttpError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    m,
+                    &self.request_id,
+                ),
+                AuthError::Forbidden(m) => {
+                    HttpError::new(StatusCode::FORBIDDEN, "forbidden", m, &self.request_id)
+                }
+            })
+    }
+
+    fn wire(&self, e: WireError) -> HttpError {
+        HttpError::wire(e, &self.request_id)
+    }
+
+    fn run_id(&self, raw: &str) -> Result<RunId, HttpError> {
+        RunId::parse(raw).map_err(|r| self.wire(WireError::from(&r)))
+    }
+
+    /// A JSON answer.
+    fn json(&self, status: StatusCode, body: impl Into<Body>) -> Response {
+        let mut r = (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.into(),
+        )
+            .into_response();
+        self.stamp(&mut r);
+        r
+    }
+
+    fn stamp(&self, r: &mut Response) {
+        if let Ok(v) = HeaderValue::from_str(self.request_id.as_str()) {
+            r.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+    }
+}
+
+/// The query string as a JSON object: `limit`, `revision`, `from` and `to` as numbers,
+/// `include_outputs` as a boolean, the rest as strings. A repeated parameter is refused.
+fn query_object(ctx: &Ctx, raw: Option<&str>) -> Result<Map<String, Value>, HttpError> {
+    let mut out = Map::new();
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let value = match k.as_ref() {
+            "limit" | "revision" | "from" | "to" => match v.parse::<u64>() {
+                Ok(n) => Value::from(n),
+                Err(_) => {
+                    return Err(HttpError::invalid(
+                        format!("query parameter {k}: {v:?} is not a whole number"),
+                        &ctx.request_id,
+                    ));
+                }
+            },
+            "include_outputs" => match v.as_ref() {
+                "true" | "1" => Value::Bool(true),
+                "false" | "0" => Value::Bool(false),
+                _ => {
+                    return Err(HttpError::invalid(
+                        format!("query parameter include_outputs: {v:?} is not true or false"),
+                        &ctx.request_id,
+                    ));
+                }
+            },
+            _ => Value::String(v.clone().into_owned()),
+        };
+        if out.insert(k.clone().into_owned(), value).is_some() {
+            return Err(HttpError::invalid(
+                format!("query parameter {k} given twice"),
+                &ctx.request_id,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Only the query parameters in `allowed` (a misspelt one must not be silently ignored).
+fn only(ctx: &Ctx, q: &Map<String, Value>, allowed: &[&str]) -> Result<(), HttpError> {
+    match q.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(HttpError::invalid(
+            format!(
+                "unknown query parameter {k:?}; this endpoint takes: {}",
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
+            ),
+            &ctx.request_id,
+        )),
+    }
+}
+
+async fn list(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    RawQuery(q): RawQuery,
+) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    let q = query_object(&ctx, q.as_deref())?;
+    let body = Value::Object(q).to_string();
+    let page = s
+        .reads
+        .list(body.as_bytes())
+        .await
+        .map_err(|e| ctx.wire(e))?;
+    Ok(ctx.json(StatusCode::OK, page))
+}
+
+async fn get_run(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path(run_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    let run = ctx.run_id(&run_id)?;
+    let mut q = query_object(&ctx, q.as_deref())?;
+    only(&ctx, &q, &["include_outputs", "revision"])?;
+    q.insert("run_id".into(), Value::String(run.to_string()));
+    let body = Value::Object(q).to_string();
+    let bytes = s
+        .reads
+        .get(body.as_bytes())
+        .await
+        .map_err(|e| ctx.wire(e))?;
+    Ok(ctx.json(StatusCode::OK, bytes))
+}
+
+/// A read endpoint taking the run id from the path and `allowed` query parameters.
+async fn read_with(
+    s: &AppState,
+    ctx: &Ctx,
+    run_id: &str,
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<Vec<u8>, HttpError> {
+    ctx.allow(s, Access::Read)?;
+    let run = ctx.run_id(run_id)?;
+    let mut q = query_object(ctx, raw)?;
+    only(ctx, &q, allowed)?;
+    q.insert("run_id".into(), Value::String(run.to_string()));
+    Ok(Value::Object(q).to_string().into_bytes())
+}
+
+async fn hashes(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path(run_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, HttpError> {
+    let body = read_with(&s, &ctx, &run_id, q.as_deref(), &[]).await?;
+    let report = s.reads.verify(&body).await.map_err(|e| ctx.wire(e))?;
+    Ok(ctx.json(StatusCode::OK, report))
+}
+
+async fn history(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path(run_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, HttpError> {
+    let body = read_with(&s, &ctx, &run_id, q.as_deref(), &["limit", "cursor"]).await?;
+    let page = s.reads.history(&body).await.map_err(|e| ctx.wire(e))?;
+    Ok(ctx.json(StatusCode::OK, page))
+}
+
+async fn diff(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path(run_id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, HttpError> {
+    let body = read_with(&s, &ctx, &run_id, q.as_deref(), &["from", "to"]).await?;
+    let d = s.reads.diff(&body).await.map_err(|e| ctx.wire(e))?;
+    Ok(ctx.json(StatusCode::OK, d))
+}
+
+/// The current live record, or `not_found` (a deleted run is not found).
+async fn live(s: &AppState, ctx: &Ctx, run: &RunId) -> Result<RunArtifact, HttpError> {
+    s.reads
+        .store()
+        .get(run)
+        .await
+        .map_err(|e| ctx.wire(WireError::from(&e)))
+}
+
+/// A blob's bytes, streamed from the store (a body of any size goes out in constant memory).
+async fn stream_blob(
+    s: &AppState,
+    ctx: &Ctx,
+    run: &RunId,
+    blob: &BlobRef,
+    content_type: &'static str,
+) -> Result<Response, HttpError> {
+    let store = s.reads.store();
+    let key = store.blob_key(&blob.sha256);
+    let got = store.object_store().get(&key).await.map_err(|e| {
+        let e = match e {
+            object_store::Error::NotFound { .. } => crate::store::StoreError::Corrupt {
+                key: key.to_string(),
+                reason: format!("run {run}: a blob it references is missing"),
+            },
+            e => crate::store::StoreError::from_object_store(e, &format!("read {key}")),
+        };
+        ctx.wire(WireError::from(&e))
+    })?;
+    let len = got.meta.size;
+    let stream = got.into_stream().map_err(std::io::Error::other);
+    let mut r = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CONTENT_LENGTH, HeaderValue::from(len)),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", blob.sha256.as_str())) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    ctx.stamp(&mut r);
+    Ok(r)
+}
+
+async fn output(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path((run_id, which)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    let run = ctx.run_id(&run_id)?;
+    let a = live(&s, &ctx, &run).await?;
+    let missing = |what: &str| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("run {run} has no {what}"),
+            &ctx.request_id,
+        )
+    };
+    match which.as_str() {
+        "gcode" => match (&a.outputs.gcode_blob, &a.outputs.gcode_text) {
+            (Some(b), _) => stream_blob(&s, &ctx, &run, b, "text/plain; charset=utf-8").await,
+            (None, Some(text)) => {
+                let mut r = (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    text.clone(),
+                )
+                    .into_response();
+                ctx.stamp(&mut r);
+                Ok(r)
+            }
+            (None, None) => Err(missing("G-code")),
+        },
+        "opplan" => match (&a.outputs.opplan_blob, &a.outputs.opplan_json) {
+            (Some(b), _) => stream_blob(&s, &ctx, &run, b, "application/json").await,
+            (None, Some(plan)) => {
+                Ok(ctx.json(StatusCode::OK, serde_json::to_vec(plan).unwrap_or_default()))
+            }
+            (None, None) => Err(missing("op plan")),
+        },
+        other => Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no output {other:?}: outputs are gcode and opplan"),
+            &ctx.request_id,
+        )),
+    }
+}
+
+async fn advisory_body(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    Path((run_id, advisory_id)): Path<(String, String)>,
+) -> Result<Response, HttpError> {
+    ctx.allow(&s, Access::Read)?;
+    let run = ctx.run_id(&run_id)?;
+    let a = live(&s, &ctx, &run).await?;
+    let found = a
+        .advisory_inputs
+        .iter()
+        .find(|adv| adv.advisory_id.as_str() == advisory_id)
+        .ok_or_else(|| {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("run {run} has no advisory {advisory_id:?}"),
+                &ctx.request_id,
+            )
+        })?;
+    match &found.body {
+        Some(b) => stream_blob(&s, &ctx, &run, b, "application/json").await,
+        None => Ok(ctx.json(StatusCode::OK, "null")),
+    }
+}
+
+/// A command's JSON body, as an object; `run_id` from the path put in (or checked against the
+/// body's).
+fn command_body(
+    ctx: &Ctx,
+    s: &AppState,
+    body: Result<Bytes, BytesRejection>,
+    run: Option<&RunId>,
+    optional: bool,
+) -> Result<Bytes, HttpError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ctx.wire(WireError::from(
+                &crate::domain::error::Rejection::too_large(format!(
+                    "request body over {} bytes (the largest command the broker takes)",
+                    s.max_body
+                )),
+            ))
+        } else {
+            HttpError::invalid(format!("request body: {e}"), &ctx.request_id)
+        }
+    })?;
+    if body.iter().all(u8::is_ascii_whitespace) && optional {
+        let mut m = Map::new();
+        if let Some(r) = run {
+            m.insert("run_id".into(), Value::String(r.to_string()));
+        }
+        return Ok(Bytes::from(Value::Object(m).to_string()));
+    }
+    let Some(run) = run else {
+        return Ok(body);
+    };
+    let mut obj: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        HttpError::invalid(
+            format!("request body is not a JSON object: {e}"),
+            &ctx.request_id,
+        )
+    })?;
+    match obj.get("run_id") {
+        None => {
+            obj.insert("run_id".into(), Value::String(run.to_string()));
+        }
+        Some(Value::String(r)) if r == run.as_str() => {}
+        Some(other) => {
+            return Err(HttpError::invalid(
+                format!("body run_id {other} differs from the path's {run}"),
+                &ctx.request_id,
+            ));
+        }
+    }
+    Ok(Bytes::from(Value::Object(obj).to_string()))
+}
+
+/// Publishes a command and answers with its outcome: the run as stored by it (create, patch,
+/// advisory) or the `stored` event (delete); a rejection with its code's status.
+async fn command(
+    s: &AppState,
+    ctx: &Ctx,
+    caller: &Caller,
+    headers: &HeaderMap,
+    kind: CommandKind,
+    payload: Bytes,
+) -> Result<Response, HttpError> {
+    let Some(commander) = &s.commander else {
+        return Err(HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "commands are not accepted over HTTP by this worker",
+            &ctx.request_id,
+        ));
+    };
+    let msg_id = headers
+        .get(MSG_ID_HTTP_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    tracing::info!(request_id = %ctx.request_id, command = kind.suffix(),
+        caller = caller.name().unwrap_or("-"), "http command");
+    let outcome = commander
+        .send(kind, payload, &ctx.request_id, msg_id, s.command_timeout)
+        .await
+        .map_err(|e| {
+            let (status, code) = match &e {
+                SendError::NotAccepted(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+                SendError::NoOutcome { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                SendError::RequestIdInUse(_) => (StatusCode::CONFLICT, "conflict"),
+            };
+            HttpError::new(status, code, e.to_string(), &ctx.request_id)
+        })?;
+    let event = match outcome {
+        Outcome::Stored(event) => event,
+        Outcome::Rejected(body) => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+            let (code, status) = status_of_code(v["code"].as_str().unwrap_or(""));
+            return Err(HttpError::new(
+                status,
+                code,
+                v["message"].as_str().unwrap_or("rejected").to_owned(),
+                &ctx.request_id,
+            ));
+        }
+    };
+    let ev: Value = serde_json::from_slice(&event).unwrap_or_default();
+    if kind == CommandKind::Delete {
+        return Ok(ctx.json(StatusCode::OK, event));
+    }
+    // The run as this command left it: that revision, not whatever is current by now.
+    let (Some(run), Some(revision)) = (ev["run_id"].as_str(), ev["revision"].as_u64()) else {
+        return Ok(ctx.json(StatusCode::OK, event));
+    };
+    let q = serde_json::json!({"run_id": run, "revision": revision}).to_string();
+    let record = match s.reads.get(q.as_bytes()).await {
+        Ok(b) => b,
+        Err(e) => return Err(ctx.wire(e)),
+    };
+    let status = if kind == CommandKind::Create && ev["event"] == "created" && ev["changed"] == true
+    {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut r = ctx.json(status, record);
+    if kind == CommandKind::Create
+        && let Ok(v) = HeaderValue::from_str(&format!("/api/rmos/runs/{run}"))
+    {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+async fn create(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let caller = ctx.allow(&s, Access::Create)?;
+    let payload = command_body(&ctx, &s, body, None, false)?;
+    command(&s, &ctx, &caller, &headers, CommandKind::Create, payload).await
+}
+
+async fn patch_meta(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let caller = ctx.allow(&s, Access::Operate)?;
+    let run = ctx.run_id(&run_id)?;
+    let payload = command_body(&ctx, &s, body, Some(&run), false)?;
+    command(&s, &ctx, &caller, &headers, CommandKind::PatchMeta, payload).await
+}
+
+async fn advisory(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let caller = ctx.allow(&s, Access::Advise)?;
+    let run = ctx.run_id(&run_id)?;
+    let payload = command_body(&ctx, &s, body, Some(&run), false)?;
+    command(&s, &ctx, &caller, &headers, CommandKind::Advisory, payload).await
+}
+
+async fn delete(
+    State(s): State<Arc<AppState>>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(run_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, HttpError> {
+    let caller = ctx.allow(&s, Access::Operate)?;
+    let run = ctx.run_id(&run_id)?;
+    let payload = command_body(&ctx, &s, body, Some(&run), true)?;
+    command(&s, &ctx, &caller, &headers, CommandKind::Delete, payload).await
+}
