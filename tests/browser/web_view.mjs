@@ -9,7 +9,7 @@
 //    "risk_level": "YELLOW", "advisory_text": "...",       on the run page
 //    "extent": {"x_min": 0, "x_max": 100, "y_min": 0, "y_max": 65},   of the G-code plot
 //    "cut_length": 263.37, "rapid_length": 186.55, "moves": 13, "tolerance": 1e-6,
-//    "min_revisions": 3}
+//    "min_revisions": 3, "page_size": 2}
 // Without expectations it only checks that each view loads and records what it saw.
 //
 // Prints one JSON object of observations on stdout and exits 0; on any failure prints the
@@ -105,6 +105,39 @@ async function main() {
   if (exp.run_id) check(all.includes(exp.run_id), `run ${exp.run_id} is not listed (listed: ${all.join(', ') || 'none'})`);
   await shot('01-runs');
   obs.steps.push('listed');
+
+  // 1b. Paging: small pages walked with "Next" cover the same runs, "Previous" comes back.
+  if (exp.page_size) {
+    step = 'paging';
+    await page.goto(`${base}/#/?limit=${exp.page_size}`, { waitUntil: 'load' });
+    await listSettled();
+    const first = await rowIds();
+    const pages = [first];
+    while (await page.isEnabled('#page-next')) {
+      check(pages.length < 100, 'more than 100 pages');
+      const before = (await rowIds()).join(',');
+      await page.click('#page-next');
+      await page.waitForFunction((b) => {
+        const body = document.querySelector('.list-body[data-state]');
+        const ids = [...document.querySelectorAll('#runs-table tbody tr[data-run-id]')].map((r) => r.dataset.runId).join(',');
+        return body && (body.dataset.state !== 'ok' || ids !== b);
+      }, before, { timeout: WAIT });
+      await listSettled();
+      pages.push(await rowIds());
+    }
+    obs.paging = { page_size: exp.page_size, pages };
+    // The walk covers the first (default-sized) page in the same order, and repeats no run.
+    const walked = pages.flat();
+    check(new Set(walked).size === walked.length, `a run shows on two pages: ${JSON.stringify(pages)}`);
+    check(walked.slice(0, all.length).join(',') === all.join(','), `the pages of ${exp.page_size} do not list what one page shows: ${walked.slice(0, all.length).join(',')} vs ${all.join(',')}`);
+    await page.click('#page-first');
+    await page.waitForFunction(() => !location.hash.includes('c='), null, { timeout: WAIT });
+    await listSettled();
+    check((await rowIds()).join(',') === first.join(','), '"First" does not come back to the first page');
+    await page.goto(`${base}/`, { waitUntil: 'load' });
+    await listSettled();
+    obs.steps.push('paged');
+  }
 
   // 2. A filter chosen in the form changes the table; the state survives a reload.
   if (exp.filter) {

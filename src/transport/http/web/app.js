@@ -996,6 +996,7 @@ function overview(body, a, me) {
   const hasGcode = gsize !== null;
   const otherOut = { ...o };
   for (const k of ['gcode_text', 'gcode_blob', 'opplan_json', 'opplan_blob']) delete otherOut[k];
+  for (const k of Object.keys(otherOut)) if (otherOut[k] === null) delete otherOut[k];
   const outputs = card(
     'Outputs',
     h(
@@ -1003,7 +1004,7 @@ function overview(body, a, me) {
       h(
         'tbody',
         h('tr', h('th', 'G-code'), h('td', hasGcode ? [fmtBytes(gsize), o.gcode_blob ? ' (stored as blob) ' : ' ', h('a.btn.small#open-gcode', { href: `#/run/${rid}/gcode` }, 'Draw toolpath'), ' ', h('a.small', { href: `${API}/${rid}/outputs/gcode`, download: `${a.run_id}.nc` }, 'download')] : h('span.muted', 'none'))),
-        h('tr', h('th', 'op plan'), h('td', o.opplan_blob ? [fmtBytes(o.opplan_blob.size_bytes), ' ', h('a.small', { href: `${API}/${rid}/outputs/opplan` }, 'open JSON')] : o.opplan_json ? h('details', h('summary', `${Object.keys(o.opplan_json).length} keys`), h('pre.json', JSON.stringify(o.opplan_json, null, 2))) : h('span.muted', 'none'))),
+        h('tr', h('th', 'op plan'), h('td', o.opplan_blob ? [fmtBytes(o.opplan_blob.size_bytes), ' ', h('a.small', { href: `${API}/${rid}/outputs/opplan` }, 'open JSON')] : o.opplan_json ? h('details', h('summary', `JSON, ${Object.keys(o.opplan_json).length} key${Object.keys(o.opplan_json).length === 1 ? '' : 's'}`), h('pre.json', JSON.stringify(o.opplan_json, null, 2))) : h('span.muted', 'none'))),
         Object.entries(otherOut).map(([k, v]) => h('tr', h('th', k), h('td', valueEl(v, 1)))),
       ),
     ),
