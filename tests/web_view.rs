@@ -117,7 +117,7 @@ fn num(obs: &Value, path: &str) -> f64 {
 
 fn assert_near(got: f64, want: f64, what: &str) {
     assert!(
-        (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+        (got - want).abs() <= 1e-6,
         "{what}: the page shows {got}, the program's is {want}"
     );
 }
