@@ -8,6 +8,10 @@
 #   - .tools/s3-venv          the pinned S3 test server (moto), from scripts/s3-requirements.txt
 #   - openssl                 Debian package, only if the CLI is missing (the security tests
 #                             make keys and certificates with it; needs root)
+#   - chromium                Debian package, only if /usr/bin/chromium is missing (the web view's
+#                             browser test, tests/web_view.rs; needs root, else it says how)
+#   - tests/browser/node_modules  playwright-core, pinned by tests/browser/package-lock.json,
+#                             with `npm ci` (needs Node.js 20+ and npm), redone when the lock changes
 #
 # Each venv is rebuilt from scratch when what it pins changes (a sha256 marker in it).
 # Prints one line per thing installed, then "deps ok".
@@ -111,5 +115,41 @@ fi
 PIN_FILES=("$ROOT/scripts/s3-requirements.txt")
 moto_v="$(sed -n 's/^moto\[[^]]*\]==//p' "${PIN_FILES[0]}" | head -n1)"
 ensure_venv "$TOOLS/s3-venv" "S3 test server: moto ${moto_v:-?}" -r "${PIN_FILES[0]}"
+
+# ---- Chromium (the web view's browser test drives Debian's build, never a downloaded one) --
+if [[ ! -x /usr/bin/chromium ]]; then
+    if [[ "$(id -u)" -eq 0 ]]; then
+        apt_install chromium
+    else
+        echo "install-deps: /usr/bin/chromium is missing and this is not root; install it with" >&2
+        echo "    sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium" >&2
+        exit 1
+    fi
+fi
+
+# ---- playwright-core for the browser test (tests/browser/node_modules) --------------------
+BROWSER_DIR="$ROOT/tests/browser"
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || {
+    echo "install-deps: node and npm are needed for the browser test (Node.js 20 or later)" >&2
+    exit 1
+}
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+[[ "$node_major" -ge 20 ]] || {
+    echo "install-deps: Node.js $(node --version) is too old for playwright-core; 20 or later needed" >&2
+    exit 1
+}
+lock_sum="$(sha256sum "$BROWSER_DIR/package-lock.json" | cut -d' ' -f1)"
+marker="$BROWSER_DIR/node_modules/.lock.sha256"
+if [[ ! -f "$marker" || "$(<"$marker")" != "$lock_sum" ]]; then
+    mkdir -p "$TOOLS"
+    exec 9>"$TOOLS/.install.lock"
+    flock 9
+    if [[ ! -f "$marker" || "$(<"$marker")" != "$lock_sum" ]]; then
+        (cd "$BROWSER_DIR" && quiet npm ci --no-audit --no-fund --ignore-scripts)
+        printf '%s\n' "$lock_sum" >"$marker"
+        echo "installed playwright-core in tests/browser/node_modules (npm ci)"
+    fi
+    exec 9>&-
+fi
 
 echo "deps ok"

@@ -12,6 +12,8 @@ pub mod auth;
 pub mod error;
 pub mod runs;
 pub mod server;
+/// The web view's files (src/transport/http/web/), embedded.
+pub mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -213,9 +215,7 @@ async fn web_asset(
     }
 }
 
-const WEB_INDEX: &str = "<!doctype html><title>rmos-runs</title><link rel=stylesheet href=/assets/app.css><script src=/assets/app.js></script>";
-const WEB_APP_JS: &str = "";
-const WEB_APP_CSS: &str = "";
+use self::web::{APP_CSS as WEB_APP_CSS, APP_JS as WEB_APP_JS, INDEX_HTML as WEB_INDEX};
 
 /// Binds `settings.addr` and serves `router` there until `shutdown` turns true. `Ok(None)`
 /// when disabled, or when the default address is taken. `check` may refuse the bound address
