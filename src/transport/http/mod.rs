@@ -199,7 +199,7 @@ fn page(content_type: &'static str, body: &'static str) -> Response {
 
 async fn web_index(State(s): State<Arc<AppState>>, ctx: Ctx) -> Result<Response, HttpError> {
     ctx.allow(&s, Access::Read)?;
-    Ok(page("text/html; charset=utf-8", WEB_INDEX))
+    Ok(page("text/html; charset=utf-8", web::INDEX_HTML))
 }
 
 async fn web_asset(
@@ -209,13 +209,11 @@ async fn web_asset(
 ) -> Result<Response, HttpError> {
     ctx.allow(&s, Access::Read)?;
     match file.as_str() {
-        "app.js" => Ok(page("text/javascript; charset=utf-8", WEB_APP_JS)),
-        "app.css" => Ok(page("text/css; charset=utf-8", WEB_APP_CSS)),
+        "app.js" => Ok(page("text/javascript; charset=utf-8", web::APP_JS)),
+        "app.css" => Ok(page("text/css; charset=utf-8", web::APP_CSS)),
         _ => Err(not_found(ctx).await),
     }
 }
-
-use self::web::{APP_CSS as WEB_APP_CSS, APP_JS as WEB_APP_JS, INDEX_HTML as WEB_INDEX};
 
 /// Binds `settings.addr` and serves `router` there until `shutdown` turns true. `Ok(None)`
 /// when disabled, or when the default address is taken. `check` may refuse the bound address
