@@ -762,9 +762,15 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
 /// A store without a complete index (one written before the index existed, or the JSON data
 /// directory of the original FastAPI service) gets it built in the background; listings say
 /// `index_complete: false` until then. A new, empty store is complete at once.
+/// The same pass marks every live run's blob references, on a store not yet flagged as fully
+/// marked (until then deletes keep the blobs they would release).
 async fn spawn_index_build(store: &RunStore) -> Result<(), Failure> {
-    if store
-        .index_complete()
+    let complete = async {
+        Ok::<bool, rmos_runs::store::StoreError>(
+            store.index_complete().await? && store.blob_refs_complete().await?,
+        )
+    };
+    if complete
         .await
         .map_err(|e| anyhow!("store {}: {e}", store.url()))?
     {
