@@ -57,12 +57,17 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use sha2::{Digest, Sha256};
 
 use super::{RunStore, StoreError};
 use crate::domain::artifact::{RunArtifact, Sha256Hex};
 use crate::domain::command::NewBlob;
+use crate::domain::error::Rejection;
 use crate::domain::ids::RunId;
+
+/// Part size of streamed uploads (S3's minimum is 5 MiB).
+pub const UPLOAD_PART: usize = 8 * 1024 * 1024;
 
 /// The flag of a store whose every blob reference has its marker (see the module docs).
 const COMPLETE_FLAG: &str = "blobrefs/_complete";
@@ -347,6 +352,113 @@ impl RunStore {
             }
         }
         Ok(None)
+    }
+
+    /// Stores a body that arrives as a stream (a staged claim check) as blob `sha` for `run`,
+    /// checking that the bytes hash to `sha` and number `size`. Memory stays bounded: the
+    /// bytes are hashed as they pass and written by multipart upload in [`UPLOAD_PART`]
+    /// parts, never held whole. When the blob already exists the bytes are only checked.
+    /// A mismatch is `Rejected` (`invalid_request`) naming what differs, and nothing is
+    /// written; the marker (written first, as for every blob) then only keeps the blob longer.
+    pub async fn put_blob_stream<E: std::fmt::Display>(
+        &self,
+        run: &RunId,
+        sha: &Sha256Hex,
+        size: u64,
+        mut bytes: impl futures::Stream<Item = Result<Bytes, E>> + Unpin,
+        what: &str,
+    ) -> Result<(), StoreError> {
+        self.put_blob_marker(sha, run).await?;
+        self.flag_first_blob().await?;
+        let key = self.blob_key(sha);
+        let mut upload = if self.blob_present(sha).await? {
+            None
+        } else {
+            let u = self
+                .store
+                .put_multipart(&key)
+                .await
+                .map_err(|e| self.os_err(e, &format!("write {key}")))?;
+            Some(WriteMultipart::new_with_chunk_size(u, UPLOAD_PART))
+        };
+        let mut hasher = Sha256::new();
+        let mut seen = 0u64;
+        let fail = |e: String| StoreError::Unavailable(format!("{what}: {e}"));
+        let mut outcome: Result<(), StoreError> = Ok(());
+        while let Some(chunk) = bytes.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    outcome = Err(fail(format!("read: {e}")));
+                    break;
+                }
+            };
+            seen += chunk.len() as u64;
+            if seen > size {
+                outcome = Err(Rejection::invalid(format!(
+                    "{what}: more than the claimed {size} bytes"
+                ))
+                .into());
+                break;
+            }
+            hasher.update(&chunk);
+            if let Some(w) = upload.as_mut() {
+                // At most two parts in flight besides the one filling: bounded memory.
+                if let Err(e) = w.wait_for_capacity(2).await {
+                    outcome = Err(self.os_err(e, &format!("write {key}")));
+                    break;
+                }
+                w.put(chunk);
+            }
+        }
+        if outcome.is_ok() {
+            let actual = hex::encode(hasher.finalize());
+            if seen != size {
+                outcome = Err(Rejection::invalid(format!(
+                    "{what}: {seen} bytes, not the claimed {size}"
+                ))
+                .into());
+            } else if actual != sha.as_str() {
+                outcome = Err(Rejection::invalid(format!(
+                    "{what}: the bytes hash to {actual}, not the claimed {sha}"
+                ))
+                .into());
+            }
+        }
+        match (outcome, upload) {
+            (Ok(()), Some(w)) => {
+                w.finish()
+                    .await
+                    .map_err(|e| self.os_err(e, &format!("write {key}")))?;
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), Some(w)) => {
+                if let Err(abort) = w.abort().await {
+                    tracing::warn!(%key, error = %abort, "aborting a rejected upload failed");
+                }
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Before a record that references blobs it did not bring (staged bodies claimed by the
+    /// transport) is written: each must have this run's marker and exist.
+    pub(super) async fn require_blob(
+        &self,
+        run: &RunId,
+        sha: &Sha256Hex,
+    ) -> Result<(), StoreError> {
+        self.put_blob_marker(sha, run).await?;
+        if self.blob_present(sha).await? {
+            Ok(())
+        } else {
+            Err(Rejection::invalid(format!(
+                "run {run}: body {sha} was never stored (a staged body must be claimed first)"
+            ))
+            .into())
+        }
     }
 
     /// Whether a blob exists (for tests and operators).

@@ -459,6 +459,20 @@ impl RunStore {
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
             }
+            // References to blobs the command did not bring (claimed staged bodies).
+            if let StoredRecord::Live(a) = &record {
+                let had: Vec<&Sha256Hex> = match current.as_ref().map(|v| &v.value) {
+                    Some(StoredRecord::Live(c)) => {
+                        c.blob_refs().into_iter().map(|r| &r.sha256).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for r in a.blob_refs() {
+                    if !had.contains(&&r.sha256) && !blobs.iter().any(|b| b.sha256 == r.sha256) {
+                        self.require_blob(id, &r.sha256).await?;
+                    }
+                }
+            }
             // The revision first (after its blobs, so a roll-forward finds them): it decides
             // which of two racing changes makes this revision (see `history`).
             history::link(&mut record, current.as_ref().map(|v| &v.value));

@@ -8,14 +8,16 @@ use async_nats::service::{Request, Service, ServiceExt};
 use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::claim_check::Staging;
 use super::events::{error_reply, ok_headers};
 use super::metrics::Metrics;
 use super::{Subjects, WireError, request_id};
-use crate::domain::artifact::StoredRecord;
+use crate::domain::artifact::{RunArtifact, Sha256Hex, StoredRecord};
+use crate::domain::command::create::StagedBody;
 use crate::domain::error::Rejection;
 use crate::domain::ids::{RequestId, RunId};
 use crate::store::{ListQuery, RunStore, StoreError};
@@ -34,6 +36,19 @@ struct GetRequest {
     /// A past revision (its record as it was stored then).
     #[serde(default)]
     revision: Option<u64>,
+    /// One output body alone: inline when small, else staged in the staging bucket.
+    #[serde(default)]
+    output: Option<OutputName>,
+}
+
+/// The output bodies `get` can return alone.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum OutputName {
+    /// The G-code text.
+    Gcode,
+    /// The op plan (RFC 8785 JSON when stored as a blob).
+    Opplan,
 }
 
 #[derive(Deserialize)]
@@ -95,6 +110,7 @@ pub struct Api {
     store: RunStore,
     concurrency: usize,
     metrics: Arc<Metrics>,
+    staging: Option<Staging>,
 }
 
 impl Api {
@@ -104,12 +120,14 @@ impl Api {
         store: RunStore,
         concurrency: usize,
         metrics: Arc<Metrics>,
+        staging: Option<Staging>,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
             store,
             concurrency,
             metrics,
+            staging,
         })
     }
 
@@ -273,8 +291,13 @@ impl Api {
             run_id,
             include_outputs: false,
             revision: None,
+            output: None,
         })
         .map_err(|r| WireError::from(&r))?;
+        let max = self.client.server_info().max_payload;
+        if let Some(which) = q.output {
+            return self.get_output(&q.run_id, which, max).await;
+        }
         let bytes = if let Some(revision) = q.revision {
             let value = self
                 .store
@@ -304,6 +327,14 @@ impl Api {
                 .get(&q.run_id)
                 .await
                 .map_err(|e| self.store_err(e))?;
+            // Bodies that cannot fit one reply (escaped, a body can take up to twice its
+            // size) are staged, and the reply says where to fetch them.
+            let bodies: u64 = artifact.blob_refs().iter().map(|r| r.size_bytes).sum();
+            if let Some(staging) = &self.staging
+                && bodies.saturating_mul(2) > max as u64
+            {
+                return self.with_fetch(staging, artifact).await;
+            }
             let artifact = self
                 .store
                 .inline_outputs(artifact)
@@ -316,7 +347,6 @@ impl Api {
                 .await
                 .map_err(|e| self.store_err(e))?
         };
-        let max = self.client.server_info().max_payload;
         if bytes.len() > max {
             return Err(WireError::from(&Rejection::too_large(format!(
                 "run {} is {} bytes with its outputs, over the broker's max_payload {max}; \
@@ -326,6 +356,102 @@ impl Api {
             ))));
         }
         Ok(bytes)
+    }
+
+    /// `get` with `output`: the body inline (`{"run_id", "output", "inline"}`) when the reply
+    /// fits `max`, else staged (`{"run_id", "output", "staged": {bucket, name, sha256,
+    /// size_bytes}}`) for the reader to fetch from the staging bucket.
+    async fn get_output(
+        &self,
+        run_id: &RunId,
+        which: OutputName,
+        max: usize,
+    ) -> Result<Bytes, WireError> {
+        let a = self
+            .store
+            .get(run_id)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        let (inline, blob) = match which {
+            OutputName::Gcode => (
+                a.outputs.gcode_text.clone().map(serde_json::Value::String),
+                a.outputs.gcode_blob.clone(),
+            ),
+            OutputName::Opplan => (
+                a.outputs.opplan_json.clone().map(serde_json::Value::Object),
+                a.outputs.opplan_blob.clone(),
+            ),
+        };
+        let reply = |field: &str, v: serde_json::Value| {
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "run_id": run_id, "output": which, field: v
+                }))
+                .unwrap_or_default(),
+            )
+        };
+        if let Some(v) = inline {
+            let bytes = reply("inline", v);
+            if bytes.len() <= max {
+                return Ok(bytes);
+            }
+        }
+        let Some(blob) = blob else {
+            return Err(WireError::from(&Rejection::not_found(format!(
+                "run {run_id} has no {} output",
+                serde_json::to_value(which).unwrap_or_default()
+            ))));
+        };
+        let staging = self.staging.as_ref().ok_or_else(|| {
+            WireError::from(&Rejection::too_large(format!(
+                "run {run_id}: the body is {} bytes and this worker has no staging bucket",
+                blob.size_bytes
+            )))
+        })?;
+        let staged = self.stage(staging, run_id, &blob.sha256).await?;
+        Ok(reply(
+            "staged",
+            serde_json::to_value(staged).unwrap_or_default(),
+        ))
+    }
+
+    async fn stage(
+        &self,
+        staging: &Staging,
+        run_id: &RunId,
+        sha: &Sha256Hex,
+    ) -> Result<StagedBody, WireError> {
+        staging
+            .stage_blob(&self.store, sha)
+            .await
+            .map_err(|e| self.store_err(e))?
+            .ok_or_else(|| {
+                self.store_err(StoreError::Corrupt {
+                    key: self.store.blob_key(sha).to_string(),
+                    reason: format!("run {run_id}: its blob {sha} is missing"),
+                })
+            })
+    }
+
+    /// The artifact as stored plus `"fetch": {"gcode"?, "opplan"?}`: where its large bodies
+    /// were staged (`include_outputs` on bodies over the broker's `max_payload`).
+    async fn with_fetch(&self, staging: &Staging, a: RunArtifact) -> Result<Bytes, WireError> {
+        let mut fetch = serde_json::Map::new();
+        if let Some(b) = &a.outputs.gcode_blob {
+            let s = self.stage(staging, &a.run_id, &b.sha256).await?;
+            fetch.insert("gcode".into(), serde_json::to_value(s).unwrap_or_default());
+        }
+        if let Some(b) = &a.outputs.opplan_blob {
+            let s = self.stage(staging, &a.run_id, &b.sha256).await?;
+            fetch.insert("opplan".into(), serde_json::to_value(s).unwrap_or_default());
+        }
+        let mut v = serde_json::to_value(&a).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("fetch".into(), serde_json::Value::Object(fetch));
+        }
+        Ok(Bytes::from(
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        ))
     }
 
     async fn list(&self, body: &[u8]) -> Result<Bytes, WireError> {
