@@ -72,6 +72,9 @@ pub struct Overrides {
     /// JetStream stream name.
     #[arg(long, env = "RMOS_STREAM", global = true)]
     pub stream: Option<String>,
+    /// JetStream Object Store bucket of claim-checked bodies (created by the worker).
+    #[arg(long, env = "RMOS_STAGING_BUCKET", global = true)]
+    pub staging_bucket: Option<String>,
     /// Durable consumer name.
     #[arg(long, env = "RMOS_CONSUMER", global = true)]
     pub consumer: Option<String>,
@@ -116,6 +119,8 @@ struct FileConfig {
     http: Option<HttpFile>,
     stream_replicas: Option<usize>,
     stream_max_age: Option<String>,
+    staging_bucket: Option<String>,
+    staging_max_age: Option<String>,
     ack_wait: Option<String>,
     max_deliver: Option<i64>,
     forget_acked_after: Option<String>,
@@ -219,6 +224,10 @@ pub struct Config {
     pub stream_replicas: usize,
     /// Stream max age (zero: keep until acked).
     pub stream_max_age: Duration,
+    /// JetStream Object Store bucket for bodies too large for one message (claim checks).
+    pub staging_bucket: String,
+    /// Age after which an unclaimed staged body expires.
+    pub staging_max_age: Duration,
     /// How long a delivered command may stay unacked before redelivery.
     pub ack_wait: Duration,
     /// Deliveries before the broker gives up on a message (-1: never).
@@ -368,6 +377,20 @@ impl Config {
             .or(f.consumer)
             .unwrap_or_else(|| "rmos-runs-worker".to_owned());
         check_token("consumer", &consumer)?;
+        let staging_bucket = o
+            .staging_bucket
+            .clone()
+            .or(f.staging_bucket)
+            .unwrap_or_else(|| crate::transport::claim_check::DEFAULT_BUCKET.to_owned());
+        if staging_bucket.is_empty()
+            || !staging_bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError(format!(
+                "staging_bucket: {staging_bucket:?} must be letters, digits, - and _"
+            )));
+        }
         let concurrency = o.concurrency.or(f.concurrency).unwrap_or(64);
         if !(1..=4096).contains(&concurrency) {
             return Err(ConfigError(format!(
@@ -425,6 +448,19 @@ impl Config {
             http,
             stream_replicas,
             stream_max_age: dur("stream_max_age", f.stream_max_age, Duration::ZERO)?,
+            staging_bucket,
+            staging_max_age: match dur(
+                "staging_max_age",
+                f.staging_max_age,
+                crate::transport::claim_check::DEFAULT_MAX_AGE,
+            )? {
+                d if d.is_zero() => {
+                    return Err(ConfigError(
+                        "staging_max_age: must be above zero (unclaimed bodies must expire)".into(),
+                    ));
+                }
+                d => d,
+            },
             ack_wait: dur("ack_wait", f.ack_wait, Duration::from_secs(30))?,
             max_deliver,
             forget_acked_after: dur(

@@ -17,6 +17,7 @@ use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, Transfer
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
+use rmos_runs::transport::claim_check::{self, Staging};
 use rmos_runs::transport::health::{Health, JetStreamCheck};
 use rmos_runs::transport::http::auth::Auth;
 use rmos_runs::transport::http::{self, AppState, HttpSettings};
@@ -62,6 +63,9 @@ enum Cmd {
         /// A past revision (the record as that revision stored it).
         #[arg(long)]
         revision: Option<u64>,
+        /// Write one output body (gcode or opplan) to stdout, exactly as stored, instead.
+        #[arg(long, value_parser = ["gcode", "opplan"])]
+        output: Option<String>,
     },
     /// Show a run's revisions, oldest first.
     History {
@@ -285,8 +289,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Get {
             run_id,
+            output: Some(output),
+            ..
+        } => get_output(&cfg, &run_id, &output, timeout).await,
+        Cmd::Get {
+            run_id,
             include_outputs,
             revision,
+            output: None,
         } => {
             let mut body =
                 serde_json::json!({"run_id": run_id, "include_outputs": include_outputs});
@@ -529,8 +539,61 @@ async fn publish_payload(
     timeout: Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let payload = read_payload(&a)?;
+    let mut payload = read_payload(&a)?;
+    if kind == CommandKind::Create && cfg.ingest == IngestMode::JetStream {
+        // Too large for one message: the G-code goes through the staging bucket.
+        let client = client_connect(cfg).await?;
+        let max = client.server_info().max_payload;
+        let js = async_nats::jetstream::new(client);
+        payload = claim_check::stage_large_create(&js, &cfg.staging_bucket, payload, max)
+            .await
+            .map_err(|e| Failure {
+                code: EXIT_UNREACHABLE,
+                message: e.to_string(),
+            })?;
+    }
     publish(cfg, kind, payload, a.msg_id, timeout, json).await
+}
+
+/// `get --output`: writes one output body to stdout exactly as stored, fetching it from the
+/// staging bucket when the worker staged it (checked as it passes).
+async fn get_output(
+    cfg: &Config,
+    run_id: &str,
+    output: &str,
+    timeout: Duration,
+) -> Result<(), Failure> {
+    let body = serde_json::json!({"run_id": run_id, "output": output}).to_string();
+    let text = ask_once(cfg, "get", body, timeout, false).await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("get reply is not JSON: {e}"))?;
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    match (&v["inline"], &v["staged"]) {
+        (serde_json::Value::String(t), _) => {
+            out.write_all(t.as_bytes()).context("stdout")?;
+        }
+        (serde_json::Value::Object(_), _) => {
+            let plan = serde_json::to_vec(&v["inline"]).unwrap_or_default();
+            out.write_all(&plan).context("stdout")?;
+        }
+        (_, staged @ serde_json::Value::Object(_)) => {
+            let staged: rmos_runs::domain::command::create::StagedBody =
+                serde_json::from_value(staged.clone())
+                    .map_err(|e| anyhow!("get reply: staged: {e}"))?;
+            let client = client_connect(cfg).await?;
+            let js = async_nats::jetstream::new(client);
+            claim_check::fetch_staged(&js, &staged, &mut out)
+                .await
+                .map_err(|e| Failure {
+                    code: EXIT_VERIFY_FAILED,
+                    message: e.to_string(),
+                })?;
+        }
+        _ => return Err(anyhow!("get reply names no body: {text}").into()),
+    }
+    out.flush().context("stdout")?;
+    Ok(())
 }
 
 fn read_payload(a: &PayloadArgs) -> Result<Vec<u8>, Failure> {
@@ -609,6 +672,22 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     let metrics = Metrics::new();
     let board = TaskBoard::new();
 
+    // The staging bucket of claim-checked bodies (JetStream only: core brokers have none).
+    let staging = if cfg.ingest == IngestMode::JetStream {
+        let js = async_nats::jetstream::new(client.clone());
+        Some(
+            Staging::ensure(
+                &js,
+                &cfg.staging_bucket,
+                cfg.staging_max_age,
+                cfg.stream_replicas,
+            )
+            .await
+            .map_err(|e| anyhow!(e))?,
+        )
+    } else {
+        None
+    };
     let ingest = Ingest::new(
         client.clone(),
         store.clone(),
@@ -624,6 +703,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
             forget_acked_after: cfg.forget_acked_after,
             limits: cfg.limits.clone(),
             not_found_retries: 6,
+            staging: staging.clone(),
         },
         metrics.clone(),
     );
@@ -660,6 +740,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         store.clone(),
         cfg.concurrency,
         metrics.clone(),
+        staging.clone(),
     );
     let mode = cfg.ingest;
     let mut tasks: Vec<TaskFuture> = Vec::new();
@@ -854,9 +935,15 @@ fn raise_open_files_limit() {
 /// A store without a complete index (one written before the index existed, or the JSON data
 /// directory of the original FastAPI service) gets it built in the background; listings say
 /// `index_complete: false` until then. A new, empty store is complete at once.
+/// The same pass marks every live run's blob references, on a store not yet flagged as fully
+/// marked (until then deletes keep the blobs they would release).
 async fn spawn_index_build(store: &RunStore) -> Result<(), Failure> {
-    if store
-        .index_complete()
+    let complete = async {
+        Ok::<bool, rmos_runs::store::StoreError>(
+            store.index_complete().await? && store.blob_refs_complete().await?,
+        )
+    };
+    if complete
         .await
         .map_err(|e| anyhow!("store {}: {e}", store.url()))?
     {

@@ -84,7 +84,10 @@ fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
             let e = e.unwrap();
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel.starts_with(".locks") || rel.starts_with("_probe") {
+            // The blob reference flag is each store's own: a copy is marked by its first
+            // reindex, not by the transfer.
+            if rel.starts_with(".locks") || rel.starts_with("_probe") || rel == "blobrefs/_complete"
+            {
                 continue;
             }
             if e.file_type().unwrap().is_dir() {

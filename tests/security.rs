@@ -250,6 +250,133 @@ async fn create_ok(who: &RoleClient, events: &Events, worker: &Worker, run_id: &
     ev.body
 }
 
+/// The staging bucket of claim checks on the shipped permissions: the engine puts a body and
+/// names it in a create, the worker (its own credential) claims and removes it, a reader
+/// fetches the body the worker staged for it; the engine may not read the bucket, the reader
+/// may not write it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
+    let pw: Vec<(String, String)> = ["worker", "engine", "reader"]
+        .iter()
+        .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
+        .collect();
+    let pass = |role: &str| pw.iter().find(|(r, _)| r == role).unwrap().1.clone();
+    let mut env_names: Vec<(String, String)> = pw
+        .iter()
+        .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
+        .collect();
+    for r in ["advisor", "operator"] {
+        env_names.push((format!("RMOS_{}_PASSWORD", r.to_uppercase()), secret(r)));
+    }
+    let server_env: Vec<(&str, &str)> = env_names
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let permissions = deploy_file("permissions.conf");
+    let nats = ConfiguredNatsServer::start(
+        &shipped_template("nats-server.conf"),
+        &[("permissions.conf", &permissions)],
+        &server_env,
+    )
+    .await;
+    let url = nats.url();
+    let tmp = tempdir("staging");
+    let worker_pw = pass("worker");
+    let mut worker = spawn_worker(
+        &url,
+        &tmp.path().join("runs"),
+        "staging",
+        &[("NATS_USER", "worker"), ("NATS_PASSWORD", &worker_pw)],
+    );
+    let engine = RoleClient::user(&url, "engine", &pass("engine")).await;
+    let reader = RoleClient::user(&url, "reader", &pass("reader")).await;
+    worker.wait_ready_with(&reader.client).await;
+    let events = Events::subscribe(&engine.client).await;
+
+    // engine: put, then a create naming it.
+    let body = "G1 X1 Y2 F300\n".repeat(20_000);
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let name = format!("in/{sha}");
+    let bucket = engine
+        .js
+        .get_object_store("rmos-runs-staging")
+        .await
+        .expect("engine opens the staging bucket");
+    bucket
+        .put(name.as_str(), &mut body.as_bytes())
+        .await
+        .expect("engine puts a staged body");
+    let run = "run_00000000e5a1";
+    let r = rid("staged");
+    engine
+        .publish(
+            "create",
+            &r,
+            &json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": run,
+                    "outputs": {"gcode_ref": {"bucket": "rmos-runs-staging", "name": name,
+                                              "sha256": sha, "size_bytes": body.len()}}}),
+        )
+        .await
+        .expect("create PubAck");
+    let ev = events.one(&r, EVENT_TIMEOUT, &worker).await;
+    assert_eq!(ev.kind, "stored", "{:?}", ev.body);
+    // The worker removed the claimed object (a deletion marker is all that is left).
+    let info = bucket.info(name.as_str()).await;
+    assert!(
+        info.as_ref().map_or(true, |i| i.deleted),
+        "claimed object left: {info:?}"
+    );
+    // engine: no reading the bucket.
+    bucket
+        .put("in/other", &mut "G0".as_bytes())
+        .await
+        .expect("engine puts a second body");
+    // Opening only reads the object's metadata; reading its chunks needs a consumer.
+    let read = async {
+        let mut object = bucket.get("in/other").await.map_err(|e| e.to_string())?;
+        let mut v = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut v)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<Vec<u8>, String>(v)
+    };
+    let read = tokio::time::timeout(Duration::from_secs(5), read).await;
+    assert!(!matches!(read, Ok(Ok(_))), "the engine read a staged body");
+
+    // reader: the worker stages the body on request, the reader reads it; no writing.
+    let (code, reply) = reader
+        .request(
+            "get",
+            &json!({"run_id": run, "output": "gcode"}).to_string(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, None, "{reply}");
+    let staged_name = reply["staged"]["name"].as_str().expect("staged").to_owned();
+    let rbucket = reader
+        .js
+        .get_object_store("rmos-runs-staging")
+        .await
+        .expect("reader opens the staging bucket");
+    let mut object = rbucket
+        .get(staged_name.as_str())
+        .await
+        .expect("reader gets the staged body");
+    let mut got = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut got)
+        .await
+        .expect("reader reads the staged body");
+    assert!(got == body.as_bytes(), "staged body differs");
+    assert!(
+        rbucket
+            .put("in/reader", &mut "G0".as_bytes())
+            .await
+            .is_err(),
+        "the reader put into the staging bucket"
+    );
+    assert_worker_never_refused(&worker);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Roles (shipped config, user/password)
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::artifact::{BlobRef, JsonMap, RunArtifact, Sha256Hex};
-use super::command::create::OutputsPayload;
+use super::command::create::{OutputsPayload, StagedBody};
 use super::hashing::{sha256_bytes, sha256_json, sha256_text};
 use super::ids::RunId;
 
@@ -126,19 +126,43 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
         ));
     }
     let body_missing = matches!(gcode, Some(None)) || matches!(opplan, Some(None));
+    let gcode_checked = gcode.is_some();
     let published = OutputsPayload {
         gcode_text: gcode.flatten(),
         opplan_json: opplan.flatten(),
         gcode_path: o.gcode_path.clone(),
         opplan_path: o.opplan_path.clone(),
         preview_svg_path: o.preview_svg_path.clone(),
+        gcode_ref: None,
     };
     if h.toolpaths_sha256.is_some() || published != OutputsPayload::default() {
-        let actual = if body_missing {
+        let mut actual = if body_missing {
             None
         } else {
             published.toolpaths_sha256().map(|s| s.to_string())
         };
+        // G-code published as a staged body (a claim check) was hashed as its reference; the
+        // reference's hash is checked against the bytes above.
+        let recorded = h.toolpaths_sha256.as_ref().map(|s| s.as_str().to_owned());
+        if let (Some(r), true) = (&o.gcode_blob, gcode_checked)
+            && actual != recorded
+            && !body_missing
+        {
+            let staged = OutputsPayload {
+                gcode_text: None,
+                gcode_ref: Some(StagedBody {
+                    bucket: String::new(),
+                    name: String::new(),
+                    sha256: r.sha256.clone(),
+                    size_bytes: r.size_bytes,
+                }),
+                ..published.clone()
+            };
+            let alt = staged.toolpaths_sha256().map(|s| s.to_string());
+            if alt == recorded {
+                actual = alt;
+            }
+        }
         checks.push(check(
             "hashes.toolpaths_sha256",
             h.toolpaths_sha256.as_ref(),

@@ -664,6 +664,15 @@ impl RunStore {
         let mut results = futures::stream::iter(ids)
             .map(|id| async move {
                 let loaded = self.load(&id).await;
+                if !check_only
+                    && let Ok(Some(Versioned {
+                        value: StoredRecord::Live(a),
+                        ..
+                    })) = &loaded
+                    && let Err(e) = self.mark_references(a).await
+                {
+                    return (id, Err(e), None);
+                }
                 let repair = match &loaded {
                     Ok(record) => Some(
                         self.reconcile(
@@ -750,6 +759,8 @@ impl RunStore {
         }
         if !check_only {
             self.mark_index_complete().await?;
+            // Every live run's blob references were marked above.
+            self.mark_blob_refs_complete().await?;
         }
         Ok(report)
     }

@@ -513,7 +513,16 @@ fn classify(rel: &RelKey) -> Option<Result<ObjectKind, ()>> {
     let parts: Vec<&str> = rel.iter().map(|p| p.as_ref()).collect();
     let first = *parts.first()?;
     // The index is derived from the records: the destination's is kept by its own writes.
-    if first == "_probe" || first == super::index::INDEX_DIR || first.starts_with('.') {
+    // Parked blobs are a release in progress; the reference flag is the destination's own
+    // (its worker's first reindex writes it).
+    if first == "_probe"
+        || first == "parked"
+        || first == super::index::INDEX_DIR
+        || first.starts_with('.')
+    {
+        return None;
+    }
+    if parts.as_slice() == ["blobrefs", "_complete"] {
         return None;
     }
     let kind = match parts.as_slice() {

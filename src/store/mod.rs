@@ -5,7 +5,9 @@
 //! ```text
 //! <run_id>.json                 the run (or its tombstone)
 //! blobs/<sha256>                bodies over the blob threshold, content-addressed
-//! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob
+//! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob (see [`blobs`])
+//! blobrefs/_complete            every run's references have markers: releases may remove blobs
+//! parked/<sha256>/<nonce>       a blob being released, kept until its release is settled
 //! index/{time,tool,id}/...      the listing index: one empty object per run and tree,
 //!                               whose name is the run's summary (see [`index`])
 //! history/<run_id>/<revision>.json  every revision, immutable: the audit trail and its hash
@@ -18,6 +20,7 @@
 //! (ETag) for an existing one. A lost race reloads, re-decides and retries with jittered
 //! exponential backoff, a bounded number of times.
 
+mod blobs;
 pub mod error;
 pub mod history;
 pub mod index;
@@ -32,7 +35,6 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
     GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
@@ -43,7 +45,7 @@ use crate::domain::artifact::{
     ExplanationStatus, RecordHead, RiskLevel, RunArtifact, RunStatus, SCHEMA_VERSION, Sha256Hex,
     StoredRecord, Timestamp,
 };
-use crate::domain::command::{Command, Context, Decision, EventKind, NewBlob};
+use crate::domain::command::{Command, Context, Decision, EventKind};
 use crate::domain::hashing::sha256_json;
 use crate::domain::ids::{Mode, RunId, ToolId};
 use crate::domain::verify::{BlobContents, VerifyReport, verify};
@@ -198,6 +200,8 @@ pub struct RunStore {
     local: Option<local::LocalStore>,
     /// Set once `index/_built` has been seen (it is never removed).
     index_built: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once `blobrefs/_complete` has been seen (it is never removed): see [`blobs`].
+    blob_refs_complete: Arc<std::sync::atomic::AtomicBool>,
     /// Whether commands maintain the index (off only in benchmarks measuring its cost).
     indexing: bool,
     /// The key signing revisions, and the keys `verify` trusts.
@@ -213,7 +217,7 @@ impl std::fmt::Debug for RunStore {
 }
 
 /// Options for a read nothing will be written back from (the store may skip the version).
-fn read_only() -> GetOptions {
+pub(super) fn read_only() -> GetOptions {
     let mut options = GetOptions::default();
     options.extensions.insert(local::ReadOnlyGet);
     options
@@ -254,6 +258,7 @@ impl RunStore {
             sorted_listing: backend.sorted_listing,
             local: backend.local,
             index_built: Arc::default(),
+            blob_refs_complete: Arc::default(),
             indexing: true,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
@@ -273,6 +278,7 @@ impl RunStore {
             sorted_listing,
             local: None,
             index_built: Arc::default(),
+            blob_refs_complete: Arc::default(),
             indexing: true,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
@@ -325,10 +331,6 @@ impl RunStore {
     /// The key of a blob: `<prefix>/blobs/<sha256>`.
     pub fn blob_key(&self, sha: &Sha256Hex) -> Path {
         self.key(&format!("blobs/{sha}"))
-    }
-
-    fn blob_ref_key(&self, sha: &Sha256Hex, run: &RunId) -> Path {
-        self.key(&format!("blobrefs/{sha}/{run}"))
     }
 
     fn os_err(&self, e: object_store::Error, what: &str) -> StoreError {
@@ -456,6 +458,20 @@ impl RunStore {
             };
             for blob in &blobs {
                 self.put_blob(id, blob).await?;
+            }
+            // References to blobs the command did not bring (claimed staged bodies).
+            if let StoredRecord::Live(a) = &record {
+                let had: Vec<&Sha256Hex> = match current.as_ref().map(|v| &v.value) {
+                    Some(StoredRecord::Live(c)) => {
+                        c.blob_refs().into_iter().map(|r| &r.sha256).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                for r in a.blob_refs() {
+                    if !had.contains(&&r.sha256) && !blobs.iter().any(|b| b.sha256 == r.sha256) {
+                        self.require_blob(id, &r.sha256).await?;
+                    }
+                }
             }
             // The revision first (after its blobs, so a roll-forward finds them): it decides
             // which of two racing changes makes this revision (see `history`).
@@ -598,66 +614,6 @@ impl RunStore {
         Ok(())
     }
 
-    /// Stores a blob for `run` (marker first, so a concurrent release sees the reference).
-    async fn put_blob(&self, run: &RunId, blob: &NewBlob) -> Result<(), StoreError> {
-        let marker = self.blob_ref_key(&blob.sha256, run);
-        self.store
-            .put(&marker, PutPayload::new())
-            .await
-            .map_err(|e| self.os_err(e, &format!("write {marker}")))?;
-        self.put_blob_bytes(blob).await
-    }
-
-    async fn put_blob_bytes(&self, blob: &NewBlob) -> Result<(), StoreError> {
-        let key = self.blob_key(&blob.sha256);
-        let payload = PutPayload::from(Bytes::from(blob.bytes.clone()));
-        match self
-            .store
-            .put_opts(&key, payload, PutOptions::from(PutMode::Create))
-            .await
-        {
-            // Content-addressed: an existing object with this name has these bytes.
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(object_store::Error::Precondition { .. }) => Ok(()),
-            Err(e) => Err(self.os_err(e, &format!("write {key}"))),
-        }
-    }
-
-    /// Re-stores a blob that a concurrent release removed between our write and our record.
-    async fn ensure_blob(&self, blob: &NewBlob) -> Result<(), StoreError> {
-        let key = self.blob_key(&blob.sha256);
-        match self.store.head(&key).await {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => self.put_blob_bytes(blob).await,
-            Err(e) => Err(self.os_err(e, &format!("check {key}"))),
-        }
-    }
-
-    /// Drops `run`'s reference to a blob and removes the blob when no run references it.
-    async fn release_blob(&self, sha: &Sha256Hex, run: &RunId) -> Result<(), StoreError> {
-        let marker = self.blob_ref_key(sha, run);
-        match self.store.delete(&marker).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(self.os_err(e, &format!("delete {marker}"))),
-        }
-        let refs_prefix = self.key(&format!("blobrefs/{sha}"));
-        let others = self
-            .store
-            .list(Some(&refs_prefix))
-            .take(1)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| self.os_err(e, &format!("list {refs_prefix}")))?;
-        if others.is_empty() {
-            let key = self.blob_key(sha);
-            match self.store.delete(&key).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(self.os_err(e, &format!("delete {key}"))),
-            }
-        }
-        Ok(())
-    }
-
     /// Keeps a rejected command (dead letter) under `dead_letters/<date>/<name>.json`, so that
     /// nothing sent is lost. Returns the key.
     pub async fn put_dead_letter(
@@ -673,25 +629,6 @@ impl RunStore {
             .await
             .map_err(|e| self.os_err(e, &format!("write {key}")))?;
         Ok(key.to_string())
-    }
-
-    /// Reads a blob; `None` when it does not exist.
-    pub async fn get_blob(&self, sha: &Sha256Hex) -> Result<Option<Bytes>, StoreError> {
-        let key = self.blob_key(sha);
-        match self.store.get(&key).await {
-            Ok(g) => g
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|e| self.os_err(e, &format!("read {key}"))),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.os_err(e, &format!("read {key}"))),
-        }
-    }
-
-    /// Whether a blob exists (for tests and operators).
-    pub async fn blob_exists(&self, sha: &Sha256Hex) -> Result<bool, StoreError> {
-        Ok(self.get_blob(sha).await?.is_some())
     }
 
     /// The artifact with its outputs' bodies put back inline (for `include_outputs`). A body

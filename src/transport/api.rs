@@ -12,12 +12,15 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::events::{error_reply, ok_headers};
+use super::claim_check::Staging;
 use super::metrics::Metrics;
-use super::reads::Reads;
+use super::reads::{GetRequest, OutputName, Reads};
 use super::{Subjects, WireError, request_id};
 use crate::domain::error::Rejection;
-use crate::domain::ids::RequestId;
-use crate::store::RunStore;
+use crate::domain::artifact::{RunArtifact, Sha256Hex};
+use crate::domain::command::create::StagedBody;
+use crate::domain::ids::{RequestId, RunId};
+use crate::store::{RunStore, StoreError};
 
 /// The service name in `nats micro ls`.
 pub const SERVICE_NAME: &str = "rmos-runs";
@@ -30,6 +33,7 @@ pub struct Api {
     reads: Reads,
     concurrency: usize,
     metrics: Arc<Metrics>,
+    staging: Option<Staging>,
 }
 
 impl Api {
@@ -39,12 +43,14 @@ impl Api {
         store: RunStore,
         concurrency: usize,
         metrics: Arc<Metrics>,
+        staging: Option<Staging>,
     ) -> Arc<Self> {
         Arc::new(Self {
             client,
             reads: Reads::new(store, metrics.clone()),
             concurrency,
             metrics,
+            staging,
         })
     }
 
@@ -197,18 +203,144 @@ impl Api {
         }
     }
 
-    /// `get`, refused when the answer would not fit in one message.
+    /// Counts a store failure in the metrics, then maps it to the wire.
+    fn store_err(&self, e: StoreError) -> WireError {
+        self.metrics.store_error(&e);
+        WireError::from(&e)
+    }
+
+    /// `get`: bodies that cannot fit one reply are staged in the staging bucket and the reply
+    /// says where to fetch them; anything else over `max_payload` is refused `too_large`.
     async fn get(&self, body: &[u8]) -> Result<Bytes, WireError> {
-        let bytes = self.reads.get(body).await?;
+        let q = GetRequest::parse(body)?;
         let max = self.client.server_info().max_payload;
+        if let Some(which) = q.output {
+            return self.get_output(&q.run_id, which, max).await;
+        }
+        if q.include_outputs
+            && q.revision.is_none()
+            && let Some(staging) = &self.staging
+        {
+            let artifact = self
+                .reads
+                .store()
+                .get(&q.run_id)
+                .await
+                .map_err(|e| self.store_err(e))?;
+            // Escaped, a body can take up to twice its size in the reply.
+            let bodies: u64 = artifact.blob_refs().iter().map(|r| r.size_bytes).sum();
+            if bodies.saturating_mul(2) > max as u64 {
+                return self.with_fetch(staging, artifact).await;
+            }
+        }
+        let bytes = self.reads.get_parsed(&q).await?;
         if bytes.len() > max {
             return Err(WireError::from(&Rejection::too_large(format!(
-                "the answer is {} bytes, over the broker's max_payload {max}; ask without \
-                 include_outputs, or fetch the outputs over HTTP",
+                "run {} is {} bytes with its outputs, over the broker's max_payload {max}; \
+                 ask without include_outputs, or for one output alone",
+                q.run_id,
                 bytes.len()
             ))));
         }
         Ok(bytes)
+    }
+
+    /// `get` with `output`: the body inline (`{"run_id", "output", "inline"}`) when the reply
+    /// fits `max`, else staged (`{"run_id", "output", "staged": {bucket, name, sha256,
+    /// size_bytes}}`) for the reader to fetch from the staging bucket.
+    async fn get_output(
+        &self,
+        run_id: &RunId,
+        which: OutputName,
+        max: usize,
+    ) -> Result<Bytes, WireError> {
+        let a = self
+            .reads
+            .store()
+            .get(run_id)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        let (inline, blob) = match which {
+            OutputName::Gcode => (
+                a.outputs.gcode_text.clone().map(serde_json::Value::String),
+                a.outputs.gcode_blob.clone(),
+            ),
+            OutputName::Opplan => (
+                a.outputs.opplan_json.clone().map(serde_json::Value::Object),
+                a.outputs.opplan_blob.clone(),
+            ),
+        };
+        let reply = |field: &str, v: serde_json::Value| {
+            Bytes::from(
+                serde_json::to_vec(&serde_json::json!({
+                    "run_id": run_id, "output": which, field: v
+                }))
+                .unwrap_or_default(),
+            )
+        };
+        if let Some(v) = inline {
+            let bytes = reply("inline", v);
+            if bytes.len() <= max {
+                return Ok(bytes);
+            }
+        }
+        let Some(blob) = blob else {
+            return Err(WireError::from(&Rejection::not_found(format!(
+                "run {run_id} has no {} output",
+                serde_json::to_value(which).unwrap_or_default()
+            ))));
+        };
+        let staging = self.staging.as_ref().ok_or_else(|| {
+            WireError::from(&Rejection::too_large(format!(
+                "run {run_id}: the body is {} bytes and this worker has no staging bucket",
+                blob.size_bytes
+            )))
+        })?;
+        let staged = self.stage(staging, run_id, &blob.sha256).await?;
+        Ok(reply(
+            "staged",
+            serde_json::to_value(staged).unwrap_or_default(),
+        ))
+    }
+
+    async fn stage(
+        &self,
+        staging: &Staging,
+        run_id: &RunId,
+        sha: &Sha256Hex,
+    ) -> Result<StagedBody, WireError> {
+        let store = self.reads.store();
+        staging
+            .stage_blob(store, sha)
+            .await
+            .map_err(|e| self.store_err(e))?
+            .ok_or_else(|| {
+                self.store_err(StoreError::Corrupt {
+                    key: store.blob_key(sha).to_string(),
+                    reason: format!("run {run_id}: its blob {sha} is missing"),
+                })
+            })
+    }
+
+    /// The artifact as stored plus `"fetch": {"gcode"?, "opplan"?}`: where its large bodies
+    /// were staged (`include_outputs` on bodies over the broker's `max_payload`).
+    async fn with_fetch(&self, staging: &Staging, a: RunArtifact) -> Result<Bytes, WireError> {
+        let mut fetch = serde_json::Map::new();
+        if let Some(b) = &a.outputs.gcode_blob {
+            let s = self.stage(staging, &a.run_id, &b.sha256).await?;
+            fetch.insert("gcode".into(), serde_json::to_value(s).unwrap_or_default());
+        }
+        if let Some(b) = &a.outputs.opplan_blob {
+            let s = self.stage(staging, &a.run_id, &b.sha256).await?;
+            fetch.insert("opplan".into(), serde_json::to_value(s).unwrap_or_default());
+        }
+        let mut v = serde_json::to_value(&a).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("fetch".into(), serde_json::Value::Object(fetch));
+        }
+        Ok(Bytes::from(
+            serde_json::to_vec_pretty(&v).unwrap_or_default(),
+        ))
     }
 }
 

@@ -34,8 +34,9 @@ use super::events::{self, RejectedEvent, Source};
 use super::metrics::{CommandOutcome, Metrics};
 use super::{Subjects, WireError, msg_id, request_id};
 use crate::domain::artifact::Timestamp;
+use crate::domain::command::create::StagedBody;
 use crate::domain::command::{Command, CommandKind, Context, Limits, StreamPosition};
-use crate::domain::error::{RejectCode, RejectKind};
+use crate::domain::error::{RejectCode, RejectKind, Rejection};
 use crate::domain::ids::{CommandId, RequestId, RunId};
 use crate::store::{Outcome, RunStore, StoreError};
 
@@ -90,6 +91,8 @@ pub struct IngestSettings {
     pub limits: Limits,
     /// Deliveries a patch/advisory for an unknown run is retried before it is rejected.
     pub not_found_retries: i64,
+    /// The staging bucket of claim-checked bodies (`None`: commands naming one are rejected).
+    pub staging: Option<super::claim_check::Staging>,
 }
 
 /// Why ingestion could not start or stopped.
@@ -835,9 +838,13 @@ impl Ingest {
         };
         let run_id = cmd.run_id().clone();
         tracing::Span::current().record("run_id", tracing::field::display(&run_id));
+        let staged = match &cmd {
+            Command::Create(c) => c.outputs.gcode_ref.clone(),
+            _ => None,
+        };
         let result = {
             let _guard = self.locks.for_run(&run_id).lock().await;
-            self.store.execute(&cmd, &ctx).await
+            self.execute_claiming(&cmd, &ctx, staged.as_ref()).await
         };
         if let Err(e) = &result {
             self.metrics.store_error(e);
@@ -860,6 +867,41 @@ impl Ingest {
             }
             Err(e) => Verdict::Reject(WireError::from(&e), Some(run_id)),
         }
+    }
+
+    /// Executes a command, first claiming the staged body it names (streamed into the store,
+    /// checked); once the run is stored the staged object is removed.
+    async fn execute_claiming(
+        &self,
+        cmd: &Command,
+        ctx: &Context,
+        staged: Option<&StagedBody>,
+    ) -> Result<Outcome, StoreError> {
+        let Some(staged) = staged else {
+            return self.store.execute(cmd, ctx).await;
+        };
+        let Some(staging) = &self.settings.staging else {
+            return Err(Rejection::invalid(
+                "outputs.gcode_ref: this worker has no staging bucket (core ingest)",
+            )
+            .into());
+        };
+        let run = cmd.run_id();
+        staging
+            .claim(&self.store, run, staged, "outputs.gcode_ref")
+            .await?;
+        let outcome = self.store.execute(cmd, ctx).await?;
+        // A release that raced the claim may have removed the blob before the record
+        // referenced it (see store::blobs): put it back from the staged object.
+        if !self.store.blob_exists(&staged.sha256).await? {
+            staging
+                .claim(&self.store, run, staged, "outputs.gcode_ref")
+                .await?;
+        }
+        if let Err(e) = staging.remove(&staged.name).await {
+            tracing::warn!(error = %e, "staged object not removed; it expires with the bucket's max_age");
+        }
+        Ok(outcome)
     }
 
     #[allow(clippy::too_many_arguments)]

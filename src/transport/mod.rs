@@ -2,6 +2,7 @@
 //! events. It decodes messages into domain commands and encodes results; it holds no rules.
 
 pub mod api;
+pub mod claim_check;
 pub mod connect;
 pub mod events;
 pub mod health;

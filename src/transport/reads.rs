@@ -15,15 +15,45 @@ use crate::domain::error::Rejection;
 use crate::domain::ids::RunId;
 use crate::store::{ListQuery, RunStore, StoreError};
 
+/// A `get` request.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GetRequest {
-    run_id: RunId,
+pub struct GetRequest {
+    /// The run.
+    pub run_id: RunId,
+    /// Large bodies put back inline.
     #[serde(default)]
-    include_outputs: bool,
+    pub include_outputs: bool,
     /// A past revision (its record as it was stored then).
     #[serde(default)]
-    revision: Option<u64>,
+    pub revision: Option<u64>,
+    /// One output body alone (NATS: inline when small, else staged in the staging bucket;
+    /// HTTP serves bodies at their own paths instead).
+    #[serde(default)]
+    pub output: Option<OutputName>,
+}
+
+impl GetRequest {
+    /// Parses a `get` body: a bare run id or a JSON object.
+    pub fn parse(body: &[u8]) -> Result<Self, WireError> {
+        parse_id_or_json(body, |run_id| GetRequest {
+            run_id,
+            include_outputs: false,
+            revision: None,
+            output: None,
+        })
+        .map_err(|r| WireError::from(&r))
+    }
+}
+
+/// The output bodies `get` can return alone.
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputName {
+    /// The G-code text.
+    Gcode,
+    /// The op plan (RFC 8785 JSON when stored as a blob).
+    Opplan,
 }
 
 #[derive(Deserialize)]
@@ -106,12 +136,17 @@ impl Reads {
     /// `get`: a run id as text or `{"run_id", "include_outputs"?, "revision"?}` → the record
     /// as stored (or that revision, or with its outputs inlined).
     pub async fn get(&self, body: &[u8]) -> Result<Bytes, WireError> {
-        let q: GetRequest = parse_id_or_json(body, |run_id| GetRequest {
-            run_id,
-            include_outputs: false,
-            revision: None,
-        })
-        .map_err(|r| WireError::from(&r))?;
+        let q = GetRequest::parse(body)?;
+        if q.output.is_some() {
+            return Err(WireError::invalid(
+                "output is not served here: fetch /api/rmos/runs/{run_id}/outputs/{gcode|opplan}",
+            ));
+        }
+        self.get_parsed(&q).await
+    }
+
+    /// `get` of a parsed request (its `output` is not looked at).
+    pub async fn get_parsed(&self, q: &GetRequest) -> Result<Bytes, WireError> {
         let bytes = if let Some(revision) = q.revision {
             let value = self
                 .store

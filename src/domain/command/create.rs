@@ -39,6 +39,36 @@ pub struct OutputsPayload {
     /// Path to a preview SVG.
     #[serde(default)]
     pub preview_svg_path: Option<String>,
+    /// G-code too large for one broker message, staged in a JetStream Object Store bucket
+    /// instead of `gcode_text` (a claim check; README, "Large programs").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcode_ref: Option<StagedBody>,
+}
+
+/// A body staged in a JetStream Object Store bucket, named in a command in place of the body:
+/// the worker streams it into the store, checks its SHA-256 and size, then removes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StagedBody {
+    /// The Object Store bucket.
+    pub bucket: String,
+    /// The object's name in the bucket.
+    pub name: String,
+    /// SHA-256 of the body's bytes (lower-case hex).
+    pub sha256: Sha256Hex,
+    /// The body's size in bytes.
+    pub size_bytes: u64,
+}
+
+impl StagedBody {
+    fn check(&self, field: &str) -> Result<(), Rejection> {
+        if self.bucket.is_empty() || self.name.is_empty() {
+            return Err(Rejection::invalid(format!(
+                "{field}: bucket and name must not be empty"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl OutputsPayload {
@@ -46,9 +76,18 @@ impl OutputsPayload {
         *self == OutputsPayload::default()
     }
 
-    /// The hash `toolpaths_sha256` covers: the outputs object as published, bodies inline.
+    /// The hash `toolpaths_sha256` covers: the outputs object as published, bodies inline; a
+    /// staged body counts as `{"sha256", "size_bytes"}` (where it was staged is not content).
     pub fn toolpaths_sha256(&self) -> Option<Sha256Hex> {
-        (!self.is_empty()).then(|| hash_of(self))
+        if self.is_empty() {
+            return None;
+        }
+        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
+        if let Some(r) = v.get_mut("gcode_ref").and_then(Value::as_object_mut) {
+            r.remove("bucket");
+            r.remove("name");
+        }
+        Some(hash_of(&v))
     }
 }
 
@@ -153,11 +192,20 @@ impl CreateRun {
                 p.feasibility.clone(),
             )))),
             toolpaths_sha256: p.outputs.toolpaths_sha256(),
-            gcode_sha256: p
-                .outputs
-                .gcode_text
-                .as_deref()
-                .map(|t| Sha256Hex::from_computed(sha256_text(t))),
+            gcode_sha256: match (&p.outputs.gcode_text, &p.outputs.gcode_ref) {
+                (Some(_), Some(_)) => {
+                    return Err(Rejection::invalid(
+                        "outputs: send either gcode_text or gcode_ref, not both",
+                    ));
+                }
+                (Some(t), None) => Some(Sha256Hex::from_computed(sha256_text(t))),
+                // Checked against the bytes when the worker claims the staged body.
+                (None, Some(r)) => {
+                    r.check("outputs.gcode_ref")?;
+                    Some(r.sha256.clone())
+                }
+                (None, None) => None,
+            },
             opplan_sha256: p
                 .outputs
                 .opplan_json
@@ -256,6 +304,15 @@ impl CreateRun {
             opplan_blob: None,
             extra: Default::default(),
         };
+        // A staged body is already in the store (the transport claimed it, checked): the
+        // record references it like any other blob, whatever its size.
+        if let Some(r) = &self.outputs.gcode_ref {
+            outputs.gcode_blob = Some(BlobRef {
+                sha256: r.sha256.clone(),
+                size_bytes: r.size_bytes,
+                media_type: GCODE_MEDIA_TYPE.to_owned(),
+            });
+        }
         if let Some(text) = &self.outputs.gcode_text
             && text.len() > threshold
         {

@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::TryStreamExt as _;
-use object_store::ObjectStoreExt as _;
 use serde_json::{Map, Value};
 
 use super::auth::{Access, AuthError, Caller};
@@ -282,19 +281,19 @@ async fn stream_blob(
     content_type: &'static str,
 ) -> Result<Response, HttpError> {
     let store = s.reads.store();
-    let key = store.blob_key(&blob.sha256);
-    let got = store.object_store().get(&key).await.map_err(|e| {
-        let e = match e {
-            object_store::Error::NotFound { .. } => crate::store::StoreError::Corrupt {
-                key: key.to_string(),
+    let got = store
+        .blob_stream(&blob.sha256)
+        .await
+        .map_err(|e| ctx.wire(WireError::from(&e)))?
+        .ok_or_else(|| {
+            let e = crate::store::StoreError::Corrupt {
+                key: store.blob_key(&blob.sha256).to_string(),
                 reason: format!("run {run}: a blob it references is missing"),
-            },
-            e => crate::store::StoreError::from_object_store(e, &format!("read {key}")),
-        };
-        ctx.wire(WireError::from(&e))
-    })?;
-    let len = got.meta.size;
-    let stream = got.into_stream().map_err(std::io::Error::other);
+            };
+            ctx.wire(WireError::from(&e))
+        })?;
+    let len = got.size;
+    let stream = got.bytes.map_err(|e| std::io::Error::other(e.to_string()));
     let mut r = (
         StatusCode::OK,
         [

@@ -1,0 +1,382 @@
+//! Claim checks through NATS: bodies too large for one broker message travel through a
+//! JetStream Object Store bucket (the staging bucket), which chunks them over the same
+//! connection, and commands and replies name them (`StagedBody`: bucket, name, SHA-256, size)
+//! instead of carrying them.
+//!
+//! * In: a publisher puts the body into the bucket and sends `outputs.gcode_ref`. The worker
+//!   streams the object into the run store as a blob ([`RunStore::put_blob_stream`]: hashed
+//!   and uploaded as it arrives, never whole in memory), which rejects a hash or size that
+//!   differs from the claim; once the run is stored it removes the staged object. Objects
+//!   nothing claims expire with the bucket's `max_age`.
+//! * Out: `get` with `output` (or `include_outputs` on a body over the broker's
+//!   `max_payload`) stages the blob under `out/<sha256>` and replies with where it is.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::object_store::{self as nats_os, ObjectMetadata};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use crate::domain::artifact::Sha256Hex;
+use crate::domain::command::create::StagedBody;
+use crate::domain::error::Rejection;
+use crate::domain::ids::RunId;
+use crate::store::{RunStore, StoreError};
+
+/// Default staging bucket name.
+pub const DEFAULT_BUCKET: &str = "rmos-runs-staging";
+/// Default age after which the broker drops a staged object nobody claimed.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+/// Size of the chunks read from a staged object.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Why staging failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    /// The bucket could not be created or opened.
+    #[error("staging bucket {bucket}: {reason}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// Why.
+        reason: String,
+    },
+    /// An object could not be written, read or removed.
+    #[error("staged object {bucket}/{name}: {reason}")]
+    Object {
+        /// The bucket.
+        bucket: String,
+        /// The object.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The staging bucket.
+#[derive(Clone)]
+pub struct Staging {
+    bucket: String,
+    store: nats_os::ObjectStore,
+}
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Staging({})", self.bucket)
+    }
+}
+
+impl Staging {
+    /// Creates the bucket (the worker, at start-up) or opens it when it exists. Staged objects
+    /// expire after `max_age`.
+    pub async fn ensure(
+        js: &jetstream::Context,
+        bucket: &str,
+        max_age: Duration,
+        replicas: usize,
+    ) -> Result<Self, StagingError> {
+        let err = |reason: String| StagingError::Bucket {
+            bucket: bucket.to_owned(),
+            reason,
+        };
+        let store = match js.get_object_store(bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(nats_os::Config {
+                    bucket: bucket.to_owned(),
+                    description: Some(
+                        "rmos-runs: large bodies on their way in and out (claim checks)".into(),
+                    ),
+                    max_age,
+                    num_replicas: replicas.max(1),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| err(e.to_string()))?,
+        };
+        Ok(Self {
+            bucket: bucket.to_owned(),
+            store,
+        })
+    }
+
+    /// Opens an existing bucket (publishers and readers: they do not create it).
+    pub async fn open(js: &jetstream::Context, bucket: &str) -> Result<Self, StagingError> {
+        let store = js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| StagingError::Bucket {
+                bucket: bucket.to_owned(),
+                reason: format!("{e} (the worker creates it at start-up)"),
+            })?;
+        Ok(Self {
+            bucket: bucket.to_owned(),
+            store,
+        })
+    }
+
+    /// The bucket's name.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn obj_err(&self, name: &str, reason: impl std::fmt::Display) -> StagingError {
+        StagingError::Object {
+            bucket: self.bucket.clone(),
+            name: name.to_owned(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Puts `body` under `name` and returns its claim check.
+    pub async fn put(
+        &self,
+        name: &str,
+        body: &mut (impl AsyncRead + Unpin),
+        sha256: Sha256Hex,
+        size_bytes: u64,
+    ) -> Result<StagedBody, StagingError> {
+        self.store
+            .put(
+                ObjectMetadata {
+                    name: name.to_owned(),
+                    ..Default::default()
+                },
+                body,
+            )
+            .await
+            .map_err(|e| self.obj_err(name, e))?;
+        Ok(StagedBody {
+            bucket: self.bucket.clone(),
+            name: name.to_owned(),
+            sha256,
+            size_bytes,
+        })
+    }
+
+    /// Stages bytes held in memory (the CLI's bodies), named by their SHA-256 so that a retry
+    /// names the same object and publishes the same command.
+    pub async fn put_bytes(&self, prefix: &str, body: &[u8]) -> Result<StagedBody, StagingError> {
+        let sha = Sha256Hex::parse(&hex::encode(Sha256::digest(body)))
+            .map_err(|r| self.obj_err(prefix, r.message))?;
+        let name = format!("{prefix}{sha}");
+        let mut reader = body;
+        self.put(&name, &mut reader, sha, body.len() as u64).await
+    }
+
+    /// The staged object's bytes as a stream of chunks.
+    pub async fn read(
+        &self,
+        name: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin, StagingError>
+    {
+        let object = self
+            .store
+            .get(name)
+            .await
+            .map_err(|e| self.obj_err(name, e))?;
+        Ok(Box::pin(futures::stream::unfold(
+            Some(object),
+            |object| async move {
+                let mut object = object?;
+                let mut buf = BytesMut::with_capacity(READ_CHUNK);
+                match object.read_buf(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(_) => Some((Ok(buf.freeze()), Some(object))),
+                    Err(e) => Some((Err(e), None)),
+                }
+            },
+        )))
+    }
+
+    /// Streams a staged body named in `staged` into `store` as a blob of `run` (checked: a
+    /// hash or size other than claimed is `Rejected`). A body already in the store whose
+    /// staged object is gone (a redelivery after the first delivery stored it and removed
+    /// the object) is accepted as it is.
+    pub async fn claim(
+        &self,
+        store: &RunStore,
+        run: &RunId,
+        staged: &StagedBody,
+        field: &str,
+    ) -> Result<(), StoreError> {
+        if staged.bucket != self.bucket {
+            return Err(Rejection::invalid(format!(
+                "{field}: bucket {:?} is not the staging bucket {:?}",
+                staged.bucket, self.bucket
+            ))
+            .into());
+        }
+        let gone = match self.store.info(&staged.name).await {
+            Ok(info) => info.deleted,
+            Err(e) if e.kind() == nats_os::InfoErrorKind::NotFound => true,
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "staging bucket {}: {e}",
+                    self.bucket
+                )));
+            }
+        };
+        match gone {
+            false => {}
+            true => {
+                if store.blob_exists(&staged.sha256).await? {
+                    return Ok(());
+                }
+                return Err(Rejection::invalid(format!(
+                    "{field}: no object {:?} in bucket {:?} (never put, or expired)",
+                    staged.name, staged.bucket
+                ))
+                .into());
+            }
+        }
+        let bytes = self
+            .read(&staged.name)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        store
+            .put_blob_stream(
+                run,
+                &staged.sha256,
+                staged.size_bytes,
+                bytes,
+                &format!("{field} {}/{}", staged.bucket, staged.name),
+            )
+            .await
+    }
+
+    /// Removes a staged object (after its run is stored). A missing one is fine.
+    pub async fn remove(&self, name: &str) -> Result<(), StagingError> {
+        match self.store.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == nats_os::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.obj_err(name, e)),
+        }
+    }
+
+    /// Stages blob `sha` of `store` under `out/<sha256>` for a reader, streaming it (a body
+    /// already staged with that size is not written again). `None` when the blob is missing.
+    pub async fn stage_blob(
+        &self,
+        store: &RunStore,
+        sha: &Sha256Hex,
+    ) -> Result<Option<StagedBody>, StoreError> {
+        let name = format!("out/{sha}");
+        let unavailable = |e: StagingError| StoreError::Unavailable(e.to_string());
+        let Some(blob) = store.blob_stream(sha).await? else {
+            return Ok(None);
+        };
+        if let Ok(info) = self.store.info(&name).await
+            && info.size as u64 == blob.size
+            && !info.deleted
+        {
+            return Ok(Some(StagedBody {
+                bucket: self.bucket.clone(),
+                name,
+                sha256: sha.clone(),
+                size_bytes: blob.size,
+            }));
+        }
+        // A pipe between the store's stream and the object store's reader: bounded memory.
+        let (mut tx, rx) = tokio::io::duplex(READ_CHUNK);
+        let size = blob.size;
+        let mut chunks = blob.bytes;
+        let feed = async move {
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                tx.write_all(&chunk)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("staging pipe: {e}")))?;
+            }
+            tx.shutdown()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("staging pipe: {e}")))?;
+            Ok::<(), StoreError>(())
+        };
+        // The reader moves into the put, so a put that fails drops it and ends the feed.
+        let put = async move {
+            let mut rx = rx;
+            self.put(&name, &mut rx, sha.clone(), size).await
+        };
+        let (fed, put) = tokio::join!(feed, put);
+        fed?;
+        put.map(Some).map_err(unavailable)
+    }
+}
+
+/// What a publisher does before sending a command larger than the broker's `max_payload`:
+/// moves `outputs.gcode_text` of a create into the staging bucket and names it in
+/// `outputs.gcode_ref`. Returns the payload to send (unchanged when it fits, or when there is
+/// nothing to move). The object is named `in/<sha256>`, so a retry sends the same command.
+pub async fn stage_large_create(
+    js: &jetstream::Context,
+    bucket: &str,
+    payload: Vec<u8>,
+    max_payload: usize,
+) -> Result<Vec<u8>, StagingError> {
+    // Headroom for the headers that travel with the message.
+    if payload.len() + 1024 <= max_payload {
+        return Ok(payload);
+    }
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+        return Ok(payload); // the worker names what is wrong with it
+    };
+    let Some(text) = v
+        .get_mut("outputs")
+        .and_then(serde_json::Value::as_object_mut)
+        .and_then(|o| o.remove("gcode_text"))
+    else {
+        return Ok(payload);
+    };
+    let serde_json::Value::String(text) = text else {
+        return Ok(payload);
+    };
+    let staging = Staging::open(js, bucket).await?;
+    let staged = staging.put_bytes("in/", text.as_bytes()).await?;
+    if let Some(o) = v
+        .get_mut("outputs")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        o.insert(
+            "gcode_ref".into(),
+            serde_json::to_value(&staged).unwrap_or_default(),
+        );
+    }
+    Ok(serde_json::to_vec(&v).unwrap_or(payload))
+}
+
+/// Copies a staged body to `out` (the CLI's stdout), checking its size and SHA-256 as it
+/// passes: an `Err` after some bytes were written means what was written is not the body.
+pub async fn fetch_staged(
+    js: &jetstream::Context,
+    staged: &StagedBody,
+    out: &mut impl std::io::Write,
+) -> Result<(), StagingError> {
+    let staging = Staging::open(js, &staged.bucket).await?;
+    let mut bytes = staging.read(&staged.name).await?;
+    let mut hasher = Sha256::new();
+    let mut seen = 0u64;
+    while let Some(chunk) = bytes.next().await {
+        let chunk = chunk.map_err(|e| staging.obj_err(&staged.name, e))?;
+        hasher.update(&chunk);
+        seen += chunk.len() as u64;
+        out.write_all(&chunk)
+            .map_err(|e| staging.obj_err(&staged.name, format!("writing out: {e}")))?;
+    }
+    out.flush()
+        .map_err(|e| staging.obj_err(&staged.name, format!("writing out: {e}")))?;
+    let actual = hex::encode(hasher.finalize());
+    if seen != staged.size_bytes || actual != staged.sha256.as_str() {
+        return Err(staging.obj_err(
+            &staged.name,
+            format!(
+                "{seen} bytes hashing to {actual}, not the announced {} bytes hashing to {}",
+                staged.size_bytes, staged.sha256
+            ),
+        ));
+    }
+    Ok(())
+}
