@@ -1,23 +1,22 @@
 //! `rmos-runs`: the worker (`serve`) and the operator CLI (clients of the NATS API).
 //! This file only parses the command line and wires the layers together.
 
-use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context as _, anyhow};
+mod cli;
+
+use anyhow::anyhow;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
-use rmos_runs::domain::ids::RequestId;
 use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
-use rmos_runs::transport::claim_check::{self, Staging};
+use rmos_runs::transport::claim_check::Staging;
 use rmos_runs::transport::health::{Health, JetStreamCheck};
 use rmos_runs::transport::http::auth::Auth;
 use rmos_runs::transport::http::{self, AppState, HttpSettings};
@@ -25,7 +24,7 @@ use rmos_runs::transport::ingest::{Ingest, IngestSettings};
 use rmos_runs::transport::metrics::Metrics;
 use rmos_runs::transport::outcomes::Commander;
 use rmos_runs::transport::reads::Reads;
-use rmos_runs::transport::{REQUEST_ID_HEADER, Subjects, connect};
+use rmos_runs::transport::{Subjects, connect};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -291,7 +290,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             run_id,
             output: Some(output),
             ..
-        } => get_output(&cfg, &run_id, &output, timeout).await,
+        } => cli::get_output(&cfg, &run_id, &output, timeout).await,
         Cmd::Get {
             run_id,
             include_outputs,
@@ -303,7 +302,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(r) = revision {
                 body["revision"] = r.into();
             }
-            request(&cfg, "get", body.to_string(), timeout, cli.json).await
+            cli::request(&cfg, "get", body.to_string(), timeout, cli.json).await
         }
         Cmd::History {
             run_id,
@@ -317,7 +316,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(c) = cursor {
                 body["cursor"] = c.into();
             }
-            history(&cfg, body.to_string(), timeout, cli.json).await
+            cli::history(&cfg, body.to_string(), timeout, cli.json).await
         }
         Cmd::Diff {
             run_id,
@@ -337,7 +336,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     body.insert(k.into(), v.into());
                 }
             }
-            diff(
+            cli::diff(
                 &cfg,
                 serde_json::Value::Object(body).to_string(),
                 timeout,
@@ -382,12 +381,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             put("until", until);
             if all {
                 q.insert("limit".into(), limit.unwrap_or(1000).into());
-                list_all(&cfg, q, timeout).await
+                cli::list_all(&cfg, q, timeout).await
             } else {
                 if let Some(limit) = limit {
                     q.insert("limit".into(), limit.into());
                 }
-                request(
+                cli::request(
                     &cfg,
                     "list",
                     serde_json::Value::Object(q).to_string(),
@@ -400,7 +399,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Verify {
             run_id: Some(run_id),
             ..
-        } => verify_run(&cfg, run_id, timeout, cli.json).await,
+        } => cli::verify_run(&cfg, run_id, timeout, cli.json).await,
         Cmd::Verify {
             after, concurrency, ..
         } => {
@@ -431,16 +430,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
             }
         }
-        Cmd::Create(a) => publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await,
+        Cmd::Create(a) => {
+            cli::publish_payload(&cfg, CommandKind::Create, a, timeout, cli.json).await
+        }
         Cmd::PatchMeta(a) => {
-            publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await
+            cli::publish_payload(&cfg, CommandKind::PatchMeta, a, timeout, cli.json).await
         }
         Cmd::AttachAdvisory(a) => {
-            publish_payload(&cfg, CommandKind::Advisory, a, timeout, cli.json).await
+            cli::publish_payload(&cfg, CommandKind::Advisory, a, timeout, cli.json).await
         }
         Cmd::Delete { run_id, reason } => {
             let body = serde_json::json!({"run_id": run_id, "reason": reason}).to_string();
-            publish(
+            cli::publish(
                 &cfg,
                 CommandKind::Delete,
                 body.into_bytes(),
@@ -463,29 +464,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             maintenance::check_retention(age).map_err(|e| anyhow!("--older-than: {e}"))?;
             let store = open_store(&cfg.store_url, &cfg, !dry_run).await?;
             let r = maintenance::gc(&store, &GcOptions::older_than(age, dry_run), None).await?;
-            print_report(&r, r.ok(), cli.json, "gc")
+            cli::print_report(&r, r.ok(), cli.json, "gc")
         }
         Cmd::Backup { to, overwrite } => {
             let src = open_store(&cfg.store_url, &cfg, false).await?;
             let dst = open_store(&StoreUrl::parse(&to)?, &cfg, true).await?;
             let r = maintenance::transfer(&src, &dst, &TransferOptions { overwrite }).await?;
-            print_report(&r, r.ok(), cli.json, "backup")
+            cli::print_report(&r, r.ok(), cli.json, "backup")
         }
         Cmd::Restore { from, overwrite } => {
             let src = open_store(&StoreUrl::parse(&from)?, &cfg, false).await?;
             let dst = open_store(&cfg.store_url, &cfg, true).await?;
             let r = maintenance::transfer(&src, &dst, &TransferOptions { overwrite }).await?;
-            print_report(&r, r.ok(), cli.json, "restore")
+            cli::print_report(&r, r.ok(), cli.json, "restore")
         }
         Cmd::Reindex { check } => {
             let store = open_store(&cfg.store_url, &cfg, !check).await?;
             let r = store.reindex(check).await.map_err(|e| anyhow!(e))?;
-            print_report(&r, r.consistent() || !check, cli.json, "reindex")
+            cli::print_report(&r, r.consistent() || !check, cli.json, "reindex")
         }
         Cmd::Import { from_dir } => {
             let store = open_store(&cfg.store_url, &cfg, true).await?;
             let r = maintenance::import_dir(&store, &from_dir).await?;
-            print_report(&r, r.ok(), cli.json, "import")
+            cli::print_report(&r, r.ok(), cli.json, "import")
         }
     }
 }
@@ -509,106 +510,6 @@ async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStor
             .map_err(|e| anyhow!("store {url}: {e}"))?;
     }
     Ok(store)
-}
-
-/// Prints a maintenance report; exit 1 when it records failures.
-fn print_report<R>(r: &R, ok: bool, json: bool, what: &str) -> Result<(), Failure>
-where
-    R: serde::Serialize + std::fmt::Display,
-{
-    if json {
-        println!("{}", serde_json::to_string(r).unwrap_or_default());
-    } else {
-        print!("{r}");
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(Failure {
-            code: 1,
-            message: format!("{what}: finished with failures (see the report)"),
-        })
-    }
-}
-
-/// Publishes a command whose JSON payload comes from `--file` or stdin.
-async fn publish_payload(
-    cfg: &Config,
-    kind: CommandKind,
-    a: PayloadArgs,
-    timeout: Duration,
-    json: bool,
-) -> Result<(), Failure> {
-    let mut payload = read_payload(&a)?;
-    if kind == CommandKind::Create && cfg.ingest == IngestMode::JetStream {
-        // Too large for one message: the G-code goes through the staging bucket.
-        let client = client_connect(cfg).await?;
-        let max = client.server_info().max_payload;
-        let js = async_nats::jetstream::new(client);
-        payload = claim_check::stage_large_create(&js, &cfg.staging_bucket, payload, max)
-            .await
-            .map_err(|e| Failure {
-                code: EXIT_UNREACHABLE,
-                message: e.to_string(),
-            })?;
-    }
-    publish(cfg, kind, payload, a.msg_id, timeout, json).await
-}
-
-/// `get --output`: writes one output body to stdout exactly as stored, fetching it from the
-/// staging bucket when the worker staged it (checked as it passes).
-async fn get_output(
-    cfg: &Config,
-    run_id: &str,
-    output: &str,
-    timeout: Duration,
-) -> Result<(), Failure> {
-    let body = serde_json::json!({"run_id": run_id, "output": output}).to_string();
-    let text = ask_once(cfg, "get", body, timeout, false).await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("get reply is not JSON: {e}"))?;
-    use std::io::Write as _;
-    let mut out = std::io::BufWriter::new(std::io::stdout());
-    match (&v["inline"], &v["staged"]) {
-        (serde_json::Value::String(t), _) => {
-            out.write_all(t.as_bytes()).context("stdout")?;
-        }
-        (serde_json::Value::Object(_), _) => {
-            let plan = serde_json::to_vec(&v["inline"]).unwrap_or_default();
-            out.write_all(&plan).context("stdout")?;
-        }
-        (_, staged @ serde_json::Value::Object(_)) => {
-            let staged: rmos_runs::domain::command::create::StagedBody =
-                serde_json::from_value(staged.clone())
-                    .map_err(|e| anyhow!("get reply: staged: {e}"))?;
-            let client = client_connect(cfg).await?;
-            let js = async_nats::jetstream::new(client);
-            claim_check::fetch_staged(&js, &staged, &mut out)
-                .await
-                .map_err(|e| Failure {
-                    code: EXIT_VERIFY_FAILED,
-                    message: e.to_string(),
-                })?;
-        }
-        _ => return Err(anyhow!("get reply names no body: {text}").into()),
-    }
-    out.flush().context("stdout")?;
-    Ok(())
-}
-
-fn read_payload(a: &PayloadArgs) -> Result<Vec<u8>, Failure> {
-    let mut buf = Vec::new();
-    match a.file.as_deref() {
-        None | Some("-") => {
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("reading stdin")?;
-        }
-        Some(path) => {
-            buf = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-        }
-    }
-    Ok(buf)
 }
 
 fn print_config(cfg: &Config) {
@@ -986,326 +887,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
-    }
-}
-
-async fn client_connect(cfg: &Config) -> Result<async_nats::Client, Failure> {
-    let mut cfg = cfg.clone();
-    cfg.connect_timeout = cfg.connect_timeout.min(Duration::from_secs(5));
-    connect::connect(&cfg, "rmos-runs cli")
-        .await
-        .map_err(|e| Failure {
-            code: EXIT_UNREACHABLE,
-            message: e.to_string(),
-        })
-}
-
-fn code_for(status: &str) -> u8 {
-    if status == "404" {
-        EXIT_NOT_FOUND
-    } else {
-        EXIT_REJECTED
-    }
-}
-
-/// Sends one request; the reply's text, or its error reply as a failure (with `--json`, the
-/// error body is printed first, for scripts).
-async fn ask(
-    client: &async_nats::Client,
-    subjects: &Subjects,
-    endpoint: &str,
-    body: String,
-    timeout: Duration,
-    json: bool,
-) -> Result<String, Failure> {
-    let rid = RequestId::generate();
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(REQUEST_ID_HEADER, rid.as_str());
-    let req = async_nats::Request::new()
-        .payload(body.into())
-        .headers(h)
-        .timeout(Some(timeout));
-    let reply = client
-        .send_request(subjects.sub(endpoint), req)
-        .await
-        .map_err(|e| Failure {
-            code: EXIT_UNREACHABLE,
-            message: format!("{endpoint}: {e}"),
-        })?;
-    let text = String::from_utf8_lossy(&reply.payload).into_owned();
-    if let Some(status) = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("Nats-Service-Error-Code"))
-    {
-        let message = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Service-Error"))
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        if json {
-            println!("{text}");
-        }
-        return Err(Failure {
-            code: code_for(status.as_str()),
-            message,
-        });
-    }
-    Ok(text)
-}
-
-/// One request, its reply printed (pretty JSON, or as received with `--json`).
-async fn request(
-    cfg: &Config,
-    endpoint: &str,
-    body: String,
-    timeout: Duration,
-    json: bool,
-) -> Result<(), Failure> {
-    let text = ask_once(cfg, endpoint, body, timeout, json).await?;
-    print_value(&text, json);
-    Ok(())
-}
-
-async fn ask_once(
-    cfg: &Config,
-    endpoint: &str,
-    body: String,
-    timeout: Duration,
-    json: bool,
-) -> Result<String, Failure> {
-    let client = client_connect(cfg).await?;
-    let subjects = Subjects::new(cfg.subject_prefix.clone());
-    ask(&client, &subjects, endpoint, body, timeout, json).await
-}
-
-/// `verify`: the report, and exit 5 when any check or the hash chain fails.
-async fn verify_run(
-    cfg: &Config,
-    run_id: String,
-    timeout: Duration,
-    json: bool,
-) -> Result<(), Failure> {
-    let body = serde_json::json!({"run_id": run_id}).to_string();
-    let text = ask_once(cfg, "verify", body, timeout, json).await?;
-    print_value(&text, json);
-    let report: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("verify reply: {e}"))?;
-    if report["ok"] == serde_json::Value::Bool(true) {
-        return Ok(());
-    }
-    let reason = match report["chain"]["broken"].as_object() {
-        Some(b) => format!(
-            "revision {}: {} ({})",
-            b.get("revision").unwrap_or(&serde_json::Value::Null),
-            b.get("reason").and_then(|r| r.as_str()).unwrap_or("?"),
-            b.get("detail").and_then(|r| r.as_str()).unwrap_or("")
-        ),
-        None => "a content hash does not match (see checks)".to_owned(),
-    };
-    Err(Failure {
-        code: EXIT_VERIFY_FAILED,
-        message: format!("run {run_id} failed verification: {reason}"),
-    })
-}
-
-/// `history`: one page, as a table (or the reply with `--json`).
-async fn history(cfg: &Config, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
-    let text = ask_once(cfg, "history", body, timeout, json).await?;
-    if json {
-        println!("{text}");
-        return Ok(());
-    }
-    let page: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("history reply: {e}"))?;
-    println!(
-        "{:>4}  {:<18}  {:<24}  {:<16}  {:<36}  request",
-        "rev", "event", "at", "artifact_sha256", "command"
-    );
-    for r in page["revisions"].as_array().into_iter().flatten() {
-        let text = |k: &str| r[k].as_str().unwrap_or("-").to_owned();
-        let sha = text("artifact_sha256");
-        println!(
-            "{:>4}  {:<18}  {:<24}  {:<16}  {:<36}  {}",
-            r["revision"],
-            text("event"),
-            text("at"),
-            &sha[..sha.len().min(16)],
-            text("command_id"),
-            text("request_id")
-        );
-    }
-    if let Some(c) = page["next_cursor"].as_str() {
-        println!("more: --cursor {c}");
-    }
-    Ok(())
-}
-
-/// `diff`: one line per changed path (or the reply with `--json`).
-async fn diff(cfg: &Config, body: String, timeout: Duration, json: bool) -> Result<(), Failure> {
-    let text = ask_once(cfg, "diff", body, timeout, json).await?;
-    if json {
-        println!("{text}");
-        return Ok(());
-    }
-    let d: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("diff reply: {e}"))?;
-    let side = |v: &serde_json::Value| {
-        format!(
-            "{} revision {}",
-            v["run_id"].as_str().unwrap_or("?"),
-            v["revision"]
-        )
-    };
-    println!("--- {}\n+++ {}", side(&d["from"]), side(&d["to"]));
-    let shown = |v: Option<&serde_json::Value>| v.map_or("(absent)".to_owned(), |v| v.to_string());
-    for c in d["changes"].as_array().into_iter().flatten() {
-        println!(
-            "{}: {} -> {}",
-            c["path"].as_str().unwrap_or("?"),
-            shown(c.get("before")),
-            shown(c.get("after"))
-        );
-    }
-    Ok(())
-}
-
-/// `list --all`: follows `next_cursor` to the end, printing one summary per line as it goes
-/// (memory stays one page, whatever the store's size).
-async fn list_all(
-    cfg: &Config,
-    mut q: serde_json::Map<String, serde_json::Value>,
-    timeout: Duration,
-) -> Result<(), Failure> {
-    use std::io::Write;
-    let client = client_connect(cfg).await?;
-    let subjects = Subjects::new(cfg.subject_prefix.clone());
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    loop {
-        let body = serde_json::Value::Object(q.clone()).to_string();
-        let text = ask(&client, &subjects, "list", body, timeout, false).await?;
-        let page: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| anyhow!("list reply: {e}"))?;
-        for run in page["runs"].as_array().into_iter().flatten() {
-            writeln!(out, "{run}").map_err(|e| anyhow!("stdout: {e}"))?;
-        }
-        match page["next_cursor"].as_str() {
-            Some(c) => {
-                q.insert("cursor".into(), c.into());
-            }
-            None => break,
-        }
-    }
-    out.flush().map_err(|e| anyhow!("stdout: {e}"))?;
-    Ok(())
-}
-
-fn print_value(text: &str, json: bool) {
-    match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(v) if !json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-        _ => println!("{text}"),
-    }
-}
-
-async fn publish(
-    cfg: &Config,
-    kind: CommandKind,
-    payload: Vec<u8>,
-    msg_id: Option<String>,
-    timeout: Duration,
-    json: bool,
-) -> Result<(), Failure> {
-    let client = client_connect(cfg).await?;
-    let subjects = Subjects::new(cfg.subject_prefix.clone());
-    let rid = RequestId::generate();
-    // Subscribe before publishing so the outcome cannot slip past.
-    let mut stored = client
-        .subscribe(subjects.stored())
-        .await
-        .map_err(|e| anyhow!("subscribe: {e}"))?;
-    let mut rejected = client
-        .subscribe(subjects.rejected())
-        .await
-        .map_err(|e| anyhow!("subscribe: {e}"))?;
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(REQUEST_ID_HEADER, rid.as_str());
-    if let Some(m) = &msg_id {
-        h.insert(rmos_runs::transport::MSG_ID_HEADER, m.as_str());
-    }
-    let subject = subjects.command(kind);
-    match cfg.ingest {
-        IngestMode::JetStream => {
-            let js = async_nats::jetstream::new(client.clone());
-            let ack = js
-                .publish_with_headers(subject.clone(), h, payload.into())
-                .await
-                .map_err(|e| Failure {
-                    code: EXIT_UNREACHABLE,
-                    message: format!("publish {subject}: {e}"),
-                })?;
-            tokio::time::timeout(timeout, ack)
-                .await
-                .map_err(|_| Failure {
-                    code: EXIT_UNREACHABLE,
-                    message: format!("no PubAck for {subject}: is the stream there?"),
-                })?
-                .map_err(|e| Failure {
-                    code: EXIT_UNREACHABLE,
-                    message: format!("publish {subject}: {e}"),
-                })?;
-        }
-        IngestMode::Core => {
-            client
-                .publish_with_headers(subject.clone(), h, payload.into())
-                .await
-                .map_err(|e| Failure {
-                    code: EXIT_UNREACHABLE,
-                    message: format!("publish {subject}: {e}"),
-                })?;
-        }
-    }
-    let mine = |m: &async_nats::Message| {
-        m.headers
-            .as_ref()
-            .and_then(|h| h.get(REQUEST_ID_HEADER))
-            .is_some_and(|v| v.as_str() == rid.as_str())
-    };
-    let wait = async {
-        loop {
-            tokio::select! {
-                Some(m) = stored.next() => if mine(&m) { return Ok(m) },
-                Some(m) = rejected.next() => if mine(&m) { return Err(m) },
-                else => return Err(async_nats::Message { subject: "".into(), reply: None, payload: bytes::Bytes::new(), headers: None, status: None, description: None, length: 0 }),
-            }
-        }
-    };
-    match tokio::time::timeout(timeout, wait).await {
-        Ok(Ok(m)) => {
-            print_value(&String::from_utf8_lossy(&m.payload), json);
-            Ok(())
-        }
-        Ok(Err(m)) => {
-            let text = String::from_utf8_lossy(&m.payload).into_owned();
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            if json {
-                println!("{text}");
-            }
-            let code = v["code"].as_str().unwrap_or("rejected");
-            Err(Failure {
-                code: if code == "not_found" {
-                    EXIT_NOT_FOUND
-                } else {
-                    EXIT_REJECTED
-                },
-                message: format!("{code}: {}", v["message"].as_str().unwrap_or("")),
-            })
-        }
-        Err(_) => Err(Failure {
-            code: EXIT_UNREACHABLE,
-            message: format!(
-                "accepted by the broker (request id {rid}) but no outcome within {timeout:?}: is a worker running?"
-            ),
-        }),
     }
 }

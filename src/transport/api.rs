@@ -11,14 +11,14 @@ use futures::StreamExt;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::events::{error_reply, ok_headers};
 use super::claim_check::Staging;
+use super::events::{error_reply, ok_headers};
 use super::metrics::Metrics;
 use super::reads::{GetRequest, OutputName, Reads};
 use super::{Subjects, WireError, request_id};
-use crate::domain::error::Rejection;
 use crate::domain::artifact::{RunArtifact, Sha256Hex};
 use crate::domain::command::create::StagedBody;
+use crate::domain::error::Rejection;
 use crate::domain::ids::{RequestId, RunId};
 use crate::store::{RunStore, StoreError};
 
