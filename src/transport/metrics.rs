@@ -486,6 +486,7 @@ fn escape_label(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::RunId;
 
     fn value(text: &str, series: &str) -> Option<String> {
         text.lines()

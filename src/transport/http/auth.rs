@@ -303,14 +303,13 @@ impl Auth {
                 })?;
             let (user, password) = decoded.split_once(':').unwrap_or((decoded.as_str(), ""));
             let d = digest(password);
-            // Every credential is compared, so timing does not tell which users exist.
-            self.credentials
-                .iter()
-                .filter(|c| {
-                    matches!(&c.secret, Secret::Basic { user: u, password: p }
-                        if same(p, &d) & (u == user))
-                })
-                .last()
+            // Every credential is compared, so timing does not tell which users exist (hence
+            // a fold, not a search that stops at the first match).
+            self.credentials.iter().fold(None, |found, c| {
+                let hit = matches!(&c.secret, Secret::Basic { user: u, password: p }
+                    if same(p, &d) & (u == user));
+                if hit { Some(c) } else { found }
+            })
         } else {
             return Err(AuthError::Unauthenticated(format!(
                 "authorization scheme {scheme:?} not supported: use Bearer or Basic"
