@@ -9,7 +9,8 @@
 #   make test-oldest  the broker-facing tests on the oldest supported nats-server only
 #   make check  formatting + clippy, warnings are errors
 #   make run    run the worker on its defaults (local store, local NATS started if needed)
-#   make bench  store benchmarks (figures + the command that produced them)
+#   make bench  the benchmarks (figures + the command that produced them); installs the
+#               FastAPI peer of the http benchmark (.tools/peer-venv) first
 
 CARGO ?= cargo
 
@@ -53,9 +54,11 @@ run:
 	bash scripts/run-local.sh
 
 bench:
+	bash scripts/install-deps.sh --peer
 	$(CARGO) bench --locked --bench store
 	$(CARGO) bench --locked --bench index
 	$(CARGO) bench --locked --bench e2e
+	$(CARGO) bench --locked --bench http
 
 # Offline checks of deploy/ (hadolint, compose config, nats-server -t, systemd-analyze).
 validate-deploy:

@@ -17,6 +17,8 @@
 # Prints one line per thing installed, then "deps ok".
 #
 #   --nats-only   stop after nats-server (what `make run` needs)
+#   --peer        only .tools/peer-venv: the FastAPI peer of benches/http.rs (fastapi, uvicorn,
+#                 from scripts/peer-requirements.txt); `make bench` and the benchmark use it
 # Env: PYTHON=/path/to/python3 to choose the interpreter for the venvs.
 set -euo pipefail
 
@@ -89,6 +91,14 @@ ensure_venv() {
     fi
     exec 9>&-
 }
+
+# ---- the FastAPI peer of benches/http.rs (.tools/peer-venv), on request only -----------
+if [[ "${1:-}" == "--peer" ]]; then
+    PIN_FILES=("$ROOT/scripts/peer-requirements.txt")
+    ensure_venv "$TOOLS/peer-venv" "FastAPI peer (benches/http.rs)" -r "${PIN_FILES[0]}"
+    echo "deps ok (FastAPI peer)"
+    exit 0
+fi
 
 # ---- nats-server ------------------------------------------------------------------------
 for v in "$NATS_SERVER_VERSION" "$NATS_SERVER_OLDEST"; do

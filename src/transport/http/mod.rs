@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod routes;
 pub mod runs;
 pub mod server;
 /// The web view's files (src/transport/http/web/), embedded.
@@ -23,13 +24,13 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use self::auth::{Access, Auth};
 use self::error::HttpError;
+use self::routes::Route;
 use self::runs::Ctx;
 use self::server::ConnLimits;
 use super::health::Health;
@@ -78,22 +79,35 @@ pub struct HttpSettings {
 }
 
 /// `/metrics`, `/healthz`, `/readyz`.
-fn ops_routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+fn ops_table() -> Vec<Route<Arc<AppState>>> {
+    vec![
+        Route::get("/metrics", metrics),
+        Route::get("/healthz", || async { "ok\n" }),
+        Route::get("/readyz", readyz),
+    ]
+}
+
+/// Every route of the main address: API, web view, OpenAPI, ops.
+fn app_table() -> Vec<Route<Arc<AppState>>> {
+    let mut t = runs::table();
+    t.extend([
+        Route::get("/", web_index),
+        Route::get("/assets/{file}", web_asset),
+        Route::get("/openapi.json", openapi),
+    ]);
+    t.extend(ops_table());
+    t
+}
+
+/// `(method, path)` of every route the main address serves (what /openapi.json describes).
+pub fn served_routes() -> Vec<(axum::http::Method, &'static str)> {
+    routes::listed(&app_table())
 }
 
 /// The whole application: API, web view, OpenAPI, ops.
 pub fn app(state: Arc<AppState>) -> Router {
     let max_body = state.max_body;
-    Router::new()
-        .merge(runs::routes())
-        .route("/", get(web_index))
-        .route("/assets/{file}", get(web_asset))
-        .route("/openapi.json", get(openapi))
-        .merge(ops_routes())
+    routes::build(app_table())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -103,7 +117,7 @@ pub fn app(state: Arc<AppState>) -> Router {
 
 /// Only the ops routes (the metrics address).
 pub fn ops_app(state: Arc<AppState>) -> Router {
-    ops_routes()
+    routes::build(ops_table())
         .fallback(|ctx: Ctx| async move {
             HttpError::new(
                 StatusCode::NOT_FOUND,

@@ -10,12 +10,12 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use futures::TryStreamExt as _;
 use serde_json::{Map, Value};
 
 use super::auth::{Access, AuthError, Caller};
 use super::error::{HttpError, status_of_code};
+use super::routes::Route;
 use super::{AppState, MSG_ID_HTTP_HEADER};
 use crate::domain::artifact::{BlobRef, RunArtifact};
 use crate::domain::command::CommandKind;
@@ -23,24 +23,29 @@ use crate::domain::ids::{RequestId, RunId};
 use crate::transport::outcomes::{Outcome, SendError};
 use crate::transport::{REQUEST_ID_HEADER, WireError};
 
+/// The routes under `/api/rmos/runs`, as a table (see [`super::routes`]).
+pub fn table() -> Vec<Route<Arc<AppState>>> {
+    vec![
+        Route::get("/api/rmos/runs", list),
+        Route::post("/api/rmos/runs", create),
+        Route::get("/api/rmos/runs/{run_id}", get_run),
+        Route::delete("/api/rmos/runs/{run_id}", delete),
+        Route::patch("/api/rmos/runs/{run_id}/meta", patch_meta),
+        Route::post("/api/rmos/runs/{run_id}/advisory", advisory),
+        Route::get("/api/rmos/runs/{run_id}/hashes", hashes),
+        Route::get("/api/rmos/runs/{run_id}/history", history),
+        Route::get("/api/rmos/runs/{run_id}/diff", diff),
+        Route::get("/api/rmos/runs/{run_id}/outputs/{which}", output),
+        Route::get(
+            "/api/rmos/runs/{run_id}/advisories/{advisory_id}",
+            advisory_body,
+        ),
+    ]
+}
+
 /// The routes under `/api/rmos/runs`.
 pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/api/rmos/runs", get(list).post(create))
-        .route("/api/rmos/runs/{run_id}", get(get_run).delete(delete))
-        .route(
-            "/api/rmos/runs/{run_id}/meta",
-            axum::routing::patch(patch_meta),
-        )
-        .route("/api/rmos/runs/{run_id}/advisory", post(advisory))
-        .route("/api/rmos/runs/{run_id}/hashes", get(hashes))
-        .route("/api/rmos/runs/{run_id}/history", get(history))
-        .route("/api/rmos/runs/{run_id}/diff", get(diff))
-        .route("/api/rmos/runs/{run_id}/outputs/{which}", get(output))
-        .route(
-            "/api/rmos/runs/{run_id}/advisories/{advisory_id}",
-            get(advisory_body),
-        )
+    super::routes::build(table())
 }
 
 /// What every handler starts from: the request id and the caller's credentials.
