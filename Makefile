@@ -56,6 +56,7 @@ bench:
 	$(CARGO) bench --locked --bench store
 	$(CARGO) bench --locked --bench index
 	$(CARGO) bench --locked --bench e2e
+	$(CARGO) bench --locked --bench blobs
 
 # Offline checks of deploy/ (hadolint, compose config, nats-server -t, systemd-analyze).
 validate-deploy:
