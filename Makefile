@@ -59,6 +59,7 @@ bench:
 	$(CARGO) bench --locked --bench index
 	$(CARGO) bench --locked --bench e2e
 	$(CARGO) bench --locked --bench http
+	$(CARGO) bench --locked --bench blobs
 
 # Offline checks of deploy/ (hadolint, compose config, nats-server -t, systemd-analyze).
 validate-deploy:

@@ -530,6 +530,8 @@ fn print_config(cfg: &Config) {
         "concurrency": cfg.concurrency,
         "stream_replicas": cfg.stream_replicas,
         "stream_max_age_s": cfg.stream_max_age.as_secs(),
+        "staging_bucket": cfg.staging_bucket,
+        "staging_max_age_s": cfg.staging_max_age.as_secs(),
         "ack_wait_s": cfg.ack_wait.as_secs(),
         "max_deliver": cfg.max_deliver,
         "forget_acked_after_s": cfg.forget_acked_after.as_secs(),

@@ -374,6 +374,42 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
             .is_err(),
         "the reader put into the staging bucket"
     );
+
+    // The CLI as the engine, over the shipped max_payload: it stages by itself, twice with the
+    // same program (the second put lands on the first one's deletion marker, which the engine
+    // may not purge), and both runs are stored.
+    let big = "G1 X10.000 Y20.000 Z-1.000 F1500\n".repeat(300_000);
+    let engine_pw = pass("engine");
+    for run in ["run_00000000e5b1", "run_00000000e5b2"] {
+        let file = tmp.path().join(format!("{run}.json"));
+        std::fs::write(
+            &file,
+            json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": run,
+                   "outputs": {"gcode_text": big}})
+            .to_string(),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+            .args(["create", "--file", &file.display().to_string()])
+            .env("NATS_URL", &url)
+            .env("NATS_USER", "engine")
+            .env("NATS_PASSWORD", &engine_pw)
+            .env_remove("RMOS_CONFIG")
+            .env_remove("RMOS_INBOX_PREFIX")
+            .env_remove("RMOS_STAGING_BUCKET")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "engine CLI create {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (code, reply) = reader
+            .request("verify", &json!({"run_id": run}).to_string())
+            .await
+            .unwrap();
+        assert_eq!((code, &reply["ok"]), (None, &json!(true)), "{reply}");
+    }
     assert_worker_never_refused(&worker);
 }
 

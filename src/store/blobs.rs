@@ -66,8 +66,8 @@ use crate::domain::command::NewBlob;
 use crate::domain::error::Rejection;
 use crate::domain::ids::RunId;
 
-/// Part size of streamed uploads (S3's minimum is 5 MiB).
-pub const UPLOAD_PART: usize = 8 * 1024 * 1024;
+/// Part size of streamed uploads: S3's minimum, 5 MiB (at most three parts are held at once).
+pub const UPLOAD_PART: usize = 5 * 1024 * 1024;
 
 /// The flag of a store whose every blob reference has its marker (see the module docs).
 const COMPLETE_FLAG: &str = "blobrefs/_complete";
@@ -408,7 +408,9 @@ impl RunStore {
                     outcome = Err(self.os_err(e, &format!("write {key}")));
                     break;
                 }
-                w.put(chunk);
+                // Copied into the part buffer: the chunk may share a larger allocation (a
+                // connection's read buffer) that keeping it would keep alive.
+                w.write(&chunk);
             }
         }
         if outcome.is_ok() {

@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::object_store::{self as nats_os, ObjectMetadata};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use crate::domain::artifact::Sha256Hex;
 use crate::domain::command::create::StagedBody;
@@ -30,7 +30,7 @@ use crate::store::{RunStore, StoreError};
 pub const DEFAULT_BUCKET: &str = "rmos-runs-staging";
 /// Default age after which the broker drops a staged object nobody claimed.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-/// Size of the chunks read from a staged object.
+/// Size of the pipe between a blob read from the store and a staged object being written.
 const READ_CHUNK: usize = 256 * 1024;
 
 /// Why staging failed.
@@ -61,6 +61,7 @@ pub enum StagingError {
 pub struct Staging {
     bucket: String,
     store: nats_os::ObjectStore,
+    js: jetstream::Context,
 }
 
 impl std::fmt::Debug for Staging {
@@ -100,6 +101,7 @@ impl Staging {
         Ok(Self {
             bucket: bucket.to_owned(),
             store,
+            js: js.clone(),
         })
     }
 
@@ -115,6 +117,7 @@ impl Staging {
         Ok(Self {
             bucket: bucket.to_owned(),
             store,
+            js: js.clone(),
         })
     }
 
@@ -139,7 +142,8 @@ impl Staging {
         sha256: Sha256Hex,
         size_bytes: u64,
     ) -> Result<StagedBody, StagingError> {
-        self.store
+        let put = self
+            .store
             .put(
                 ObjectMetadata {
                     name: name.to_owned(),
@@ -147,8 +151,17 @@ impl Staging {
                 },
                 body,
             )
-            .await
-            .map_err(|e| self.obj_err(name, e))?;
+            .await;
+        match put {
+            Ok(_) => {}
+            // The new object is stored; only removing the chunks of an earlier object under
+            // the name failed (publishers may not purge: the worker removes claimed bodies,
+            // and an earlier one's leftovers expire with the bucket's max_age).
+            Err(e) if e.kind() == nats_os::PutErrorKind::PurgeOldChunks => {
+                tracing::debug!(name, error = %e, "earlier chunks left to expire");
+            }
+            Err(e) => return Err(self.obj_err(name, e)),
+        }
         Ok(StagedBody {
             bucket: self.bucket.clone(),
             name: name.to_owned(),
@@ -163,30 +176,58 @@ impl Staging {
         let sha = Sha256Hex::parse(&hex::encode(Sha256::digest(body)))
             .map_err(|r| self.obj_err(prefix, r.message))?;
         let name = format!("{prefix}{sha}");
+        // Already staged by an earlier attempt (the worker checks the bytes either way).
+        if let Ok(info) = self.store.info(&name).await
+            && !info.deleted
+            && info.size as u64 == body.len() as u64
+        {
+            return Ok(StagedBody {
+                bucket: self.bucket.clone(),
+                name,
+                sha256: sha,
+                size_bytes: body.len() as u64,
+            });
+        }
         let mut reader = body;
         self.put(&name, &mut reader, sha, body.len() as u64).await
     }
 
-    /// The staged object's bytes as a stream of chunks.
+    /// The staged object's bytes as a stream of chunks, fetched one at a time by direct get
+    /// (an ordered push consumer would let the broker run ahead of a slow writer by its whole
+    /// flow-control window: memory bounded by one chunk instead).
     pub async fn read(
         &self,
         name: &str,
     ) -> Result<impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin, StagingError>
     {
-        let object = self
+        let info = self
             .store
-            .get(name)
+            .info(name)
             .await
             .map_err(|e| self.obj_err(name, e))?;
+        if info.deleted {
+            return Err(self.obj_err(name, "deleted"));
+        }
+        let stream = self
+            .js
+            .get_stream_no_info(format!("OBJ_{}", self.bucket))
+            .await
+            .map_err(|e| self.obj_err(name, e))?;
+        let subject = format!("$O.{}.C.{}", self.bucket, info.nuid);
+        let chunks = info.chunks;
         Ok(Box::pin(futures::stream::unfold(
-            Some(object),
-            |object| async move {
-                let mut object = object?;
-                let mut buf = BytesMut::with_capacity(READ_CHUNK);
-                match object.read_buf(&mut buf).await {
-                    Ok(0) => None,
-                    Ok(_) => Some((Ok(buf.freeze()), Some(object))),
-                    Err(e) => Some((Err(e), None)),
+            (0usize, 1u64),
+            move |(got, seq)| {
+                let stream = stream.clone();
+                let subject = subject.clone();
+                async move {
+                    if got >= chunks {
+                        return None;
+                    }
+                    match stream.direct_get_next_for_subject(subject, Some(seq)).await {
+                        Ok(m) => Some((Ok(m.payload), (got + 1, m.sequence + 1))),
+                        Err(e) => Some((Err(std::io::Error::other(e)), (chunks, seq))),
+                    }
                 }
             },
         )))

@@ -1,0 +1,235 @@
+//! Large programs through a real broker and worker: a 200 MB program in by claim check and out
+//! again, with the worker's peak resident set against the 100 MiB ceiling, and the broker's
+//! own Object Store rates for the same bytes (no worker) as the peer measured in the same run.
+//!
+//!     cargo bench --bench blobs
+//!     BLOB_MB=50 BENCH_STORE=s3 cargo bench --bench blobs    (size; local or s3 store)
+//!
+//! In: the publisher puts the program into the staging bucket (as a Python or Go publisher
+//! would) and publishes a create naming it; timed until `rmos.runs.stored`. The worker streams
+//! the object into the run store, hashing it as it passes. Out: a `get` with
+//! `"output": "gcode"` (the worker stages the blob) and the reader's fetch of the staged
+//! object, hashed and compared. Peak RSS is `VmHWM` of the worker process.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use support::worker::Worker;
+use tokio::io::AsyncReadExt;
+
+const RSS_CEILING_MIB: f64 = 100.0;
+const BUCKET: &str = "rmos-runs-staging";
+
+fn vm_hwm_mib(pid: libc::pid_t) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// Writes a program of about `mb` MB of distinct G-code lines; returns (size, sha256).
+fn write_program(path: &std::path::Path, mb: u64) -> (u64, String) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut h = Sha256::new();
+    let mut size = 0u64;
+    let mut i = 0u64;
+    while size < mb * 1_000_000 {
+        let line = format!(
+            "G1 X{}.{:03} Y{}.{:03} Z-{}.125 F1800\n",
+            i % 1000,
+            i % 997,
+            i / 1000 % 1000,
+            i % 991,
+            i % 37
+        );
+        f.write_all(line.as_bytes()).unwrap();
+        h.update(line.as_bytes());
+        size += line.len() as u64;
+        i += 1;
+    }
+    f.flush().unwrap();
+    (size, hex::encode(h.finalize()))
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+/// Reads a staged object whole through a sink, hashing; (bytes, sha256).
+async fn fetch(bucket: &jetstream::object_store::ObjectStore, name: &str) -> (u64, String) {
+    let mut object = bucket.get(name).await.expect("get staged object");
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = object.read(&mut buf).await.expect("read staged object");
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    (n, hex::encode(h.finalize()))
+}
+
+#[tokio::main]
+async fn main() {
+    let mb: u64 = std::env::var("BLOB_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let on_s3 = std::env::var("BENCH_STORE").as_deref() == Ok("s3");
+    println!(
+        "rmos-runs large-program benchmark: {}cargo bench --bench blobs",
+        match (mb, on_s3) {
+            (200, false) => String::new(),
+            _ => format!(
+                "BLOB_MB={mb}{} ",
+                if on_s3 { " BENCH_STORE=s3" } else { "" }
+            ),
+        }
+    );
+    let nats = support::NatsServer::start().await;
+    let tmp = tempfile::Builder::new()
+        .prefix("rmos-bench-blobs-")
+        .tempdir()
+        .unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let program = tmp.path().join("program.nc");
+    let (size, sha) = write_program(&program, mb);
+    println!(
+        "program: {:.1} MB, sha256 {}…",
+        size as f64 / 1e6,
+        &sha[..12]
+    );
+
+    let mut env: Vec<(String, String)> = vec![("RUST_LOG".into(), "warn".into())];
+    let _s3 = if on_s3 {
+        let s3 = support::S3Server::start().await;
+        let bucket = support::unique_bucket();
+        s3.create_bucket(&bucket).await;
+        env.extend(s3.env_for(&bucket));
+        env.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
+        Some(s3)
+    } else {
+        None
+    };
+    let worker = Worker::start_at(&nats.url(), &runs, "blobs", &env).await;
+    let pid = worker.pid();
+    let idle = vm_hwm_mib(pid);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let bucket = js.get_object_store(BUCKET).await.expect("staging bucket");
+
+    // Peer: the broker's own Object Store, put and get of the same bytes, no worker.
+    let t = Instant::now();
+    let mut f = tokio::fs::File::open(&program).await.unwrap();
+    bucket.put("peer", &mut f).await.unwrap();
+    let peer_put = t.elapsed();
+    let t = Instant::now();
+    let (n, got) = fetch(&bucket, "peer").await;
+    let peer_get = t.elapsed();
+    assert_eq!((n, got.as_str()), (size, sha.as_str()));
+    bucket.delete("peer").await.unwrap();
+
+    // In: stage, publish the create, wait for `stored`.
+    let mut stored = client.subscribe("rmos.runs.stored").await.unwrap();
+    let mut rejected = client.subscribe("rmos.runs.rejected").await.unwrap();
+    let run = "run_00000000b100";
+    let name = format!("in/{sha}");
+    let t = Instant::now();
+    let mut f = tokio::fs::File::open(&program).await.unwrap();
+    bucket.put(name.as_str(), &mut f).await.unwrap();
+    let staged = t.elapsed();
+    let create = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": run,
+                        "outputs": {"gcode_ref": {"bucket": BUCKET, "name": name,
+                                                  "sha256": sha, "size_bytes": size}}});
+    js.publish("rmos.runs.create", create.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::select! {
+        Some(_) = stored.next() => {}
+        Some(m) = rejected.next() => panic!("rejected: {}", String::from_utf8_lossy(&m.payload)),
+        _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
+    }
+    let total_in = t.elapsed();
+    let claim = total_in - staged;
+    let after_in = vm_hwm_mib(pid);
+
+    // Out: get with output (the worker stages the blob), then the reader's fetch.
+    let t = Instant::now();
+    let reply = client
+        .request(
+            "rmos.runs.get",
+            json!({"run_id": run, "output": "gcode"}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&reply.payload).unwrap();
+    let staged_out = t.elapsed();
+    let out_name = v["staged"]["name"]
+        .as_str()
+        .expect("staged reply")
+        .to_owned();
+    let (n, got) = fetch(&bucket, &out_name).await;
+    let total_out = t.elapsed();
+    assert_eq!(n, size, "size out");
+    assert_eq!(got, sha, "bytes out differ");
+    let peak = vm_hwm_mib(pid);
+
+    let store = if on_s3 {
+        "S3 (moto, multipart)"
+    } else {
+        "local (fsync)"
+    };
+    println!(
+        "store: {store}; broker max_payload {} bytes",
+        client.server_info().max_payload
+    );
+    println!("| step | seconds | MB/s |");
+    println!("|---|---:|---:|");
+    let row = |what: &str, d: Duration| {
+        println!("| {what} | {:.2} | {:.1} |", d.as_secs_f64(), mbps(size, d));
+    };
+    row("peer: Object Store put (no worker)", peer_put);
+    row("peer: Object Store get (no worker)", peer_get);
+    row("in: publisher stages the program", staged);
+    row(
+        "in: worker claims it into the store (create -> stored)",
+        claim,
+    );
+    row("in: total", total_in);
+    row("out: worker stages the blob (get output)", staged_out);
+    row("out: total, fetched and hashed", total_out);
+    println!(
+        "worker peak RSS (VmHWM): idle {idle:.1} MiB, after in {after_in:.1} MiB, after out \
+         {peak:.1} MiB; ceiling {RSS_CEILING_MIB} MiB: {}",
+        if peak < RSS_CEILING_MIB {
+            "under"
+        } else {
+            "OVER"
+        }
+    );
+    println!(
+        "BENCH_JSON {}",
+        json!({"blob_mb": size as f64 / 1e6, "store": store,
+               "in_mb_s": mbps(size, total_in), "out_mb_s": mbps(size, total_out),
+               "peer_put_mb_s": mbps(size, peer_put), "peer_get_mb_s": mbps(size, peer_get),
+               "worker_peak_rss_mib": peak, "ceiling_mib": RSS_CEILING_MIB})
+    );
+    drop(worker);
+}
