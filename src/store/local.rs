@@ -168,11 +168,15 @@ impl LocalStore {
         }
     }
 
-    /// Creates an empty object in place (see [`DeferredSync`]). A directory removed by a
-    /// concurrent prune between its creation and the file's is created again.
+    /// Creates an empty object in place (see [`DeferredSync`]). The file is opened first and
+    /// its directory made only when missing (most index entries go to an existing directory:
+    /// two system calls fewer); a directory removed by a concurrent prune between its
+    /// creation and the file's is made again.
     fn create_empty(&self, location: &Path, dest: &FsPath, create_only: bool) -> Result<()> {
-        for _ in 0..16 {
-            if let Some(parent) = dest.parent() {
+        for attempt in 0..16 {
+            if attempt > 0
+                && let Some(parent) = dest.parent()
+            {
                 std::fs::create_dir_all(parent).map_err(generic)?;
             }
             let mut opts = OpenOptions::new();
