@@ -464,6 +464,9 @@ fn local_store(dir: &Path, fsync: bool) -> RunStore {
 /// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (30 ms
 /// apart, as the fill does), and the first run number the cell did not create.
 async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize, first: u64) -> (f64, u64) {
+    // Start from a clean page cache: the fill (fsync off) and anything else on the machine
+    // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
+    let _ = std::process::Command::new("sync").status();
     let store = local_store(dir, true);
     let store = if indexed {
         store
