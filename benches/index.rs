@@ -17,7 +17,8 @@
 //!   On S3 the object-store calls per page are counted (LIST requests: each delimited listing
 //!   is one; a flat listing is one per 1,000 keys read).
 //! * **creates**: durable creates/s (fsync on) at 1, 16 and 256 in flight with the index
-//!   maintained and without it (`RunStore::without_index`), in fresh directories.
+//!   maintained and without it (`RunStore::without_index`), in fresh directories and in a
+//!   store in steady state (filled first with `BENCH_PREFILL` runs, 20,000 by default).
 //!
 //! `BENCH_LOCAL_DIR=<dir> BENCH_SKIP_FILL=1 BENCH_ONLY=walk` re-measures, on a store a previous
 //! run filled, only the index's first page and full walk (no scan, which evicts the page cache
@@ -460,7 +461,12 @@ fn local_store(dir: &Path, fsync: bool) -> RunStore {
     .expect("open")
 }
 
-async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize) -> f64 {
+/// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (30 ms
+/// apart, as the fill does), and the first run number the cell did not create.
+async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize, first: u64) -> (f64, u64) {
+    // Start from a clean page cache: the fill (fsync off) and anything else on the machine
+    // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
+    let _ = std::process::Command::new("sync").status();
     let store = local_store(dir, true);
     let store = if indexed {
         store
@@ -468,7 +474,7 @@ async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize) -> f64 {
         store.without_index()
     };
     let base = 1_800_000_000_000;
-    let next = AtomicU64::new(0);
+    let next = AtomicU64::new(first);
     let done = AtomicU64::new(0);
     let cell = Duration::from_secs(4);
     let start = Instant::now();
@@ -485,7 +491,10 @@ async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize) -> f64 {
             }
         })
         .await;
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    (
+        done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        next.load(Ordering::Relaxed),
+    )
 }
 
 fn main() {
@@ -598,30 +607,84 @@ fn main() {
     }
 
     if only("creates") {
+        // Two ways: in fresh directories (every directory a create needs is new: the worst
+        // case), and in a store in steady state (filled first, untimed, with `BENCH_PREFILL`
+        // runs, 20,000 by default: the directories a store of that size has exist).
+        let prefill = env_usize("BENCH_PREFILL", 20_000) as u64;
+        let steady = |indexed: bool| {
+            let dir = root.join(if indexed {
+                "steady-index"
+            } else {
+                "steady-plain"
+            });
+            let store = local_store(&dir, false);
+            let store = if indexed {
+                store
+            } else {
+                store.without_index()
+            };
+            let t = Instant::now();
+            rt.block_on(fill(&store, prefill, 1_800_000_000_000));
+            eprintln!(
+                "  {} store of {prefill} runs ready in {:.0} s",
+                if indexed { "indexed" } else { "unindexed" },
+                t.elapsed().as_secs_f64()
+            );
+            dir
+        };
+        let steady_dirs = [steady(false), steady(true)];
         println!("\n## durable creates/s (fsync on), with and without the index");
         println!(
-            "| {:>9} | {:>12} | {:>12} | {:>7} |",
-            "in flight", "with index", "without", "ratio"
+            "| {:<28} | {:>9} | {:>12} | {:>12} | {:>7} |",
+            "store", "in flight", "with index", "without", "ratio"
         );
-        println!("|{:->11}|{:->14}|{:->14}|{:->9}|", "", "", "", "");
+        println!(
+            "|{:-<30}|{:->11}|{:->14}|{:->14}|{:->9}|",
+            "", "", "", "", ""
+        );
         let mut cells = Vec::new();
+        // Runs created by the steady-state cells so far (each cell continues the ids).
+        let mut next = [prefill, prefill];
         for in_flight in [1usize, 16, 256] {
-            // Alternate, so drift on a shared machine hits both sides alike.
-            let without = rt.block_on(creates_cell(
-                &root.join(format!("c{in_flight}-plain")),
-                false,
-                in_flight,
-            ));
-            let with = rt.block_on(creates_cell(
-                &root.join(format!("c{in_flight}-index")),
-                true,
-                in_flight,
-            ));
-            println!(
-                "| {in_flight:>9} | {with:>12.0} | {without:>12.0} | {:>7.2} |",
-                with / without
-            );
-            cells.push(json!({"in_flight": in_flight, "with_index": with, "without": without}));
+            for (kind, label) in [("fresh", "fresh directories"), ("steady", "")] {
+                let label = if label.is_empty() {
+                    format!("steady state ({prefill} runs)")
+                } else {
+                    label.to_owned()
+                };
+                let mut rates = [0.0; 2];
+                // Alternate, so drift on a shared machine hits both sides alike.
+                for (side, indexed) in [(0usize, false), (1, true)] {
+                    let rate = if kind == "fresh" {
+                        let name = if indexed { "index" } else { "plain" };
+                        rt.block_on(creates_cell(
+                            &root.join(format!("c{in_flight}-{name}")),
+                            indexed,
+                            in_flight,
+                            0,
+                        ))
+                        .0
+                    } else {
+                        let (r, after) = rt.block_on(creates_cell(
+                            &steady_dirs[side],
+                            indexed,
+                            in_flight,
+                            next[side],
+                        ));
+                        // The cell's runs stay: the next cell starts after them.
+                        next[side] = after;
+                        r
+                    };
+                    rates[side] = rate;
+                }
+                let [without, with] = rates;
+                println!(
+                    "| {label:<28} | {in_flight:>9} | {with:>12.0} | {without:>12.0} | {:>7.2} |",
+                    with / without
+                );
+                cells.push(json!({"store": kind, "in_flight": in_flight,
+                                  "with_index": with, "without": without}));
+            }
         }
         json.insert("creates".into(), Value::Array(cells));
     }

@@ -17,6 +17,13 @@
 //! down ~10x for a while after a mass delete, so the bench never deletes anything itself.
 //! Remove `target/bench-tmp` when no benchmark is about to run.
 //!
+//! * a patch-heavy run (`BENCH_ONLY=history`): one run patched `BENCH_REVISIONS` times (10,000
+//!   by default, fsync off: what is measured is whether a change slows as its history grows),
+//!   the rate of the first and the last 500 patches, the record's size, a history page at
+//!   the start and at the end, and `verify_chain` over the whole chain.
+//!
+//! `BENCH_ONLY=hashing,store,history` runs only the named parts (all when unset).
+//!
 //! Each store cell is bounded by [`MAX_OPS`] operations or [`MAX_CELL`], whichever comes first.
 
 use std::path::{Path, PathBuf};
@@ -328,6 +335,87 @@ fn sync_disk() {
     unsafe { libc::sync() };
 }
 
+fn only(part: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == part))
+}
+
+/// One run patched `n` times: (first 500 patches/s, last 500 patches/s, record bytes at
+/// revision 1 and at the end, first history page ms, last history page ms, verify_chain ms).
+async fn patch_heavy(root: &Path, n: u64) -> Value {
+    let dir = root.join("history-heavy");
+    let store = open_local(&dir, false);
+    let id = run_id(0xabc);
+    store
+        .execute(&create_cmd(0xabc), &Context::now())
+        .await
+        .unwrap();
+    let size = |store: &RunStore| {
+        let store = store.clone();
+        let id = id.clone();
+        async move { store.get_bytes(&id).await.unwrap().len() }
+    };
+    let first_size = size(&store).await;
+    let window = 500.min(n / 2).max(1);
+    let (mut first_rate, mut last_rate) = (0.0, 0.0);
+    let mut t = Instant::now();
+    for i in 0..n {
+        if i == 0 || i == n - window {
+            t = Instant::now();
+        }
+        let body = json!({"run_id": id.as_str(), "meta_updates": {"step": i}});
+        let cmd =
+            Command::decode(CommandKind::PatchMeta, body.to_string().as_bytes(), None).unwrap();
+        let ctx = Context {
+            command_id: Some(CommandId::parse(&format!("h{i}")).unwrap()),
+            ..Context::now()
+        };
+        store.execute(&cmd, &ctx).await.unwrap();
+        if i + 1 == window {
+            first_rate = window as f64 / t.elapsed().as_secs_f64();
+        }
+        if i + 1 == n {
+            last_rate = window as f64 / t.elapsed().as_secs_f64();
+        }
+    }
+    let last_size = size(&store).await;
+    let t = Instant::now();
+    let page = store.history(&id, None, 100).await.unwrap();
+    let first_page_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(page.revisions.len(), 100);
+    let t = Instant::now();
+    let page = store.history(&id, Some(n + 1 - 100), 100).await.unwrap();
+    let last_page_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(page.revisions.len(), 100);
+    let t = Instant::now();
+    let chain = store.verify_chain(&id).await.unwrap();
+    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(chain.ok, "{chain:?}");
+    println!(
+        "\n## patch-heavy run: {n} patches of one run (fsync off), {}",
+        dir.display()
+    );
+    println!(
+        "patches/s, first {window}: {first_rate:.0}; last {window}: {last_rate:.0} (ratio {:.2})",
+        last_rate / first_rate
+    );
+    println!(
+        "record bytes: {first_size} at revision 1, {last_size} at revision {}",
+        n + 1
+    );
+    println!(
+        "history page of 100: {first_page_ms:.1} ms at the start, {last_page_ms:.1} ms at the end"
+    );
+    println!(
+        "verify_chain over {} revisions: {verify_ms:.0} ms ({:.1} us per revision)",
+        n + 1,
+        verify_ms * 1e3 / (n + 1) as f64
+    );
+    json!({"revisions": n + 1, "first_patches_per_s": first_rate, "last_patches_per_s": last_rate,
+           "record_bytes_first": first_size, "record_bytes_last": last_size,
+           "history_first_page_ms": first_page_ms, "history_last_page_ms": last_page_ms,
+           "verify_chain_ms": verify_ms})
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -501,7 +589,11 @@ fn main() {
         "{:<30} {:>10} {:>8} {:>8} {:>10} {:>10}",
         "case", "bytes", "iters", "secs", "MB/s", "us/op"
     );
-    let hash_rows = hashing();
+    let hash_rows = if only("hashing") {
+        hashing()
+    } else {
+        Vec::new()
+    };
     for r in &hash_rows {
         println!(
             "{:<30} {:>10} {:>8} {:>8.2} {:>10.1} {:>10.1}",
@@ -528,7 +620,7 @@ fn main() {
         .build()
         .unwrap();
     let mut store_rows = Vec::new();
-    for fsync in [true, false] {
+    for fsync in [true, false].into_iter().filter(|_| only("store")) {
         for op in [Op::Create, Op::Update, Op::Get] {
             for concurrency in CONCURRENCY {
                 let r = rt.block_on(store_cell(&root, op, fsync, concurrency));
@@ -549,6 +641,13 @@ fn main() {
             }
         }
     }
+    let heavy = only("history").then(|| {
+        let n = std::env::var("BENCH_REVISIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(10_000u64);
+        rt.block_on(patch_heavy(&root, n))
+    });
     sync_disk();
     let total = started.elapsed().as_secs_f64();
     let load_after = loadavg();
@@ -578,6 +677,7 @@ fn main() {
             "record_bytes_min": r.record_bytes.0, "record_bytes_max": r.record_bytes.1,
             "dir": r.dir.display().to_string(),
         })).collect::<Vec<_>>(),
+        "patch_heavy": heavy,
     });
     println!("BENCH_JSON {json}");
 }

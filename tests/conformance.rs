@@ -953,6 +953,72 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
     assert!(store.reindex(true).await.unwrap().consistent());
 }
 
+/// A store whose index was built with layout 1 (four-level tool trees under `index/tool/`, a
+/// two-level id tree under `index/id/`, `index/_built` holding `1`): it is not complete, a
+/// check reports the old entries as drift, and `reindex` builds the current layout, removes
+/// the old trees and records the current version.
+async fn an_index_of_an_earlier_layout_is_rebuilt(store: RunStore) {
+    let prefixed = |rel: &str| {
+        let p = if store.url().starts_with("s3") {
+            format!("runs/{rel}")
+        } else {
+            rel.to_owned()
+        };
+        object_store::path::Path::from(p.as_str())
+    };
+    let id = run_id(0x5001);
+    create(&store, &id, "T1").await;
+    let a = store.get(&id).await.unwrap();
+    let name = rmos_runs::store::index::entry_keys(&RunSummary::from(&a))[2]
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let old_keys = [
+        format!(
+            "index/id/{}/{}/{name}",
+            &id.as_str()[4..6],
+            &id.as_str()[6..8]
+        ),
+        format!("index/tool/T1/0f0f0/0f/0f/0f/{name}"),
+    ];
+    for k in &old_keys {
+        store
+            .object_store()
+            .put(&prefixed(k), PutPayload::new())
+            .await
+            .unwrap();
+    }
+    store
+        .object_store()
+        .put(&prefixed("index/_built"), PutPayload::from_static(b"1\n"))
+        .await
+        .unwrap();
+    // Nothing has marked this store's index complete yet, so nothing is cached.
+    let fresh = &store;
+    assert!(
+        !fresh.index_complete().await.unwrap(),
+        "a layout-1 index is not complete"
+    );
+    let check = fresh.reindex(true).await.unwrap();
+    assert_eq!(check.legacy, 2, "{check:?}");
+    assert!(!check.consistent());
+    let fixed = fresh.reindex(false).await.unwrap();
+    assert_eq!(fixed.legacy, 2, "{fixed:?}");
+    assert!(fresh.index_complete().await.unwrap());
+    for k in &old_keys {
+        assert!(
+            fresh.object_store().head(&prefixed(k)).await.is_err(),
+            "{k} removed"
+        );
+    }
+    let again = fresh.reindex(true).await.unwrap();
+    assert!(again.consistent(), "{again:?}");
+    let page = fresh.list(&ListQuery::default()).await.unwrap();
+    assert_eq!(page.runs.len(), 1);
+    assert!(page.index_complete);
+}
+
 // ---------------------------------------------------------------------------------------------
 // History: every revision kept, a hash chain
 // ---------------------------------------------------------------------------------------------
@@ -1293,6 +1359,7 @@ macro_rules! suite {
                 index_matches_a_model,
                 index_pages_hold_under_concurrent_changes,
                 index_recovers_from_a_crash_between_entries_and_record,
+                an_index_of_an_earlier_layout_is_rebuilt,
                 history_keeps_every_revision_chained,
                 tampering_with_the_history_is_reported,
                 a_claimed_revision_is_rolled_forward,

@@ -824,3 +824,64 @@ async fn history_revision_diff_and_chain_over_nats() {
         "{out:?}"
     );
 }
+
+/// A command's `Rmos-Actor` is kept in the revision it produced and shown by history; an actor
+/// that is not one (a space in it) rejects the command with the reason, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publishers_actor_is_kept_in_the_revision() {
+    let env = Env::new().await;
+    let worker = env.worker("a").await;
+    let events = env.events().await;
+    let run_id = "run_00000000ac70";
+    let publish_as = |rid: String, actor: &'static str, body: Value| {
+        let js = env.js.clone();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("X-Request-Id", rid.as_str());
+            h.insert("Rmos-Actor", actor);
+            js.publish_with_headers("rmos.runs.patch_meta", h, bytes_of(&body))
+                .await
+                .expect("publish")
+                .await
+                .expect("PubAck");
+        }
+    };
+    let r = rid("create");
+    env.publish("create", &r, bytes_of(&create_payload(Some(run_id), "T5")))
+        .await;
+    assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+    let r = rid("patch");
+    publish_as(
+        r.clone(),
+        "jane@cell-3",
+        json!({"run_id": run_id, "meta_updates": {"n": 1}}),
+    )
+    .await;
+    assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+    let bad = rid("patch");
+    publish_as(
+        bad.clone(),
+        "jane doe",
+        json!({"run_id": run_id, "meta_updates": {"n": 2}}),
+    )
+    .await;
+    let e = events.one(&bad, EVENT_TIMEOUT, &worker).await;
+    assert_eq!(e.kind, "rejected", "{:?}", e.body);
+    assert!(
+        e.body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Rmos-Actor"),
+        "{}",
+        e.body
+    );
+
+    let (status, h) = env
+        .request("history", &rid("h"), bytes_of(&json!({"run_id": run_id})))
+        .await;
+    assert_eq!(status, None, "{h}");
+    let revs = h["revisions"].as_array().unwrap();
+    assert_eq!(revs.len(), 2, "the rejected patch made no revision: {h}");
+    assert!(revs[0].get("actor").is_none(), "no header, no actor: {h}");
+    assert_eq!(revs[1]["actor"], "jane@cell-3", "{h}");
+}

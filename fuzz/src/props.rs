@@ -31,6 +31,7 @@ pub fn fuzz_context() -> Context {
             seq: 7,
             acked_through: 3,
         }),
+        actor: None,
         limits: Limits {
             blob_threshold: 64,
             ..Limits::default()

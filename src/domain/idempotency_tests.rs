@@ -46,6 +46,7 @@ fn apply(current: Option<StoredRecord>, cmd: &Command, id: &CommandId) -> Option
         request_id: RequestId::parse("req-1").unwrap(),
         command_id: Some(id.clone()),
         stream: None,
+        actor: None,
         limits: Limits::default(),
         redelivered: false,
     };

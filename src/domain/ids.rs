@@ -203,6 +203,16 @@ bounded_text!(
     "printable ASCII"
 );
 
+bounded_text!(
+    /// Who sent a command, as its publisher says (`Rmos-Actor`): printable ASCII, no spaces.
+    /// The broker does not vouch for it; see the README on trusting it.
+    Actor,
+    "actor",
+    128,
+    |c: char| c.is_ascii_graphic(),
+    "printable ASCII"
+);
+
 impl RequestId {
     /// A fresh random request id (for commands that arrive without `X-Request-Id`).
     pub fn generate() -> Self {

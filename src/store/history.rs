@@ -51,6 +51,10 @@ pub struct Revision {
     pub command_id: Option<String>,
     /// The stream sequence of the message that carried it.
     pub stream_seq: Option<u64>,
+    /// Who sent the command, as its publisher said (`Rmos-Actor`); not vouched for by the
+    /// broker (see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// RFC 8785 SHA-256 of `record`.
     pub artifact_sha256: String,
     /// The previous revision's `artifact_sha256` (none for revision 1).
@@ -174,11 +178,18 @@ impl Revision {
             request_id,
             command_id,
             stream_seq,
+            actor: None,
             artifact_sha256: sha256_json(&value),
             prev_sha256: record.prev_sha256().map(ToString::to_string),
             record: value,
             signature: None,
         }
+    }
+
+    /// The same revision, naming who sent the command.
+    pub fn with_actor(mut self, actor: Option<String>) -> Self {
+        self.actor = actor;
+        self
     }
 
     /// What a signature covers: the revision's place (run, number, previous hash) and its
@@ -208,6 +219,7 @@ impl Revision {
             request_id: self.request_id.clone(),
             command_id: self.command_id.clone(),
             stream_seq: self.stream_seq,
+            actor: self.actor.clone(),
             artifact_sha256: self.artifact_sha256.clone(),
             prev_sha256: self.prev_sha256.clone(),
         }
@@ -229,6 +241,9 @@ pub struct RevisionSummary {
     pub command_id: Option<String>,
     /// Stream sequence.
     pub stream_seq: Option<u64>,
+    /// Who sent the command, as its publisher said (`Rmos-Actor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
     /// Hash of the record this revision stored.
     pub artifact_sha256: String,
     /// Hash of the previous revision's record.

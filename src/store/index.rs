@@ -2,18 +2,29 @@
 //! ask for runs, so that a key-ordered listing answers a page without reading a record.
 //!
 //! ```text
-//! index/time/<L1>/<L2>/<L3>/<L4>/<entry>        every live run, newest first in key order
-//! index/tool/<tool>/<L1>/<L2>/<L3>/<L4>/<entry> the same, one tree per tool
-//! index/id/<I1>/<I2>/<entry>                    every live run, in run id order
+//! index/time/<L1>/<L2>/<L3>/<L4>/<entry>   every live run, newest first in key order
+//! index/by-tool/<tool>/<T1>/<T2>/<entry>   the same, one tree per tool
+//! index/by-id/<I1>/<entry>                 every live run, in run id order
 //! ```
 //!
 //! The time levels are the hex digits of the **inverted** creation time in milliseconds (since
 //! the year 0, 13 digits): `L1` = digits 0-4 (one directory per ~50 days), `L2`..`L4` two digits
-//! each, and the entry name starts with the last two. Ascending key order is newest first;
-//! oldest first is the same tree walked backwards. The id levels are run id hex digits 0-1 and
-//! 2-3; the entry starts with digits 4-5. Every directory holds at most 256 subdirectories, and
-//! a leaf holds the runs of 256 ms (time) or 1/65536 of the id space (id), so a page reads a
-//! handful of small directories whatever the store's size.
+//! each, and the entry name starts with the last two: a leaf holds the runs of 256 ms.
+//! Ascending key order is newest first; oldest first is the same tree walked backwards. A
+//! tool's tree is coarser: `T1` = digits 0-5 (~3 days), `T2` = digits 6-7, and the entry starts
+//! with the last five, so a leaf holds one tool's runs of ~17 minutes. The id tree has one
+//! level, run id hex digits 0-2 (4,096 leaves); the entry starts with digits 3-5.
+//!
+//! Why these sizes: every directory a create makes must be made durable with it (on the local
+//! store, by the group commit's `syncfs`), and a new directory costs several scattered block
+//! writes where a new name in an existing one costs a share of one. The time tree makes a new
+//! leaf every 256 ms whatever the rate; a tool's tree one per ~17 minutes; the id tree's 4,096
+//! leaves all exist once a store holds some tens of thousands of runs. A page still reads only
+//! a handful of directories of bounded size: the time leaf holds what the store takes in 256 ms,
+//! a tool leaf what one tool takes in 17 minutes, an id leaf 1/4096 of the runs (244 at 10^6).
+//!
+//! Layout version 1 (until this layout) kept tool trees of four levels under `index/tool/` and
+//! a two-level id tree under `index/id/`; see [`LAYOUT_VERSION`] and [`LEGACY_ROOTS`].
 //!
 //! An entry's name is its run's summary:
 //!
@@ -38,9 +49,19 @@ use crate::domain::ids::{Mode, RunId, ToolId};
 
 /// Top-level directory of the index under the store's prefix.
 pub const INDEX_DIR: &str = "index";
+/// Root of the tool trees (one directory per tool).
+pub const TOOLS_ROOT: &str = "index/by-tool";
+/// Root of the id tree.
+pub const ID_ROOT: &str = "index/by-id";
 /// Written once a complete build of the index has finished (`rmos-runs reindex`, or the
-/// worker's first start on a store that had none). Until then a listing says it is partial.
+/// worker's first start on a store that had none), holding the [`LAYOUT_VERSION`] it was built
+/// with. Until it names the current layout a listing says it is partial.
 pub const BUILT_MARKER: &str = "index/_built";
+/// Version of the key layout, written in [`BUILT_MARKER`]. A store whose index was built with
+/// an earlier layout is rebuilt (online, by `reindex`) and its old trees are removed.
+pub const LAYOUT_VERSION: u32 = 2;
+/// Roots of trees earlier layouts kept, relative to the store prefix: `reindex` removes them.
+pub const LEGACY_ROOTS: [&str; 2] = ["index/tool", "index/id"];
 
 /// Milliseconds from 0000-01-01T00:00:00Z to the Unix epoch.
 const YEAR0_MS: i64 = 62_167_219_200_000;
@@ -97,18 +118,42 @@ impl Tree {
     pub fn root(&self) -> String {
         match self {
             Tree::Time => format!("{INDEX_DIR}/time"),
-            Tree::Tool(t) => format!("{INDEX_DIR}/tool/{}", tool_dir(t)),
-            Tree::ToolDir(d) => format!("{INDEX_DIR}/tool/{d}"),
-            Tree::Id => format!("{INDEX_DIR}/id"),
+            Tree::Tool(t) => format!("{TOOLS_ROOT}/{}", tool_dir(t)),
+            Tree::ToolDir(d) => format!("{TOOLS_ROOT}/{d}"),
+            Tree::Id => ID_ROOT.to_owned(),
         }
     }
 
     /// Directory levels between the root and the entries.
     pub fn depth(&self) -> usize {
+        self.cuts().len() - 1
+    }
+
+    /// Where the key's digits (inverted time, or run id hex) are cut into directory levels:
+    /// level `i` is `digits[cuts[i]..cuts[i + 1]]`, and the entry's lead digits run from the
+    /// last cut to [`Tree::lead_end`].
+    fn cuts(&self) -> &'static [usize] {
         match self {
-            Tree::Time | Tree::Tool(_) | Tree::ToolDir(_) => 4,
-            Tree::Id => 2,
+            Tree::Time => &[0, 5, 7, 9, 11],
+            Tree::Tool(_) | Tree::ToolDir(_) => &[0, 6, 8],
+            Tree::Id => &[0, 3],
         }
+    }
+
+    /// End of the entry's lead digits.
+    fn lead_end(&self) -> usize {
+        match self {
+            Tree::Time | Tree::Tool(_) | Tree::ToolDir(_) => 13,
+            Tree::Id => 6,
+        }
+    }
+
+    /// The directory levels and the lead digits of `digits` in this tree.
+    fn split<'a>(&self, digits: &'a str) -> (Vec<&'a str>, &'a str) {
+        let cuts = self.cuts();
+        let dirs = cuts.windows(2).map(|w| &digits[w[0]..w[1]]).collect();
+        let last = cuts[cuts.len() - 1];
+        (dirs, &digits[last..self.lead_end()])
     }
 
     /// Short tag used in cursors.
@@ -209,10 +254,6 @@ fn time_ms(t: &Timestamp) -> u64 {
 
 fn inverted_hex(ms: u64) -> String {
     format!("{:013x}", TIME_MAX - ms)
-}
-
-fn time_dirs(inv: &str) -> [&str; 4] {
-    [&inv[0..5], &inv[5..7], &inv[7..9], &inv[9..11]]
 }
 
 /// A tool's directory name: its escaped id, or for an id too long for a file name `=h` and a
@@ -350,34 +391,39 @@ pub fn parse_entry(name: &str) -> Option<Entry> {
     })
 }
 
-/// Every index key (relative to the store prefix) of a run with this summary.
+/// The key of a run's entry in `tree` (relative to the store prefix).
+fn entry_key(tree: &Tree, s: &RunSummary) -> String {
+    let digits = match tree {
+        Tree::Id => s.run_id.as_str()[4..].to_owned(),
+        _ => inverted_hex(time_ms(&s.created_at_utc)),
+    };
+    let (dirs, lead) = tree.split(&digits);
+    format!("{}/{}/{}", tree.root(), dirs.join("/"), entry_name(lead, s))
+}
+
+/// Every index key (relative to the store prefix) of a run with this summary: time, tool, id.
 pub fn entry_keys(s: &RunSummary) -> Vec<String> {
-    let inv = inverted_hex(time_ms(&s.created_at_utc));
-    let id_hex = &s.run_id.as_str()[4..];
-    let time_name = entry_name(&inv[11..13], s);
-    let dirs = time_dirs(&inv).join("/");
-    vec![
-        format!("{}/{dirs}/{time_name}", Tree::Time.root()),
-        format!(
-            "{}/{dirs}/{time_name}",
-            Tree::Tool(s.tool_id.clone()).root()
-        ),
-        format!(
-            "{}/{}/{}/{}",
-            Tree::Id.root(),
-            &id_hex[0..2],
-            &id_hex[2..4],
-            entry_name(&id_hex[4..6], s)
-        ),
-    ]
+    [Tree::Time, Tree::Tool(s.tool_id.clone()), Tree::Id]
+        .iter()
+        .map(|t| entry_key(t, s))
+        .collect()
 }
 
 /// The id tree's leaf directory and the name prefix shared by every entry of `run` there.
 pub fn id_leaf(run: &RunId) -> (String, String) {
-    let h = &run.as_str()[4..];
+    let (dirs, lead) = Tree::Id.split(&run.as_str()[4..]);
     (
-        format!("{}/{}/{}", Tree::Id.root(), &h[0..2], &h[2..4]),
-        format!("{}.{run}.", &h[4..6]),
+        format!("{}/{}", Tree::Id.root(), dirs.join("/")),
+        format!("{lead}.{run}."),
+    )
+}
+
+/// The directory levels and lead digits of `run` in the id tree.
+pub fn id_position(run: &RunId) -> (Vec<String>, String) {
+    let (dirs, lead) = Tree::Id.split(&run.as_str()[4..]);
+    (
+        dirs.into_iter().map(str::to_owned).collect(),
+        lead.to_owned(),
     )
 }
 
@@ -387,18 +433,14 @@ pub fn keys_of_id_entry(name: &str) -> Option<Vec<String>> {
     let e = parse_entry(name)?;
     let rest = name.split_once('.')?.1;
     let inv = inverted_hex(time_ms(&e.created_at_utc));
-    let dirs = time_dirs(&inv).join("/");
     let (id_dir, _) = id_leaf(&e.run_id);
-    let mut keys = vec![
-        format!("{}/{dirs}/{}.{rest}", Tree::Time.root(), &inv[11..13]),
-        format!("{id_dir}/{name}"),
-    ];
+    let in_time_tree = |tree: &Tree| {
+        let (dirs, lead) = tree.split(&inv);
+        format!("{}/{}/{lead}.{rest}", tree.root(), dirs.join("/"))
+    };
+    let mut keys = vec![in_time_tree(&Tree::Time), format!("{id_dir}/{name}")];
     if let Some(tool) = &e.tool_id {
-        keys.push(format!(
-            "{}/{dirs}/{}.{rest}",
-            Tree::Tool(tool.clone()).root(),
-            &inv[11..13]
-        ));
+        keys.push(in_time_tree(&Tree::Tool(tool.clone())));
     }
     Some(keys)
 }
@@ -422,16 +464,18 @@ impl Bound {
         Bound(parts)
     }
 
-    /// Where a walk of a time tree starts for runs created before `until` (newest first) or at
-    /// or after `since` (oldest first): a position no matching entry is on the far side of.
-    pub fn time_start(t: &Timestamp, descending: bool) -> Self {
+    /// Where a walk of a time tree (`tree`: the time tree or a tool's) starts for runs created
+    /// before `until` (newest first) or at or after `since` (oldest first): a position no
+    /// matching entry is on the far side of.
+    pub fn time_start(tree: &Tree, t: &Timestamp, descending: bool) -> Self {
         let inv = inverted_hex(time_ms(t));
-        let mut parts: Vec<String> = time_dirs(&inv).iter().map(|d| (*d).to_owned()).collect();
+        let (dirs, lead) = tree.split(&inv);
+        let mut parts: Vec<String> = dirs.iter().map(|d| (*d).to_owned()).collect();
         // Entry names are `<lead>.<...>`: `<lead>` sorts before all of them, `<lead>/` after.
         parts.push(if descending {
-            format!("{}/", &inv[11..13])
+            format!("{lead}/")
         } else {
-            inv[11..13].to_owned()
+            lead.to_owned()
         });
         Bound(parts)
     }
@@ -570,6 +614,39 @@ mod tests {
                 assert_eq!(p.as_ref(), key, "object_store keeps the key as written");
             }
         }
+    }
+
+    #[test]
+    fn keys_have_the_layout_s_depths_and_leaf_spans() {
+        let s = summary("2026-11-25T02:04:55.123Z", "T102");
+        let keys = entry_keys(&s);
+        let depth = |k: &str, root: &str| k.strip_prefix(root).map(|r| r.split('/').count() - 1);
+        assert_eq!(depth(&keys[0], "index/time/"), Some(4), "{}", keys[0]);
+        assert_eq!(
+            depth(&keys[1], "index/by-tool/T102/"),
+            Some(2),
+            "{}",
+            keys[1]
+        );
+        assert_eq!(depth(&keys[2], "index/by-id/"), Some(1), "{}", keys[2]);
+        assert!(keys[2].starts_with("index/by-id/012/345.run_0123456789ab."));
+        let (leaf, lead) = id_leaf(&s.run_id);
+        assert_eq!(leaf, "index/by-id/012");
+        assert_eq!(lead, "345.run_0123456789ab.");
+        // A tool leaf spans 2^20 ms (~17.5 min): runs a minute apart share it, and the time
+        // tree's leaves (256 ms) do not.
+        let later = summary("2026-11-25T02:05:55.123Z", "T102");
+        let leaf_of = |k: &str| k.rsplit_once('/').map(|(d, _)| d.to_owned());
+        let later_keys = entry_keys(&later);
+        assert_eq!(leaf_of(&keys[1]), leaf_of(&later_keys[1]));
+        assert_ne!(leaf_of(&keys[0]), leaf_of(&later_keys[0]));
+        // Every key an id entry stands for is one of the run's keys.
+        let id_name = keys[2].rsplit('/').next().unwrap();
+        let mut from_id = keys_of_id_entry(id_name).unwrap();
+        from_id.sort();
+        let mut all = keys.clone();
+        all.sort();
+        assert_eq!(from_id, all);
     }
 
     #[test]

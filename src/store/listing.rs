@@ -55,6 +55,8 @@ pub struct ReindexReport {
     pub stale: usize,
     /// Entries newer than their run's record, within the in-flight grace: left alone.
     pub in_flight: usize,
+    /// Entries of an earlier index layout (removed, unless checking only).
+    pub legacy: usize,
     /// Records that could not be read (see `verify`).
     pub corrupt: Vec<String>,
     /// True when nothing was written (`--check`).
@@ -62,9 +64,9 @@ pub struct ReindexReport {
 }
 
 impl ReindexReport {
-    /// Whether the index matched the records (nothing missing or stale).
+    /// Whether the index matched the records (nothing missing or stale, no earlier layout).
     pub fn consistent(&self) -> bool {
-        self.missing == 0 && self.stale == 0
+        self.missing == 0 && self.stale == 0 && self.legacy == 0
     }
 }
 
@@ -76,6 +78,18 @@ impl std::fmt::Display for ReindexReport {
             "reindex: {} records, {} live runs; {verb} {} missing and {} stale entries; {} in flight",
             self.records, self.live, self.missing, self.stale, self.in_flight
         )?;
+        if self.legacy > 0 {
+            let verb = if self.check_only {
+                "to remove"
+            } else {
+                "removed"
+            };
+            writeln!(
+                f,
+                "  {} entries of an earlier index layout {verb}",
+                self.legacy
+            )?;
+        }
         for c in &self.corrupt {
             writeln!(f, "  corrupt: {c}")?;
         }
@@ -350,10 +364,9 @@ impl RunStore {
         let query = query_digest(q, order);
         let start = match (&q.cursor, legacy) {
             (Some(_), Some(run)) if order == Order::Id => {
-                let (dir, lead) = index::id_leaf(&run);
-                let dirs: Vec<&str> = dir.rsplit('/').take(2).collect();
-                let lead = lead.split('.').next().unwrap_or_default();
-                Some(Bound::after_run(&[dirs[1], dirs[0]], lead, &run, false))
+                let (dirs, lead) = index::id_position(&run);
+                let dirs: Vec<&str> = dirs.iter().map(String::as_str).collect();
+                Some(Bound::after_run(&dirs, &lead, &run, false))
             }
             (Some(_), Some(_)) => {
                 return Err(invalid(format!(
@@ -370,8 +383,8 @@ impl RunStore {
                 Some(cursor.bound)
             }
             (None, _) => match (order, q.since, q.until) {
-                (Order::Newest, _, Some(u)) => Some(Bound::time_start(&u, false)),
-                (Order::Oldest, Some(s), _) => Some(Bound::time_start(&s, true)),
+                (Order::Newest, _, Some(u)) => Some(Bound::time_start(&tree, &u, false)),
+                (Order::Oldest, Some(s), _) => Some(Bound::time_start(&tree, &s, true)),
                 _ => None,
             },
         };
@@ -495,30 +508,82 @@ impl RunStore {
         Ok(matches(&summary, q).then_some(summary))
     }
 
-    /// Whether a full build of the index has completed on this store (`index/_built`).
+    /// Whether a full build of the index, in the current layout, has completed on this store
+    /// (`index/_built` names [`index::LAYOUT_VERSION`]). An index built with an earlier layout
+    /// is not complete: `serve` rebuilds it in the background, as `reindex` does.
     pub async fn index_complete(&self) -> Result<bool, StoreError> {
         if self.index_built.load(AtomicOrdering::Relaxed) {
             return Ok(true);
         }
         let key = index::under(&self.prefix, index::BUILT_MARKER);
-        match self.store.head(&key).await {
-            Ok(_) => {
-                self.index_built.store(true, AtomicOrdering::Relaxed);
-                Ok(true)
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(self.os_err(e, &format!("check {key}"))),
+        let Some((_, bytes)) = self.read_raw(&key, super::read_only()).await? else {
+            return Ok(false);
+        };
+        // Layout 1 wrote `1`; anything unreadable is an index to rebuild, not an error.
+        let built = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        let complete = built == Some(index::LAYOUT_VERSION);
+        if complete {
+            self.index_built.store(true, AtomicOrdering::Relaxed);
         }
+        Ok(complete)
     }
 
-    /// Marks the index complete (after a full build, or on a new store that has no runs).
+    /// Marks the index complete in the current layout (after a full build, or on a new store
+    /// that has no runs).
     pub async fn mark_index_complete(&self) -> Result<(), StoreError> {
         let key = index::under(&self.prefix, index::BUILT_MARKER);
+        let body = format!("{}\n", index::LAYOUT_VERSION);
         self.store
-            .put(&key, PutPayload::from_static(b"1\n"))
+            .put(&key, PutPayload::from(body.into_bytes()))
             .await
             .map_err(|e| self.os_err(e, &format!("write {key}")))?;
         self.index_built.store(true, AtomicOrdering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts (and unless `check_only`, removes) the objects under the trees of earlier index
+    /// layouts ([`index::LEGACY_ROOTS`]). Nothing writes there any more.
+    async fn legacy_entries(&self, check_only: bool) -> Result<usize, StoreError> {
+        let mut found = 0;
+        for root in index::LEGACY_ROOTS {
+            let prefix = index::under(&self.prefix, root);
+            let mut listed = self.store.list(Some(&prefix));
+            let mut batch: Vec<Path> = Vec::new();
+            while let Some(meta) = listed
+                .try_next()
+                .await
+                .map_err(|e| self.os_err(e, &format!("list {prefix}")))?
+            {
+                found += 1;
+                if !check_only {
+                    batch.push(meta.location);
+                    if batch.len() >= 1000 {
+                        self.delete_all(std::mem::take(&mut batch)).await?;
+                    }
+                }
+            }
+            if !check_only {
+                self.delete_all(batch).await?;
+                if let Some(local) = &self.local {
+                    local.remove_empty_tree(&prefix);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn delete_all(&self, keys: Vec<Path>) -> Result<(), StoreError> {
+        let mut deleted = self
+            .store
+            .delete_stream(futures::stream::iter(keys.into_iter().map(Ok)).boxed());
+        while let Some(r) = deleted.next().await {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.os_err(e, "delete a legacy index entry")),
+            }
+        }
         Ok(())
     }
 
@@ -527,7 +592,7 @@ impl RunStore {
     /// the id tree, which is what repairs read.
     pub(super) async fn put_entries(&self, keys: &[String]) -> Result<(), StoreError> {
         let (id_keys, others): (Vec<&String>, Vec<&String>) =
-            keys.iter().partition(|k| k.starts_with("index/id/"));
+            keys.iter().partition(|k| is_id_key(k));
         for k in id_keys {
             self.put_entry(k).await?;
         }
@@ -550,7 +615,7 @@ impl RunStore {
     /// Removes index entries (a missing one is fine), the id tree's last.
     pub(super) async fn remove_entries(&self, keys: &[String]) -> Result<(), StoreError> {
         let (id_keys, others): (Vec<&String>, Vec<&String>) =
-            keys.iter().partition(|k| k.starts_with("index/id/"));
+            keys.iter().partition(|k| is_id_key(k));
         futures::future::try_join_all(others.into_iter().map(|k| self.remove_entry(k))).await?;
         for k in id_keys {
             self.remove_entry(k).await?;
@@ -715,7 +780,7 @@ impl RunStore {
         // Entries whose run has no live record, or an older revision than its record, in any
         // tree (a crash may have left a time or tool entry without its id entry).
         let mut trees = vec![Tree::Time, Tree::Id];
-        for (name, is_dir) in self.children(&format!("{}/tool", index::INDEX_DIR)).await? {
+        for (name, is_dir) in self.children(index::TOOLS_ROOT).await? {
             if is_dir {
                 // The directory name is the tool's escaped id; walk it as a tree root.
                 trees.push(Tree::ToolDir(name));
@@ -757,6 +822,7 @@ impl RunStore {
                 self.remove_entries(&stale).await?;
             }
         }
+        report.legacy = self.legacy_entries(check_only).await?;
         if !check_only {
             self.mark_index_complete().await?;
             // Every live run's blob references were marked above.
@@ -764,6 +830,12 @@ impl RunStore {
         }
         Ok(report)
     }
+}
+
+/// Whether an index key (relative to the store prefix) is in the id tree.
+fn is_id_key(k: &str) -> bool {
+    k.strip_prefix(index::ID_ROOT)
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Whether a summary passes every filter of the query.

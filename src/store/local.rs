@@ -150,11 +150,33 @@ impl LocalStore {
         }
     }
 
-    /// Creates an empty object in place (see [`DeferredSync`]). A directory removed by a
-    /// concurrent prune between its creation and the file's is created again.
+    /// Removes the directories under `location` (and it) that hold no file, deepest first:
+    /// what deleting every object of a tree leaves behind. Errors are ignored.
+    pub fn remove_empty_tree(&self, location: &Path) {
+        fn prune(dir: &FsPath) {
+            if let Ok(rd) = std::fs::read_dir(dir) {
+                for entry in rd.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                        prune(&entry.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        if let Ok(dir) = self.inner.path_to_filesystem(location) {
+            prune(&dir);
+        }
+    }
+
+    /// Creates an empty object in place (see [`DeferredSync`]). The file is opened first and
+    /// its directory made only when missing (most index entries go to an existing directory:
+    /// two system calls fewer); a directory removed by a concurrent prune between its
+    /// creation and the file's is made again.
     fn create_empty(&self, location: &Path, dest: &FsPath, create_only: bool) -> Result<()> {
-        for _ in 0..16 {
-            if let Some(parent) = dest.parent() {
+        for attempt in 0..16 {
+            if attempt > 0
+                && let Some(parent) = dest.parent()
+            {
                 std::fs::create_dir_all(parent).map_err(generic)?;
             }
             let mut opts = OpenOptions::new();

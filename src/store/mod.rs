@@ -483,7 +483,8 @@ impl RunStore {
                 Some(ctx.request_id.to_string()),
                 ctx.command_id.as_ref().map(ToString::to_string),
                 ctx.stream.as_ref().map(|s| s.seq),
-            );
+            )
+            .with_actor(ctx.actor.as_ref().map(ToString::to_string));
             self.sign_revision(&mut rev)?;
             if !self.claim_revision(&rev, current.as_ref()).await? {
                 self.back_off(id, &mut conflicts, &mut delays, "revision taken")

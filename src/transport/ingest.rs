@@ -825,7 +825,12 @@ impl Ingest {
             Ok(c) => c,
             Err(r) => return Verdict::Reject(WireError::from(&r), None),
         };
+        let actor = match super::actor(headers) {
+            Ok(a) => a,
+            Err(m) => return Verdict::Reject(WireError::invalid(m), Some(cmd.run_id().clone())),
+        };
         let ctx = Context {
+            actor,
             now: Timestamp::now(),
             request_id: rid.clone(),
             command_id: Some(command_id.clone()),

@@ -164,6 +164,22 @@ impl From<&StoreError> for WireError {
     }
 }
 
+/// Header naming who sent a command, as the publisher says; kept in the revision.
+pub const ACTOR_HEADER: &str = "Rmos-Actor";
+
+/// The message's `Rmos-Actor`: `Ok(None)` when absent, `Err` naming why when it is not a
+/// valid actor (the command is then rejected, not stored without it).
+pub fn actor(
+    headers: Option<&async_nats::HeaderMap>,
+) -> Result<Option<crate::domain::ids::Actor>, String> {
+    match headers.and_then(|h| h.get(ACTOR_HEADER)) {
+        None => Ok(None),
+        Some(v) => crate::domain::ids::Actor::parse(v.as_str())
+            .map(Some)
+            .map_err(|e| format!("{ACTOR_HEADER}: {e}")),
+    }
+}
+
 /// The request id of a message: its `X-Request-Id` when valid, else a fresh one.
 pub fn request_id(headers: Option<&async_nats::HeaderMap>) -> RequestId {
     headers

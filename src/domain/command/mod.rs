@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::artifact::{AppliedCommand, JsonMap, Sha256Hex, StoredRecord};
 use super::error::Rejection;
 use super::hashing::sha256_json;
-use super::ids::{CommandId, RequestId, RunId};
+use super::ids::{Actor, CommandId, RequestId, RunId};
 
 pub use advisory::AttachAdvisory;
 pub use create::CreateRun;
@@ -254,6 +254,8 @@ pub struct Context {
     pub command_id: Option<CommandId>,
     /// Where the message sits in the stream (JetStream ingest only).
     pub stream: Option<StreamPosition>,
+    /// Who sent it, as the publisher says (`Rmos-Actor`), kept in the revision.
+    pub actor: Option<Actor>,
     /// Limits.
     pub limits: Limits,
     /// The message may have been processed before (a JetStream redelivery): the store then
@@ -269,6 +271,7 @@ impl Context {
             request_id: RequestId::generate(),
             command_id: None,
             stream: None,
+            actor: None,
             limits: Limits::default(),
             redelivered: false,
         }
