@@ -366,7 +366,7 @@ pub(crate) async fn publish(
     .map_err(|e| anyhow!(e))?;
     let rid = RequestId::generate();
     let sent = commander
-        .send(kind, payload.into(), &rid, msg_id.as_deref(), timeout)
+        .send(kind, payload.into(), &rid, msg_id.as_deref(), None, timeout)
         .await;
     match sent {
         Ok(Outcome::Stored(event)) => {

@@ -497,6 +497,17 @@ password = "operator-password-1"
             .status,
         StatusCode::OK
     );
+    // The credential's name is the actor of its commands, kept in the revision.
+    let h = operator
+        .get("/api/rmos/runs/run_0000000000e1/history")
+        .await;
+    let actors: Vec<&str> = h.body["revisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["actor"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(actors, ["engine", "explainer", "kim"], "{h:?}");
     assert_error(
         &operator
             .send(Method::POST, "/api/rmos/runs", &create_payload(None, "T1"))

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::oneshot;
 
-use super::{MSG_ID_HEADER, REQUEST_ID_HEADER, Subjects};
+use super::{ACTOR_HEADER, MSG_ID_HEADER, REQUEST_ID_HEADER, Subjects};
 use crate::domain::command::CommandKind;
-use crate::domain::ids::RequestId;
+use crate::domain::ids::{Actor, RequestId};
 
 /// What became of a command.
 #[derive(Clone, Debug)]
@@ -104,14 +104,15 @@ impl Commander {
     }
 
     /// Publishes `payload` as a `kind` command with `request_id` (and `msg_id` as its
-    /// `Nats-Msg-Id`, for the stream's de-duplication) and waits up to `timeout` for its
-    /// outcome.
+    /// `Nats-Msg-Id`, for the stream's de-duplication; `actor` as its `Rmos-Actor`) and waits
+    /// up to `timeout` for its outcome.
     pub async fn send(
         &self,
         kind: CommandKind,
         payload: Bytes,
         request_id: &RequestId,
         msg_id: Option<&str>,
+        actor: Option<&Actor>,
         timeout: Duration,
     ) -> Result<Outcome, SendError> {
         let (tx, rx) = oneshot::channel();
@@ -130,6 +131,9 @@ impl Commander {
         h.insert(REQUEST_ID_HEADER, request_id.as_str());
         if let Some(m) = msg_id {
             h.insert(MSG_ID_HEADER, m);
+        }
+        if let Some(a) = actor {
+            h.insert(ACTOR_HEADER, a.as_str());
         }
         let subject = self.subjects.command(kind);
         let deadline = tokio::time::Instant::now() + timeout;

@@ -8,6 +8,8 @@
 use std::collections::BTreeSet;
 
 use base64::Engine as _;
+
+use crate::domain::ids::Actor;
 use sha2::{Digest, Sha256};
 
 /// A role, as in deploy/nats/permissions.conf.
@@ -83,7 +85,7 @@ enum Secret {
 /// One configured credential.
 #[derive(Clone)]
 pub struct Credential {
-    name: String,
+    name: Actor,
     secret: Secret,
     roles: BTreeSet<Role>,
 }
@@ -192,8 +194,11 @@ impl CredentialConfig {
                 ));
             }
         };
+        let name = Actor::parse(name).map_err(|e| {
+            format!("http.credentials {name:?}: name: {e} (it is the actor of its commands)")
+        })?;
         Ok(Credential {
-            name: name.to_owned(),
+            name,
             secret,
             roles,
         })
@@ -212,8 +217,8 @@ pub enum Caller {
     Open,
     /// A configured credential.
     Known {
-        /// Its name.
-        name: String,
+        /// Its name, the actor of its commands.
+        name: Actor,
         /// Its roles.
         roles: BTreeSet<Role>,
     },
@@ -222,6 +227,11 @@ pub enum Caller {
 impl Caller {
     /// Its name in logs and as the actor of commands.
     pub fn name(&self) -> Option<&str> {
+        self.actor().map(|a| a.as_str())
+    }
+
+    /// The actor its commands carry (`Rmos-Actor`), kept in their revisions.
+    pub fn actor(&self) -> Option<&Actor> {
         match self {
             Caller::Open => None,
             Caller::Known { name, .. } => Some(name),

@@ -468,7 +468,14 @@ async fn command(
     tracing::info!(request_id = %ctx.request_id, command = kind.suffix(),
         caller = caller.name().unwrap_or("-"), "http command");
     let outcome = commander
-        .send(kind, payload, &ctx.request_id, msg_id, s.command_timeout)
+        .send(
+            kind,
+            payload,
+            &ctx.request_id,
+            msg_id,
+            caller.actor(),
+            s.command_timeout,
+        )
         .await
         .map_err(|e| {
             let (status, code) = match &e {
