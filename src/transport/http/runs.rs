@@ -537,6 +537,36 @@ async fn create(
     command(&s, &ctx, &caller, &headers, CommandKind::Create, payload).await
 }
 
+/// A command on the run named in the path: `access` checked, `run_id` put in the body (a
+/// delete's body is optional, and gets a reason when it has none).
+async fn on_run(
+    s: &AppState,
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    run_id: &str,
+    body: Result<Bytes, BytesRejection>,
+    access: Access,
+    kind: CommandKind,
+) -> Result<Response, HttpError> {
+    let caller = ctx.allow(s, access)?;
+    let run = ctx.run_id(run_id)?;
+    let delete = kind == CommandKind::Delete;
+    let mut payload = command_body(ctx, s, body, Some(&run), delete)?;
+    if delete {
+        // The original service's DELETE took no body: a reason is recorded all the same.
+        let mut obj: Map<String, Value> = serde_json::from_slice(&payload).unwrap_or_default();
+        if !obj.contains_key("reason") {
+            let reason = match caller.name() {
+                Some(name) => format!("deleted over HTTP by {name}"),
+                None => "deleted over HTTP".to_owned(),
+            };
+            obj.insert("reason".into(), Value::String(reason));
+        }
+        payload = Bytes::from(Value::Object(obj).to_string());
+    }
+    command(s, ctx, &caller, headers, kind, payload).await
+}
+
 async fn patch_meta(
     State(s): State<Arc<AppState>>,
     ctx: Ctx,
@@ -544,10 +574,8 @@ async fn patch_meta(
     Path(run_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let caller = ctx.allow(&s, Access::Operate)?;
-    let run = ctx.run_id(&run_id)?;
-    let payload = command_body(&ctx, &s, body, Some(&run), false)?;
-    command(&s, &ctx, &caller, &headers, CommandKind::PatchMeta, payload).await
+    let kind = CommandKind::PatchMeta;
+    on_run(&s, &ctx, &headers, &run_id, body, Access::Operate, kind).await
 }
 
 async fn advisory(
@@ -557,10 +585,8 @@ async fn advisory(
     Path(run_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let caller = ctx.allow(&s, Access::Advise)?;
-    let run = ctx.run_id(&run_id)?;
-    let payload = command_body(&ctx, &s, body, Some(&run), false)?;
-    command(&s, &ctx, &caller, &headers, CommandKind::Advisory, payload).await
+    let kind = CommandKind::Advisory;
+    on_run(&s, &ctx, &headers, &run_id, body, Access::Advise, kind).await
 }
 
 async fn delete(
@@ -570,18 +596,6 @@ async fn delete(
     Path(run_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, HttpError> {
-    let caller = ctx.allow(&s, Access::Operate)?;
-    let run = ctx.run_id(&run_id)?;
-    let payload = command_body(&ctx, &s, body, Some(&run), true)?;
-    // The original service's DELETE took no body: a reason is recorded all the same.
-    let mut obj: Map<String, Value> = serde_json::from_slice(&payload).unwrap_or_default();
-    if !obj.contains_key("reason") {
-        let reason = match caller.name() {
-            Some(name) => format!("deleted over HTTP by {name}"),
-            None => "deleted over HTTP".to_owned(),
-        };
-        obj.insert("reason".into(), Value::String(reason));
-    }
-    let payload = Bytes::from(Value::Object(obj).to_string());
-    command(&s, &ctx, &caller, &headers, CommandKind::Delete, payload).await
+    let kind = CommandKind::Delete;
+    on_run(&s, &ctx, &headers, &run_id, body, Access::Operate, kind).await
 }
