@@ -158,14 +158,22 @@ impl RunStore {
     /// Whether any run's marker for the blob remains.
     async fn referenced(&self, sha: &Sha256Hex) -> Result<bool, StoreError> {
         let refs_prefix = self.key(&format!("blobrefs/{sha}"));
+        Ok(self.first_under(&refs_prefix).await?.is_some())
+    }
+
+    /// The first object under `prefix`, if any (a LIST that stops after one entry).
+    async fn first_under(
+        &self,
+        prefix: &Path,
+    ) -> Result<Option<object_store::ObjectMeta>, StoreError> {
         let found = self
             .store
-            .list(Some(&refs_prefix))
+            .list(Some(prefix))
             .take(1)
             .try_collect::<Vec<_>>()
             .await
-            .map_err(|e| self.os_err(e, &format!("list {refs_prefix}")))?;
-        Ok(!found.is_empty())
+            .map_err(|e| self.os_err(e, &format!("list {prefix}")))?;
+        Ok(found.into_iter().next())
     }
 
     /// Drops `run`'s reference to a blob and removes the blob when no run references it
@@ -228,14 +236,7 @@ impl RunStore {
     /// between removing and re-checking). True when the blob exists afterwards.
     async fn unpark(&self, sha: &Sha256Hex) -> Result<bool, StoreError> {
         let dir = self.key(&format!("parked/{sha}"));
-        let parked = self
-            .store
-            .list(Some(&dir))
-            .take(1)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| self.os_err(e, &format!("list {dir}")))?;
-        let Some(copy) = parked.into_iter().next() else {
+        let Some(copy) = self.first_under(&dir).await? else {
             return Ok(false);
         };
         let key = self.blob_key(sha);
@@ -283,15 +284,7 @@ impl RunStore {
         if self.blob_refs_complete().await? {
             return Ok(());
         }
-        let dir = self.key("blobs");
-        let any = self
-            .store
-            .list(Some(&dir))
-            .take(1)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| self.os_err(e, &format!("list {dir}")))?;
-        if any.is_empty() {
+        if self.first_under(&self.key("blobs")).await?.is_none() {
             self.mark_blob_refs_complete().await?;
         }
         Ok(())

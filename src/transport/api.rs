@@ -217,23 +217,24 @@ impl Api {
         if let Some(which) = q.output {
             return self.get_output(&q.run_id, which, max).await;
         }
-        if q.include_outputs
-            && q.revision.is_none()
-            && let Some(staging) = &self.staging
-        {
-            let artifact = self
-                .reads
-                .store()
-                .get(&q.run_id)
-                .await
-                .map_err(|e| self.store_err(e))?;
-            // Escaped, a body can take up to twice its size in the reply.
-            let bodies: u64 = artifact.blob_refs().iter().map(|r| r.size_bytes).sum();
-            if bodies.saturating_mul(2) > max as u64 {
-                return self.with_fetch(staging, artifact).await;
+        let bytes = match &self.staging {
+            Some(staging) if q.include_outputs && q.revision.is_none() => {
+                let artifact = self
+                    .reads
+                    .store()
+                    .get(&q.run_id)
+                    .await
+                    .map_err(|e| self.store_err(e))?;
+                // Escaped, a body can take up to twice its size in the reply.
+                let bodies: u64 = artifact.blob_refs().iter().map(|r| r.size_bytes).sum();
+                if bodies.saturating_mul(2) > max as u64 {
+                    return self.with_fetch(staging, artifact).await;
+                }
+                // The record just read, not a second read of it.
+                self.reads.with_outputs(artifact).await?
             }
-        }
-        let bytes = self.reads.get_parsed(&q).await?;
+            _ => self.reads.get_parsed(&q).await?,
+        };
         if bytes.len() > max {
             return Err(WireError::from(&Rejection::too_large(format!(
                 "run {} is {} bytes with its outputs, over the broker's max_payload {max}; \

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::WireError;
 use super::metrics::Metrics;
-use crate::domain::artifact::StoredRecord;
+use crate::domain::artifact::{RunArtifact, StoredRecord};
 use crate::domain::error::Rejection;
 use crate::domain::ids::RunId;
 use crate::store::{ListQuery, RunStore, StoreError};
@@ -176,12 +176,7 @@ impl Reads {
                 .get(&q.run_id)
                 .await
                 .map_err(|e| self.store_err(e))?;
-            let artifact = self
-                .store
-                .inline_outputs(artifact)
-                .await
-                .map_err(|e| self.store_err(e))?;
-            Bytes::from(StoredRecord::Live(Box::new(artifact)).encode())
+            self.with_outputs(artifact).await?
         } else {
             self.store
                 .get_bytes(&q.run_id)
@@ -189,6 +184,16 @@ impl Reads {
                 .map_err(|e| self.store_err(e))?
         };
         Ok(bytes)
+    }
+
+    /// A live record with its large bodies put back inline, encoded as `get` answers it.
+    pub async fn with_outputs(&self, artifact: RunArtifact) -> Result<Bytes, WireError> {
+        let artifact = self
+            .store
+            .inline_outputs(artifact)
+            .await
+            .map_err(|e| self.store_err(e))?;
+        Ok(Bytes::from(StoredRecord::Live(Box::new(artifact)).encode()))
     }
 
     /// `list`: a [`ListQuery`] as JSON (empty: the first page, newest first) → a page.
