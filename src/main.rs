@@ -13,6 +13,7 @@ use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
+use rmos_runs::store::scrub::{self, ScrubObserver, ScrubPosition};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
@@ -541,6 +542,8 @@ fn print_config(cfg: &Config) {
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
         "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
         "retention_s": cfg.retention.map(|d| d.as_secs()),
+        "scrub_rate": cfg.scrub.map(|s| s.rate),
+        "scrub_every_s": cfg.scrub.map(|s| s.every.as_secs()),
         "stall_after_s": cfg.stall_after.as_secs(),
         "task_restarts": cfg.task_restarts,
         "signing_key": cfg.signing_key,
@@ -691,6 +694,27 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
                     Box::pin(async move {
                         maintenance::retention_loop(store, schedule, stop).await;
                         Ok(())
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
+    if let Some(schedule) = cfg.scrub {
+        let supervisor = supervisor.clone();
+        let stop = stop_rx.clone();
+        let store = store.clone();
+        let position = ScrubPosition::new();
+        let observer: Arc<dyn ScrubObserver> = metrics.clone();
+        tasks.push(Box::pin(async move {
+            supervisor
+                .supervise("scrub", || {
+                    let (store, stop) = (store.clone(), stop.clone());
+                    let (position, observer) = (position.clone(), observer.clone());
+                    Box::pin(async move {
+                        scrub::scrub_loop(store, schedule, position, observer, stop)
+                            .await
+                            .map_err(|e| e.to_string())
                     })
                 })
                 .await

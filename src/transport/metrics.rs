@@ -92,7 +92,7 @@ const STORE_KINDS: [&str; 6] = [
     "unusable",
 ];
 /// `task` label values of `rmos_task_restarts_total`: the supervised tasks.
-pub const TASKS: [&str; 3] = ["ingest", "requests", "retention"];
+pub const TASKS: [&str; 4] = ["ingest", "requests", "retention", "scrub"];
 /// Upper bounds (seconds) of the duration histograms' buckets (`+Inf` is implicit).
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -216,6 +216,12 @@ pub struct Metrics {
     in_flight: Gauge,
     broker_state_recreated: Counter,
     task_restarts: [Counter; TASKS.len()],
+    scrub_checked: Counter,
+    scrub_broken_found: Counter,
+    scrub_broken: Gauge,
+    scrub_passes: Counter,
+    /// Broken runs found so far in the pass under way.
+    scrub_pass_broken: std::sync::Mutex<i64>,
     http_requests: Family<HttpLabels, Counter>,
     http_request_duration: Durations<RouteLabels>,
 }
@@ -341,8 +347,33 @@ impl Metrics {
         let task_restarts = TASKS.map(|task| series(&task_family, TaskLabels { task }));
         registry.register(
             "rmos_task_restarts",
-            "Supervised tasks (ingest, requests, retention) that ended or panicked and were restarted",
+            "Supervised tasks (ingest, requests, retention, scrub) that ended or panicked and were restarted",
             task_family,
+        );
+
+        let scrub_checked = Counter::default();
+        registry.register(
+            "rmos_scrub_runs_checked",
+            "Runs the background scrub checked (content hashes, blobs, hash chain, signatures)",
+            scrub_checked.clone(),
+        );
+        let scrub_broken_found = Counter::default();
+        registry.register(
+            "rmos_scrub_runs_failed",
+            "Checks of the background scrub that found a run failing verification (a run broken for two passes counts twice)",
+            scrub_broken_found.clone(),
+        );
+        let scrub_broken = Gauge::default();
+        registry.register(
+            "rmos_scrub_broken_runs",
+            "Runs failing verification: as many as the last complete scrub pass found, or the pass under way once it has found more",
+            scrub_broken.clone(),
+        );
+        let scrub_passes = Counter::default();
+        registry.register(
+            "rmos_scrub_passes",
+            "Background scrub passes completed",
+            scrub_passes.clone(),
         );
 
         let in_flight = Gauge::default();
@@ -389,6 +420,11 @@ impl Metrics {
             in_flight,
             broker_state_recreated,
             task_restarts,
+            scrub_checked,
+            scrub_broken_found,
+            scrub_broken,
+            scrub_passes,
+            scrub_pass_broken: std::sync::Mutex::new(0),
             http_requests,
             http_request_duration,
         })
@@ -535,6 +571,33 @@ impl Metrics {
             tracing::error!(error = %e, "metrics: encoding the exposition failed");
         }
         out
+    }
+}
+
+/// The scrub's findings as metrics. The gauge rises as soon as a pass finds more broken runs
+/// than the last complete one, and is set to the pass's count when it ends (a repaired run
+/// stops counting then).
+impl crate::store::scrub::ScrubObserver for Metrics {
+    fn checked(&self, check: &crate::store::history::RunCheck) {
+        self.scrub_checked.inc();
+        if !check.ok {
+            self.scrub_broken_found.inc();
+            if let Ok(mut pass) = self.scrub_pass_broken.lock() {
+                *pass += 1;
+                if *pass > self.scrub_broken.get() {
+                    self.scrub_broken.set(*pass);
+                }
+            }
+        }
+    }
+
+    fn pass_done(&self, _checked: u64, broken: u64) {
+        self.scrub_passes.inc();
+        self.scrub_broken
+            .set(i64::try_from(broken).unwrap_or(i64::MAX));
+        if let Ok(mut pass) = self.scrub_pass_broken.lock() {
+            *pass = 0;
+        }
     }
 }
 
