@@ -484,7 +484,7 @@ impl Config {
             retention: retention_from(f.retention.as_deref())?,
             scrub: match f.scrub_rate {
                 None => None,
-                Some(r) if r == 0.0 => None,
+                Some(0.0) => None,
                 Some(rate) => Some(
                     crate::store::scrub::ScrubSchedule::new(
                         rate,
