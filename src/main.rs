@@ -501,6 +501,26 @@ fn signing(cfg: &Config) -> Result<Signing, Failure> {
     Ok(Signing::new(key, cfg.trusted_keys.clone()))
 }
 
+/// Test-only: `RMOS_TEST_CRASH_AFTER_REVISION=<run_id>:<revision>` (with `RMOS_TEST_FAULTS=1`)
+/// makes `serve` abort right after claiming that revision (`RunStore::crash_after_revision`).
+fn test_crash_point(store: RunStore) -> Result<RunStore, Failure> {
+    const VAR: &str = "RMOS_TEST_CRASH_AFTER_REVISION";
+    if std::env::var(rmos_runs::supervisor::FAULTS_ENV).as_deref() != Ok("1") {
+        return Ok(store);
+    }
+    let Ok(spec) = std::env::var(VAR) else {
+        return Ok(store);
+    };
+    let bad = |why: String| anyhow!("{VAR}={spec:?}: {why}");
+    let (run, rev) = spec
+        .split_once(':')
+        .ok_or_else(|| bad("expected <run_id>:<revision>".into()))?;
+    let run = rmos_runs::domain::ids::RunId::parse(run).map_err(|e| bad(e.to_string()))?;
+    let rev = rev.parse::<u64>().map_err(|e| bad(e.to_string()))?;
+    tracing::warn!(%run, rev, "{VAR}: the worker aborts after claiming this revision");
+    Ok(store.crash_after_revision(run, rev))
+}
+
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
     let store = RunStore::open(url, &cfg.store_options())?.with_signing(signing(cfg)?);
@@ -556,7 +576,9 @@ fn print_config(cfg: &Config) {
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
     raise_open_files_limit();
-    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?);
+    let store = test_crash_point(
+        RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?),
+    )?;
     store
         .probe()
         .await

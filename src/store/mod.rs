@@ -207,6 +207,8 @@ pub struct RunStore {
     indexing: bool,
     /// Whether commands keep their revisions (off only in benchmarks measuring their cost).
     keeping_history: bool,
+    /// Test-only: the process aborts right after claiming this revision of this run.
+    crash_after_revision: Option<(RunId, u64)>,
     /// The key signing revisions, and the keys `verify` trusts.
     signing: Arc<history::Signing>,
     retry: RetryPolicy,
@@ -264,6 +266,7 @@ impl RunStore {
             blob_refs_complete: Arc::default(),
             indexing: true,
             keeping_history: true,
+            crash_after_revision: None,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: url.to_string(),
@@ -285,6 +288,7 @@ impl RunStore {
             blob_refs_complete: Arc::default(),
             indexing: true,
             keeping_history: true,
+            crash_after_revision: None,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
@@ -302,6 +306,15 @@ impl RunStore {
     /// measure what history costs a write, never for a store anyone audits.
     pub fn without_history(mut self) -> Self {
         self.keeping_history = false;
+        self
+    }
+
+    /// Test-only: makes the process abort (as a kill -9 would end it: no unwinding, no
+    /// cleanup) right after it has claimed `revision` of `run` and before it writes the record,
+    /// so that a test can restart the worker on exactly that state. `serve` sets it only from
+    /// `RMOS_TEST_CRASH_AFTER_REVISION=<run_id>:<revision>` with `RMOS_TEST_FAULTS=1`.
+    pub fn crash_after_revision(mut self, run: RunId, revision: u64) -> Self {
+        self.crash_after_revision = Some((run, revision));
         self
     }
 
@@ -504,6 +517,15 @@ impl RunStore {
                     self.back_off(id, &mut conflicts, &mut delays, "revision taken")
                         .await?;
                     continue;
+                }
+                if self
+                    .crash_after_revision
+                    .as_ref()
+                    .is_some_and(|(run, r)| run == id && *r == rev.revision)
+                {
+                    tracing::error!(run_id = %id, revision = rev.revision,
+                        "test fault: aborting after the revision, before the record");
+                    std::process::abort();
                 }
                 rev.artifact_sha256
             } else {
