@@ -621,7 +621,7 @@ impl RunStore {
                 Some(rev) => revisions.push(rev.summary()),
                 None if r > current => break,
                 // Before history was kept (legacy records answer their current revision only).
-                None if current > 0 && r == current && revisions.is_empty() => break,
+                None if after.is_none() && r == current && revisions.is_empty() => break,
                 None => {
                     return Err(StoreError::Corrupt {
                         key: self.history_key(id, r).to_string(),
