@@ -18,7 +18,9 @@
 //! Remove `target/bench-tmp` when no benchmark is about to run.
 //!
 //! * a patch-heavy run (`BENCH_ONLY=history`): one run patched `BENCH_REVISIONS` times (10,000
-//!   by default, fsync off: what is measured is whether a change slows as its history grows),
+//!   by default, fsync off: what is measured is whether a change slows as its history grows;
+//!   each patch carries a stream position whose ack floor trails it by 64, as JetStream
+//!   ingest's do, so the run forgets long-acknowledged patch ids as a worker's would),
 //!   the rate of the first and the last 500 patches, the record's size, a history page at
 //!   the start and at the end, and `verify_chain` over the whole chain.
 //!
@@ -35,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rmos_runs::domain::command::{Command, CommandKind, Context};
+use rmos_runs::domain::command::{Command, CommandKind, Context, StreamPosition};
 use rmos_runs::domain::hashing::{canonical_json, sha256_bytes, sha256_json, sha256_text};
 use rmos_runs::domain::ids::{CommandId, RunId};
 use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
@@ -51,6 +53,8 @@ const HASH_TIME: Duration = Duration::from_millis(1500);
 /// Runs created (untimed) before an update cell; updates go round-robin over them.
 const UPDATE_RUNS: u64 = 256;
 const CONCURRENCY: [usize; 2] = [1, 32];
+/// Pairs (with history, without) per cell of the history cost part.
+const COST_REPS: usize = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
@@ -294,6 +298,8 @@ struct StoreRow {
     record_bytes: (u64, u64),
     /// Revisions kept under `history/` after the cell, and their bytes.
     history: (u64, u64),
+    /// CPU seconds (user + system) this process spent in the timed part.
+    cpu: f64,
     dir: PathBuf,
 }
 
@@ -345,8 +351,11 @@ fn only(part: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == part))
 }
 
-/// One run patched `n` times: (first 500 patches/s, last 500 patches/s, record bytes at
-/// revision 1 and at the end, first history page ms, last history page ms, verify_chain ms).
+/// One run patched `n` times. The early window is patches 500-999 (the record has reached its
+/// steady size: the remembered ids trail by 64), the late one the last 500; each is reported
+/// as patches/s and median latency, so the comparison is of history length alone. Also: record
+/// bytes at revision 1 and at the end, a history page at the start and at the end, and
+/// `verify_chain` over the whole chain.
 async fn patch_heavy(root: &Path, n: u64) -> Value {
     let dir = root.join("history-heavy");
     let store = open_local(&dir, false);
@@ -361,28 +370,37 @@ async fn patch_heavy(root: &Path, n: u64) -> Value {
         async move { store.get_bytes(&id).await.unwrap().len() }
     };
     let first_size = size(&store).await;
-    let window = 500.min(n / 2).max(1);
-    let (mut first_rate, mut last_rate) = (0.0, 0.0);
-    let mut t = Instant::now();
+    let window = 500.min(n / 4).max(1);
+    let early = window..2 * window;
+    let late = n - window..n;
+    let mut latencies = Vec::with_capacity(n as usize);
     for i in 0..n {
-        if i == 0 || i == n - window {
-            t = Instant::now();
-        }
         let body = json!({"run_id": id.as_str(), "meta_updates": {"step": i}});
         let cmd =
             Command::decode(CommandKind::PatchMeta, body.to_string().as_bytes(), None).unwrap();
         let ctx = Context {
             command_id: Some(CommandId::parse(&format!("h{i}")).unwrap()),
+            // As JetStream ingest sees it: the consumer's ack floor trails the message by
+            // a few, so the run forgets the ids of long-acknowledged patches
+            // (`forget_acked_after`) and its record stays small.
+            stream: Some(StreamPosition {
+                seq: i + 1,
+                acked_through: i.saturating_sub(64),
+            }),
             ..Context::now()
         };
+        let t = Instant::now();
         store.execute(&cmd, &ctx).await.unwrap();
-        if i + 1 == window {
-            first_rate = window as f64 / t.elapsed().as_secs_f64();
-        }
-        if i + 1 == n {
-            last_rate = window as f64 / t.elapsed().as_secs_f64();
-        }
+        latencies.push(t.elapsed());
     }
+    let stats = |r: std::ops::Range<u64>| {
+        let mut l: Vec<Duration> = latencies[r.start as usize..r.end as usize].to_vec();
+        let total: f64 = l.iter().map(Duration::as_secs_f64).sum();
+        l.sort();
+        (l.len() as f64 / total, percentile(&l, 0.5))
+    };
+    let (early_rate, early_p50) = stats(early.clone());
+    let (late_rate, late_p50) = stats(late.clone());
     let last_size = size(&store).await;
     let t = Instant::now();
     let page = store.history(&id, None, 100).await.unwrap();
@@ -401,8 +419,14 @@ async fn patch_heavy(root: &Path, n: u64) -> Value {
         dir.display()
     );
     println!(
-        "patches/s, first {window}: {first_rate:.0}; last {window}: {last_rate:.0} (ratio {:.2})",
-        last_rate / first_rate
+        "patches {}-{}: {early_rate:.0}/s, p50 {early_p50:.3} ms; patches {}-{}: {late_rate:.0}/s, \
+         p50 {late_p50:.3} ms (rate ratio late/early {:.2}, p50 ratio {:.2})",
+        early.start + 1,
+        early.end,
+        late.start + 1,
+        late.end,
+        late_rate / early_rate,
+        late_p50 / early_p50
     );
     println!(
         "record bytes: {first_size} at revision 1, {last_size} at revision {}",
@@ -416,7 +440,8 @@ async fn patch_heavy(root: &Path, n: u64) -> Value {
         n + 1,
         verify_ms * 1e3 / (n + 1) as f64
     );
-    json!({"revisions": n + 1, "first_patches_per_s": first_rate, "last_patches_per_s": last_rate,
+    json!({"revisions": n + 1, "early_patches_per_s": early_rate, "late_patches_per_s": late_rate,
+           "early_p50_ms": early_p50, "late_p50_ms": late_p50,
            "record_bytes_first": first_size, "record_bytes_last": last_size,
            "history_first_page_ms": first_page_ms, "history_last_page_ms": last_page_ms,
            "verify_chain_ms": verify_ms})
@@ -428,6 +453,15 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     }
     let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[idx].as_secs_f64() * 1e3
+}
+
+/// CPU seconds (user + system) this process has used.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage(2) fills a properly sized out-parameter.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 /// Files and bytes under `dir`, recursively.
@@ -505,6 +539,7 @@ async fn store_cell(
     let store = Arc::new(open_variant(&dir, fsync, history));
     let next = Arc::new(AtomicU64::new(0));
     let conflicts = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu_secs();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency {
@@ -535,6 +570,7 @@ async fn store_cell(
     }
     let mut latencies: Vec<Duration> = tasks.join_all().await.into_iter().flatten().collect();
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_secs() - cpu_before;
     latencies.sort();
 
     let sizes: Vec<u64> = std::fs::read_dir(&dir)
@@ -558,6 +594,7 @@ async fn store_cell(
         conflicts: conflicts.load(Ordering::Relaxed),
         record_bytes,
         history: tree_size(&dir.join("history")),
+        cpu,
         dir,
     }
 }
@@ -684,35 +721,80 @@ fn main() {
     if only("history_cost") {
         println!(
             "\n## what history costs a command: the same cell with revisions kept and without \
-             (RunStore::without_history), alternated, fresh dir per cell"
+             (RunStore::without_history), alternated {COST_REPS} times, fresh dir per cell; \
+             medians; CPU is this process's user + system time per command"
         );
         println!(
-            "{:<7} {:>5} {:>5} {:>12} {:>12} {:>7} {:>16} {:>16}",
-            "op", "fsync", "conc", "with ops/s", "w/o ops/s", "ratio", "revision B/cmd", "record B"
+            "{:<7} {:>5} {:>5} {:>11} {:>11} {:>6} {:>11} {:>11} {:>8} {:>14}",
+            "op",
+            "fsync",
+            "conc",
+            "with op/s",
+            "w/o op/s",
+            "ratio",
+            "with CPU us",
+            "w/o CPU us",
+            "CPU +us",
+            "revision B/cmd"
         );
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         for fsync in [true, false] {
             for op in [Op::Create, Op::Update] {
                 for concurrency in CONCURRENCY {
-                    let with = rt.block_on(store_cell(&root, op, fsync, concurrency, true));
-                    let without = rt.block_on(store_cell(&root, op, fsync, concurrency, false));
-                    let (revs, rev_bytes) = with.history;
+                    let (mut with, mut without) = (Vec::new(), Vec::new());
+                    for rep in 0..COST_REPS {
+                        // Alternate which goes first, so neither always follows the other.
+                        let pair = |h: bool| {
+                            rt.block_on(store_cell(
+                                &root.join(format!("cost{rep}")),
+                                op,
+                                fsync,
+                                concurrency,
+                                h,
+                            ))
+                        };
+                        if rep % 2 == 0 {
+                            with.push(pair(true));
+                            without.push(pair(false));
+                        } else {
+                            without.push(pair(false));
+                            with.push(pair(true));
+                        }
+                    }
+                    let rate =
+                        |rows: &[StoreRow]| median(rows.iter().map(StoreRow::ops_per_s).collect());
+                    let cpu_us = |rows: &[StoreRow]| {
+                        median(
+                            rows.iter()
+                                .map(|r| r.cpu * 1e6 / r.ops.max(1) as f64)
+                                .collect(),
+                        )
+                    };
+                    let (revs, rev_bytes) = with[0].history;
                     let per_cmd = rev_bytes as f64 / revs.max(1) as f64;
+                    let (rw, ro) = (rate(&with), rate(&without));
+                    let (cw, co) = (cpu_us(&with), cpu_us(&without));
                     println!(
-                        "{:<7} {:>5} {:>5} {:>12.1} {:>12.1} {:>7.2} {:>16.0} {:>16}",
+                        "{:<7} {:>5} {:>5} {:>11.1} {:>11.1} {:>6.2} {:>11.0} {:>11.0} {:>8.0} {:>14.0}",
                         op.name(),
                         if fsync { "on" } else { "off" },
                         concurrency,
-                        with.ops_per_s(),
-                        without.ops_per_s(),
-                        with.ops_per_s() / without.ops_per_s(),
+                        rw,
+                        ro,
+                        rw / ro,
+                        cw,
+                        co,
+                        cw - co,
                         per_cmd,
-                        format!("{}-{}", with.record_bytes.0, with.record_bytes.1)
                     );
                     cost_rows.push(json!({
                         "op": op.name(), "fsync": fsync, "concurrency": concurrency,
-                        "with_ops_per_s": with.ops_per_s(), "without_ops_per_s": without.ops_per_s(),
-                        "with_p50_ms": with.p50_ms, "without_p50_ms": without.p50_ms,
-                        "revisions": revs, "revision_bytes_per_command": per_cmd,
+                        "with_ops_per_s": rw, "without_ops_per_s": ro,
+                        "with_cpu_us_per_op": cw, "without_cpu_us_per_op": co,
+                        "revision_bytes_per_command": per_cmd, "reps": COST_REPS,
                     }));
                 }
             }
