@@ -20,6 +20,9 @@
 //!   maintained and without it (`RunStore::without_index`), in fresh directories and in a
 //!   store in steady state (filled first with `BENCH_PREFILL` runs, 20,000 by default).
 //!
+//! `BENCH_SCAN_REPS=0` measures the index alone, without the scans (which take over an hour at
+//! 10^6 runs; their figures do not depend on the index).
+//!
 //! `BENCH_LOCAL_DIR=<dir> BENCH_SKIP_FILL=1 BENCH_ONLY=walk` re-measures, on a store a previous
 //! run filled, only the index's first page and full walk (no scan, which evicts the page cache
 //! with its million `stat`s).
@@ -340,7 +343,8 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
     ];
     let mut rows = Vec::new();
     // The replaced scan re-lists the whole store per page: fewer repetitions on S3.
-    let scan_reps = if counter.is_some() { 1 } else { 3 };
+    // `BENCH_SCAN_REPS=0` skips the scans (at 10^6 runs they take over an hour).
+    let scan_reps = env_usize("BENCH_SCAN_REPS", if counter.is_some() { 1 } else { 3 });
     for (what, query, filter) in cases {
         // Follow cursors until 50 runs are in hand (a selective filter may need more pages).
         let fetch = || async {
@@ -361,20 +365,24 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
         let pages = fetch().await;
         let calls = lists().map(|c| c / pages as f64);
         let (index_ms, _) = median_ms(reps, fetch).await;
-        let (scan_ms, _) = median_ms(scan_reps, || async {
-            let mut after = None;
-            let mut got = 0;
-            loop {
-                let (found, last) =
-                    scan_page(store, after.as_ref(), 50 - got, filter.as_ref()).await;
-                got += found;
-                if got >= 50 || last.is_none() {
-                    break;
+        let (scan_ms, _) = if scan_reps == 0 {
+            (f64::NAN, ())
+        } else {
+            median_ms(scan_reps, || async {
+                let mut after = None;
+                let mut got = 0;
+                loop {
+                    let (found, last) =
+                        scan_page(store, after.as_ref(), 50 - got, filter.as_ref()).await;
+                    got += found;
+                    if got >= 50 || last.is_none() {
+                        break;
+                    }
+                    after = last;
                 }
-                after = last;
-            }
-        })
-        .await;
+            })
+            .await
+        };
         rows.push(Row {
             what,
             index_ms,
@@ -399,12 +407,20 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
     let calls = lists().map(|c| c / pages as f64);
     let t = Instant::now();
     let mut after = None;
-    let scan_pages = if counter.is_some() { 3 } else { 20 }.min(n.div_ceil(1000));
+    let scan_pages = if scan_reps == 0 {
+        0
+    } else if counter.is_some() {
+        3
+    } else {
+        20
+    }
+    .min(n.div_ceil(1000));
     for _ in 0..scan_pages {
         let (_, last) = scan_page(store, after.as_ref(), 1000, &|_| true).await;
         after = last;
     }
     let scan_ms = t.elapsed().as_secs_f64() * 1000.0 / scan_pages as f64 * n.div_ceil(1000) as f64;
+    // (NaN when the scans were skipped: 0 / 0.)
     rows.push(Row {
         what: "walk every run, pages of 1,000",
         index_ms,
