@@ -390,7 +390,7 @@ impl RunStore {
     /// Claims `rev` for its run (create-if-absent). Loops over torn objects it replaces.
     async fn claim(&self, rev: &Revision) -> Result<Claim, StoreError> {
         let key = self.history_key(&rev.run_id, rev.revision);
-        let bytes = serde_json::to_vec_pretty(rev)
+        let bytes = serde_json::to_vec(rev)
             .map_err(|e| StoreError::Unusable(format!("encode {key}: {e}")))?;
         let mut opts = PutOptions::from(PutMode::Create);
         opts.extensions.insert(local::DeferredSync);
@@ -436,7 +436,7 @@ impl RunStore {
                 let key = self.history_key(&rev.run_id, rev.revision);
                 if version.e_tag.is_some() || version.version.is_some() {
                     // Replace it only as it is: a racing writer may be doing the same.
-                    let bytes = serde_json::to_vec_pretty(rev)
+                    let bytes = serde_json::to_vec(rev)
                         .map_err(|e| StoreError::Unusable(format!("encode {key}: {e}")))?;
                     match self
                         .store
