@@ -441,12 +441,20 @@ fn print_rows(title: &str, n: usize, rows: &[Row]) {
         "", "", "", "", ""
     );
     for r in rows {
+        let (scan, speedup) = if r.scan_ms.is_finite() {
+            (
+                format!("{:.1}", r.scan_ms),
+                format!("{:.0}x", r.scan_ms / r.index_ms),
+            )
+        } else {
+            ("-".to_owned(), "-".to_owned())
+        };
         println!(
-            "| {:<46} | {:>12.1} | {:>12.1} | {:>7.0}x | {:>14} |",
+            "| {:<46} | {:>12.1} | {:>12} | {:>8} | {:>14} |",
             r.what,
             r.index_ms,
-            r.scan_ms,
-            r.scan_ms / r.index_ms,
+            scan,
+            speedup,
             r.lists.map_or("-".to_owned(), |c| format!("{c:.1}"))
         );
     }
