@@ -626,7 +626,16 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         }),
         board.clone(),
     ));
-    let http = start_http(&cfg, &client, &store, &metrics, health, stop_rx.clone()).await?;
+    let http = start_http(
+        &cfg,
+        &client,
+        &store,
+        &metrics,
+        health,
+        staging.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
     let faults = FaultHook::from_env(&client, &cfg.subject_prefix)
         .await
         .map_err(|e| anyhow!("fault hook: {e}"))?;
@@ -748,6 +757,7 @@ async fn start_http(
     store: &RunStore,
     metrics: &Arc<Metrics>,
     health: Arc<Health>,
+    staging: Option<Staging>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Failure> {
     let commander = match cfg.http.addr {
@@ -775,6 +785,8 @@ async fn start_http(
             .limits
             .max_payload_bytes
             .min(client.server_info().max_payload),
+        staging,
+        max_staged_body: cfg.http.max_body_bytes,
     });
     let mut tasks = Vec::new();
     let api = HttpSettings {

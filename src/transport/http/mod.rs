@@ -59,8 +59,16 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// How long a command waits for its outcome before answering 504.
     pub command_timeout: Duration,
-    /// Largest request body.
+    /// Largest command that goes as one broker message (the smaller of `max_payload_bytes`
+    /// and the broker's `max_payload`): the request body limit of patches and deletes, and
+    /// the size over which a create's or advisory's bodies are staged.
     pub max_body: usize,
+    /// The staging bucket (claim checks; `None` in core ingest mode: then a create or
+    /// advisory is limited to `max_body` too).
+    pub staging: Option<super::claim_check::Staging>,
+    /// Largest create or advisory request body when it can be staged (`[http]
+    /// max_body_bytes`).
+    pub max_staged_body: usize,
 }
 
 /// Where and how to serve.
