@@ -192,6 +192,70 @@ mod tests {
         Command::decode(kind, v.to_string().as_bytes(), None).unwrap()
     }
 
+    fn a_run() -> crate::domain::artifact::StoredRecord {
+        let create = decode(
+            CommandKind::Create,
+            json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": "run_0000000000a1"}),
+        );
+        let Ok(Decision::Write { record, .. }) = create.decide(None, &Context::now()) else {
+            panic!("create")
+        };
+        record
+    }
+
+    #[test]
+    fn a_body_inline_or_staged_never_both_nor_neither() {
+        use crate::domain::command::AdvisoryBody;
+        let sha = "ab".repeat(32);
+        let staged = json!({"bucket": "rmos-runs-staging", "name": format!("in/{sha}"),
+                            "sha256": sha, "size_bytes": 5_000_000});
+        // `null` is a body like any other (inline, canonical "null").
+        let Command::Advisory(a) = decode(
+            CommandKind::Advisory,
+            json!({"run_id": "run_0000000000a1", "body": null}),
+        ) else {
+            panic!()
+        };
+        assert_eq!(a.body, AdvisoryBody::Inline(b"null".to_vec()));
+        // Staged: over max_advisory_body_bytes is fine (it never passes through a message).
+        let cmd = decode(
+            CommandKind::Advisory,
+            json!({"run_id": "run_0000000000a1", "advisory_id": "adv_0000000000b1",
+                   "body_ref": staged}),
+        );
+        assert_eq!(cmd.staged_bodies().len(), 1);
+        assert_eq!(cmd.staged_bodies()[0].field, "body_ref");
+        let Ok(Decision::Write { record, blobs, .. }) = cmd.decide(Some(&a_run()), &Context::now())
+        else {
+            panic!("attach")
+        };
+        assert!(
+            blobs.is_empty(),
+            "a staged body is claimed by the transport"
+        );
+        let crate::domain::artifact::StoredRecord::Live(art) = record else {
+            panic!()
+        };
+        let body = art.advisory_inputs[0].body.as_ref().unwrap();
+        assert_eq!(body.sha256.as_str(), sha);
+        assert_eq!(body.size_bytes, 5_000_000);
+        assert_eq!(body.media_type, "application/json");
+
+        let both = json!({"run_id": "run_0000000000a1", "body": {}, "body_ref": staged});
+        let e =
+            Command::decode(CommandKind::Advisory, both.to_string().as_bytes(), None).unwrap_err();
+        assert!(e.message.contains("not both"), "{e}");
+        let neither = json!({"run_id": "run_0000000000a1"});
+        let e = Command::decode(CommandKind::Advisory, neither.to_string().as_bytes(), None)
+            .unwrap_err();
+        assert!(e.message.contains("body_ref"), "{e}");
+        let empty = json!({"run_id": "run_0000000000a1",
+                           "body_ref": {"bucket": "", "name": "x", "sha256": sha, "size_bytes": 1}});
+        let e =
+            Command::decode(CommandKind::Advisory, empty.to_string().as_bytes(), None).unwrap_err();
+        assert!(e.message.contains("body_ref: bucket and name"), "{e}");
+    }
+
     #[test]
     fn a_run_keeps_at_most_max_advisories() {
         let ctx = Context {

@@ -496,6 +496,42 @@ mod tests {
     }
 
     #[test]
+    fn a_staged_op_plan_is_referenced_with_its_claimed_hash() {
+        let sha = "cd".repeat(32);
+        let r = json!({"bucket": "b", "name": "in/x", "sha256": sha, "size_bytes": 42});
+        let Command::Create(c) = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": r}}))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.hashes.opplan_sha256.as_ref().unwrap().as_str(), sha);
+        // Where it was staged is not content: another bucket, the same toolpaths hash.
+        let Command::Create(other) = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": {"bucket": "c", "name": "in/y", "sha256": sha,
+                                       "size_bytes": 42}}}))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.hashes.toolpaths_sha256, other.hashes.toolpaths_sha256);
+        let Decision::Write {
+            record: StoredRecord::Live(a),
+            blobs,
+            ..
+        } = c.decide(None, &ctx()).unwrap()
+        else {
+            panic!()
+        };
+        assert!(blobs.is_empty());
+        let blob = a.outputs.opplan_blob.as_ref().unwrap();
+        assert_eq!((blob.sha256.as_str(), blob.size_bytes), (sha.as_str(), 42));
+        assert_eq!(blob.media_type, JSON_MEDIA_TYPE);
+        let e = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": r, "opplan_json": {}}}))
+        .unwrap_err();
+        assert!(e.message.contains("not both"), "{e}");
+    }
+
+    #[test]
     fn large_bodies_become_blobs() {
         let big = "G1 X1 Y1\n".repeat(10_000);
         let cmd = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
