@@ -787,6 +787,7 @@ async fn start_http(
             .min(client.server_info().max_payload),
         staging,
         max_staged_body: cfg.http.max_body_bytes,
+        large_bodies: tokio::sync::Semaphore::new(http::LARGE_BODIES_AT_ONCE),
     });
     let mut tasks = Vec::new();
     let api = HttpSettings {

@@ -118,9 +118,28 @@ impl CanonicalCheck {
 
     /// Checks the next bytes of the body.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(), NotCanonical> {
-        for &b in bytes {
-            self.byte(b)?;
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.state == State::Str
+                && self.escape == Escape::None
+                && self.utf8_left == 0
+                && !self.in_key
+            {
+                // Most of a large body is string text: a run of printable ASCII needs no
+                // state, only a look for where it ends.
+                let run = bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))
+                    .unwrap_or(bytes.len() - i);
+                i += run;
+                self.offset += run as u64;
+                if i == bytes.len() {
+                    break;
+                }
+            }
+            self.byte(bytes[i])?;
             self.offset += 1;
+            i += 1;
         }
         Ok(())
     }
@@ -482,6 +501,7 @@ mod tests {
                    "\u{e000}": 1, "\u{1f600}": 2, "deep": {"x": [[{"y": false}]]}}),
             json!("just a string"),
             json!(12),
+            json!({"long": "plain text that runs on ".repeat(50), "k": ["é".repeat(9)]}),
             json!([]),
             json!(null),
         ];

@@ -69,7 +69,16 @@ pub struct AppState {
     /// Largest create or advisory request body when it can be staged (`[http]
     /// max_body_bytes`).
     pub max_staged_body: usize,
+    /// Requests whose body is over one broker message take a permit while it is read and
+    /// staged ([`LARGE_BODIES_AT_ONCE`]): each holds its parsed body in memory, so their
+    /// number, not only their size, must be bounded.
+    pub large_bodies: tokio::sync::Semaphore,
 }
+
+/// How many create or advisory requests larger than one broker message are read and staged at
+/// once; more wait (reading nothing meanwhile), so the memory they take stays near this many
+/// times `[http] max_body_bytes` at worst.
+pub const LARGE_BODIES_AT_ONCE: usize = 2;
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]

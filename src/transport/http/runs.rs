@@ -566,9 +566,9 @@ async fn staged_command_body(
             &crate::domain::error::Rejection::too_large(what),
         ))
     };
-    let mut v = read_json(ctx, body, limit)
-        .await?
-        .map_err(|()| too_large(format!("request body over {limit} bytes ({limit_name})")))?;
+    let (v, _large) = read_json(ctx, s, body, limit).await?;
+    let mut v =
+        v.map_err(|()| too_large(format!("request body over {limit} bytes ({limit_name})")))?;
     let Value::Object(obj) = &mut v else {
         return Err(HttpError::invalid(
             "request body is not a JSON object",
@@ -611,8 +611,16 @@ async fn staged_command_body(
 }
 
 /// Parses a request body as one JSON value as it arrives (in a blocking task fed chunk by
-/// chunk: the value is the only copy held). `Ok(Err(()))` when the body is over `limit` bytes.
-async fn read_json(ctx: &Ctx, body: Body, limit: usize) -> Result<Result<Value, ()>, HttpError> {
+/// chunk: the value is the only copy held). `Err(())` inside when the body is over `limit`
+/// bytes. A body over one broker message first takes a permit of `large_bodies`, returned
+/// with the value: the caller holds it until the body is staged.
+async fn read_json<'a>(
+    ctx: &Ctx,
+    s: &'a AppState,
+    body: Body,
+    limit: usize,
+) -> Result<(Result<Value, ()>, Option<tokio::sync::SemaphorePermit<'a>>), HttpError> {
+    let mut permit = None;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let parse = tokio::task::spawn_blocking(move || {
         let reader = std::io::BufReader::with_capacity(
@@ -633,6 +641,10 @@ async fn read_json(ctx: &Ctx, body: Body, limit: usize) -> Result<Result<Value, 
                 if seen > limit {
                     over = true;
                     break;
+                }
+                if seen > s.max_body && permit.is_none() {
+                    // Closed never: the semaphore lives as long as the state.
+                    permit = s.large_bodies.acquire().await.ok();
                 }
                 // The parser stopped (bad JSON): it says why below.
                 if tx.send(chunk).await.is_err() {
@@ -655,7 +667,7 @@ async fn read_json(ctx: &Ctx, body: Body, limit: usize) -> Result<Result<Value, 
         )
     })?;
     if over {
-        return Ok(Err(()));
+        return Ok((Err(()), None));
     }
     if let Some(e) = failed {
         return Err(HttpError::invalid(
@@ -663,12 +675,13 @@ async fn read_json(ctx: &Ctx, body: Body, limit: usize) -> Result<Result<Value, 
             &ctx.request_id,
         ));
     }
-    parsed.map(Ok).map_err(|e| {
-        HttpError::invalid(
+    match parsed {
+        Ok(v) => Ok((Ok(v), permit)),
+        Err(e) => Err(HttpError::invalid(
             format!("request body is not valid JSON: {e}"),
             &ctx.request_id,
-        )
-    })
+        )),
+    }
 }
 
 /// A blocking reader over the chunks of a request body, for `serde_json::from_reader`.
