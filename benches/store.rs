@@ -22,7 +22,11 @@
 //!   the rate of the first and the last 500 patches, the record's size, a history page at
 //!   the start and at the end, and `verify_chain` over the whole chain.
 //!
-//! `BENCH_ONLY=hashing,store,history` runs only the named parts (all when unset).
+//! * what history costs a command (`BENCH_ONLY=history_cost`): creates and patches with
+//!   revisions kept and without (`RunStore::without_history`), cells alternated, and the bytes
+//!   of revision kept per command.
+//!
+//! `BENCH_ONLY=hashing,store,history_cost,history` runs only the named parts (all when unset).
 //!
 //! Each store cell is bounded by [`MAX_OPS`] operations or [`MAX_CELL`], whichever comes first.
 
@@ -288,6 +292,8 @@ struct StoreRow {
     conflicts: u64,
     /// Smallest and largest run record in the directory after the cell.
     record_bytes: (u64, u64),
+    /// Revisions kept under `history/` after the cell, and their bytes.
+    history: (u64, u64),
     dir: PathBuf,
 }
 
@@ -424,11 +430,43 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[idx].as_secs_f64() * 1e3
 }
 
-async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> StoreRow {
+/// Files and bytes under `dir`, recursively.
+fn tree_size(dir: &Path) -> (u64, u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (0, 0);
+    };
+    entries
+        .filter_map(Result::ok)
+        .fold((0, 0), |(n, b), e| match e.file_type() {
+            Ok(t) if t.is_dir() => {
+                let (n2, b2) = tree_size(&e.path());
+                (n + n2, b + b2)
+            }
+            _ => (n + 1, b + e.metadata().map_or(0, |m| m.len())),
+        })
+}
+
+fn open_variant(dir: &Path, fsync: bool, history: bool) -> RunStore {
+    let store = open_local(dir, fsync);
+    if history {
+        store
+    } else {
+        store.without_history()
+    }
+}
+
+async fn store_cell(
+    root: &Path,
+    op: Op,
+    fsync: bool,
+    concurrency: usize,
+    history: bool,
+) -> StoreRow {
     let dir = root.join(format!(
-        "{}-fsync_{}-c{concurrency}",
+        "{}-fsync_{}-c{concurrency}{}",
         op.name(),
-        if fsync { "on" } else { "off" }
+        if fsync { "on" } else { "off" },
+        if history { "" } else { "-no_history" }
     ));
     assert!(
         !dir.exists(),
@@ -439,7 +477,7 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
 
     if op == Op::Update || op == Op::Get {
         // Untimed set-up (fsync off, then one sync so its dirty pages are not timed).
-        let setup = Arc::new(open_local(&dir, false));
+        let setup = Arc::new(open_variant(&dir, false, history));
         let mut tasks = tokio::task::JoinSet::new();
         for t in 0..8 {
             let setup = setup.clone();
@@ -464,7 +502,7 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
     );
     sync_disk();
 
-    let store = Arc::new(open_local(&dir, fsync));
+    let store = Arc::new(open_variant(&dir, fsync, history));
     let next = Arc::new(AtomicU64::new(0));
     let conflicts = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
@@ -519,6 +557,7 @@ async fn store_cell(root: &Path, op: Op, fsync: bool, concurrency: usize) -> Sto
         p99_ms: percentile(&latencies, 0.99),
         conflicts: conflicts.load(Ordering::Relaxed),
         record_bytes,
+        history: tree_size(&dir.join("history")),
         dir,
     }
 }
@@ -623,7 +662,7 @@ fn main() {
     for fsync in [true, false].into_iter().filter(|_| only("store")) {
         for op in [Op::Create, Op::Update, Op::Get] {
             for concurrency in CONCURRENCY {
-                let r = rt.block_on(store_cell(&root, op, fsync, concurrency));
+                let r = rt.block_on(store_cell(&root, op, fsync, concurrency, true));
                 println!(
                     "{:<7} {:>5} {:>5} {:>7} {:>7.2} {:>9.1} {:>8.2} {:>8.2} {:>9} {:>11}",
                     r.op.name(),
@@ -638,6 +677,44 @@ fn main() {
                     format!("{}-{}", r.record_bytes.0, r.record_bytes.1)
                 );
                 store_rows.push(r);
+            }
+        }
+    }
+    let mut cost_rows = Vec::new();
+    if only("history_cost") {
+        println!(
+            "\n## what history costs a command: the same cell with revisions kept and without \
+             (RunStore::without_history), alternated, fresh dir per cell"
+        );
+        println!(
+            "{:<7} {:>5} {:>5} {:>12} {:>12} {:>7} {:>16} {:>16}",
+            "op", "fsync", "conc", "with ops/s", "w/o ops/s", "ratio", "revision B/cmd", "record B"
+        );
+        for fsync in [true, false] {
+            for op in [Op::Create, Op::Update] {
+                for concurrency in CONCURRENCY {
+                    let with = rt.block_on(store_cell(&root, op, fsync, concurrency, true));
+                    let without = rt.block_on(store_cell(&root, op, fsync, concurrency, false));
+                    let (revs, rev_bytes) = with.history;
+                    let per_cmd = rev_bytes as f64 / revs.max(1) as f64;
+                    println!(
+                        "{:<7} {:>5} {:>5} {:>12.1} {:>12.1} {:>7.2} {:>16.0} {:>16}",
+                        op.name(),
+                        if fsync { "on" } else { "off" },
+                        concurrency,
+                        with.ops_per_s(),
+                        without.ops_per_s(),
+                        with.ops_per_s() / without.ops_per_s(),
+                        per_cmd,
+                        format!("{}-{}", with.record_bytes.0, with.record_bytes.1)
+                    );
+                    cost_rows.push(json!({
+                        "op": op.name(), "fsync": fsync, "concurrency": concurrency,
+                        "with_ops_per_s": with.ops_per_s(), "without_ops_per_s": without.ops_per_s(),
+                        "with_p50_ms": with.p50_ms, "without_p50_ms": without.p50_ms,
+                        "revisions": revs, "revision_bytes_per_command": per_cmd,
+                    }));
+                }
             }
         }
     }
@@ -677,6 +754,7 @@ fn main() {
             "record_bytes_min": r.record_bytes.0, "record_bytes_max": r.record_bytes.1,
             "dir": r.dir.display().to_string(),
         })).collect::<Vec<_>>(),
+        "history_cost": cost_rows,
         "patch_heavy": heavy,
     });
     println!("BENCH_JSON {json}");

@@ -137,6 +137,8 @@ struct FileConfig {
     s3_sse_bucket_key: Option<bool>,
     connect_timeout: Option<String>,
     retention: Option<String>,
+    scrub_rate: Option<f64>,
+    scrub_every: Option<String>,
     stall_after: Option<String>,
     task_restarts: Option<u32>,
     signing_key: Option<PathBuf>,
@@ -250,6 +252,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// `serve` deletes runs older than this, hourly (`None`: off, the default).
     pub retention: Option<Duration>,
+    /// `serve` checks every run again in the background at this pace (`None`: off, the
+    /// default).
+    pub scrub: Option<crate::store::scrub::ScrubSchedule>,
     /// `/readyz` fails when ingest has consumed nothing for this long while the consumer has
     /// undelivered commands.
     pub stall_after: Duration,
@@ -482,6 +487,17 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             retention: retention_from(f.retention.as_deref())?,
+            scrub: match f.scrub_rate {
+                None => None,
+                Some(0.0) => None,
+                Some(rate) => Some(
+                    crate::store::scrub::ScrubSchedule::new(
+                        rate,
+                        dur("scrub_every", f.scrub_every, Duration::from_secs(3600))?,
+                    )
+                    .map_err(|e| ConfigError(format!("scrub_rate: {e}")))?,
+                ),
+            },
             stall_after: match dur("stall_after", f.stall_after, Duration::from_secs(60))? {
                 d if d.is_zero() => {
                     return Err(ConfigError("stall_after: must be above zero".into()));
@@ -855,6 +871,36 @@ mod file_tests {
         .unwrap();
         let defaults = Config::resolve(&Overrides::default()).unwrap();
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn scrub_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let resolve = |toml: &str| {
+            std::fs::write(&p, toml).unwrap();
+            Config::resolve(&Overrides {
+                config: Some(p.clone()),
+                ..Default::default()
+            })
+        };
+        assert_eq!(resolve("").unwrap().scrub, None);
+        assert_eq!(resolve("scrub_rate = 0\n").unwrap().scrub, None);
+        let s = resolve("scrub_rate = 2.5\nscrub_every = \"10m\"\n")
+            .unwrap()
+            .scrub
+            .unwrap();
+        assert_eq!((s.rate, s.every), (2.5, Duration::from_secs(600)));
+        assert_eq!(
+            resolve("scrub_rate = 1.0\n").unwrap().scrub.unwrap().every,
+            Duration::from_secs(3600)
+        );
+        for bad in ["scrub_rate = -1.0\n", "scrub_rate = 20000.0\n"] {
+            let e = resolve(bad).unwrap_err();
+            assert!(e.0.starts_with("scrub_rate"), "{bad}: {e}");
+        }
+        let e = resolve("scrub_rate = 1.0\nscrub_every = \"soon\"\n").unwrap_err();
+        assert!(e.0.contains("scrub_every"), "{e}");
     }
 
     #[test]

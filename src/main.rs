@@ -13,6 +13,7 @@ use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
+use rmos_runs::store::scrub::{self, ScrubObserver, ScrubPosition};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
 use rmos_runs::transport::api::Api;
@@ -500,6 +501,26 @@ fn signing(cfg: &Config) -> Result<Signing, Failure> {
     Ok(Signing::new(key, cfg.trusted_keys.clone()))
 }
 
+/// Test-only: `RMOS_TEST_CRASH_AFTER_REVISION=<run_id>:<revision>` (with `RMOS_TEST_FAULTS=1`)
+/// makes `serve` abort right after claiming that revision (`RunStore::crash_after_revision`).
+fn test_crash_point(store: RunStore) -> Result<RunStore, Failure> {
+    const VAR: &str = "RMOS_TEST_CRASH_AFTER_REVISION";
+    if std::env::var(rmos_runs::supervisor::FAULTS_ENV).as_deref() != Ok("1") {
+        return Ok(store);
+    }
+    let Ok(spec) = std::env::var(VAR) else {
+        return Ok(store);
+    };
+    let bad = |why: String| anyhow!("{VAR}={spec:?}: {why}");
+    let (run, rev) = spec
+        .split_once(':')
+        .ok_or_else(|| bad("expected <run_id>:<revision>".into()))?;
+    let run = rmos_runs::domain::ids::RunId::parse(run).map_err(|e| bad(e.to_string()))?;
+    let rev = rev.parse::<u64>().map_err(|e| bad(e.to_string()))?;
+    tracing::warn!(%run, rev, "{VAR}: the worker aborts after claiming this revision");
+    Ok(store.crash_after_revision(run, rev))
+}
+
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
     let store = RunStore::open(url, &cfg.store_options())?.with_signing(signing(cfg)?);
@@ -541,6 +562,8 @@ fn print_config(cfg: &Config) {
         "connect_timeout_s": cfg.connect_timeout.as_secs(),
         "metrics_addr": cfg.metrics_addr.as_deref().unwrap_or("off"),
         "retention_s": cfg.retention.map(|d| d.as_secs()),
+        "scrub_rate": cfg.scrub.map(|s| s.rate),
+        "scrub_every_s": cfg.scrub.map(|s| s.every.as_secs()),
         "stall_after_s": cfg.stall_after.as_secs(),
         "task_restarts": cfg.task_restarts,
         "signing_key": cfg.signing_key,
@@ -553,7 +576,9 @@ fn print_config(cfg: &Config) {
 async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
     raise_open_files_limit();
-    let store = RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?);
+    let store = test_crash_point(
+        RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?),
+    )?;
     store
         .probe()
         .await
@@ -700,6 +725,27 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
                     Box::pin(async move {
                         maintenance::retention_loop(store, schedule, stop).await;
                         Ok(())
+                    })
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }));
+    }
+    if let Some(schedule) = cfg.scrub {
+        let supervisor = supervisor.clone();
+        let stop = stop_rx.clone();
+        let store = store.clone();
+        let position = ScrubPosition::new();
+        let observer: Arc<dyn ScrubObserver> = metrics.clone();
+        tasks.push(Box::pin(async move {
+            supervisor
+                .supervise("scrub", || {
+                    let (store, stop) = (store.clone(), stop.clone());
+                    let (position, observer) = (position.clone(), observer.clone());
+                    Box::pin(async move {
+                        scrub::scrub_loop(store, schedule, position, observer, stop)
+                            .await
+                            .map_err(|e| e.to_string())
                     })
                 })
                 .await

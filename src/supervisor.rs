@@ -1,4 +1,4 @@
-//! The supervisor of `serve`'s long-running tasks (ingest, the request handlers, retention).
+//! The supervisor of `serve`'s long-running tasks (ingest, the request handlers, retention, scrub).
 //!
 //! A task that ends or panics while the worker is not stopping is noticed at once: the
 //! [`TaskBoard`] marks it down, which `/readyz` reports, and it is started again after a

@@ -1065,6 +1065,31 @@ async fn history_keeps_every_revision_chained(store: RunStore) {
         );
         assert_eq!(w[1].event, "meta_patched");
     }
+    // A page from the middle holds exactly the revisions after its cursor.
+    let mid = store.history(&id, Some(1), 2).await.unwrap();
+    assert_eq!(
+        mid.revisions.iter().map(|r| r.revision).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert_eq!(mid.next_cursor.as_deref(), Some("3"));
+    // A run whose first revisions were written before history was kept: its history starts
+    // at the first revision kept, and its chain from there.
+    let old = run_id(0x5002);
+    let before_history = store.clone().without_history();
+    create(&before_history, &old, "T1").await;
+    patch_n(&before_history, &old, 1).await;
+    patch_n(&store, &old, 2).await;
+    patch_n(&store, &old, 3).await;
+    let first = store.history(&old, None, 1).await.unwrap();
+    assert_eq!(first.revisions.len(), 1);
+    assert_eq!(first.revisions[0].revision, 3);
+    assert_eq!(first.next_cursor.as_deref(), Some("3"));
+    let rest = store.history(&old, Some(3), 1).await.unwrap();
+    assert_eq!(rest.revisions.len(), 1);
+    assert_eq!(rest.revisions[0].revision, 4);
+    assert_eq!(rest.next_cursor, None);
+    let chain = store.verify_chain(&old).await.unwrap();
+    assert!(chain.ok && chain.starts_at == Some(3), "{chain:?}");
     // A past revision as it was.
     let r2 = store.get_revision(&id, 2).await.unwrap();
     assert_eq!(r2["meta"]["n"], json!(1));
@@ -1169,6 +1194,13 @@ async fn tampering_with_the_history_is_reported(store: RunStore) {
     // A revision removed.
     let id = fresh(4).await;
     os.delete(&history_key(&id, 3)).await.unwrap();
+    // The history page says so too, naming the revision, rather than skip it.
+    match store.history(&id, None, 10).await {
+        Err(StoreError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("revision 3 is missing"), "{reason}")
+        }
+        other => panic!("a page over a removed revision: {other:?}"),
+    }
     assert_eq!(broken(id).await, (3, ChainFault::RevisionMissing));
     // Two revisions swapped.
     let id = fresh(5).await;
@@ -1220,6 +1252,15 @@ async fn a_claimed_revision_is_rolled_forward(store: RunStore) {
     store.put_revision(&rev).await.unwrap();
     let chain = store.verify_chain(&id).await.unwrap();
     assert!(chain.ok && chain.pending == Some(2), "{chain:?}");
+    let page = store.history(&id, None, 10).await.unwrap();
+    assert_eq!(
+        page.revisions
+            .iter()
+            .map(|r| r.revision)
+            .collect::<Vec<_>>(),
+        [1, 2],
+        "the claimed revision is in the history"
+    );
     // Another change arrives: revision 2 is applied first, the change becomes revision 3.
     let next = cmd(
         CommandKind::PatchMeta,

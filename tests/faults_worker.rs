@@ -445,3 +445,95 @@ async fn model_based_kill9_seed_2() {
 async fn model_based_kill9_seed_3() {
     model_based_kill9(0x7e57_5eed_0003).await;
 }
+
+/// A worker that dies exactly between writing a patch's revision and its record (the
+/// test-only crash point aborts the process there, as a kill -9 would end it): the revision is
+/// claimed, the record still one behind. The restarted worker gets the patch redelivered and
+/// applies that revision once: no gap, no orphan revision, no second revision for the same
+/// command, the chain verifies, and the command's `stored` event names the revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_between_revision_and_record() {
+    let env = Env::new().await;
+    let config = env.tmp.path().join("rmos.toml");
+    std::fs::write(&config, "ack_wait = \"2s\"\n").expect("write config");
+    let dir = env.runs_dir();
+    let run = "run_00000000c001";
+    let mut crashing = worker_env(&config);
+    crashing.push(("RMOS_TEST_FAULTS".into(), "1".into()));
+    crashing.push(("RMOS_TEST_CRASH_AFTER_REVISION".into(), format!("{run}:3")));
+    let events = env.events().await;
+    let mut worker = Worker::start_with(&env.nats, &dir, "crash-0", &crashing).await;
+
+    let patch = |n: u64| bytes_of(&json!({"run_id": run, "meta_updates": {"n": n}}));
+    env.publish("create", "c-1", bytes_of(&create_payload(Some(run), "T1")))
+        .await;
+    assert_eq!(
+        events.one("c-1", EVENT_TIMEOUT, &worker).await.kind,
+        "stored"
+    );
+    env.publish("patch_meta", "p-2", patch(2)).await;
+    assert_eq!(
+        events.one("p-2", EVENT_TIMEOUT, &worker).await.kind,
+        "stored"
+    );
+    env.publish("patch_meta", "p-3", patch(3)).await;
+    let status = worker.wait(Duration::from_secs(30)).await;
+    assert!(
+        !status.success(),
+        "the worker should have aborted at the crash point ({status}); log:\n{}",
+        worker.log()
+    );
+    // The state the crash left: revision 3 claimed, the record at revision 2.
+    let revision_3 = dir
+        .join("history")
+        .join(run)
+        .join(format!("{:020}.json", 3));
+    assert!(
+        revision_3.exists(),
+        "the crash point was not reached after the revision; log:\n{}",
+        worker.log()
+    );
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{run}.json"))).expect("record"))
+            .expect("record JSON");
+    assert_eq!(record["revision"], 2, "the record moved before the crash");
+    assert!(
+        events.snapshot().iter().all(|e| e.rid != "p-3"),
+        "an outcome was announced before the record was written"
+    );
+
+    let worker = Worker::start_with(&env.nats, &dir, "crash-1", &worker_env(&config)).await;
+    let ev = events.one("p-3", Duration::from_secs(60), &worker).await;
+    assert_eq!(ev.kind, "stored", "{:?}", ev.body);
+    assert_eq!(ev.body["revision"], 3, "{:?}", ev.body);
+    let got = env.get_ok(run).await;
+    assert_eq!(got["revision"], 3);
+    assert_eq!(got["meta"]["n"], 3);
+
+    let (status, page) = env
+        .request("history", "h", bytes_of(&json!({"run_id": run})))
+        .await;
+    assert_eq!(status, None, "{page}");
+    let revs = page["revisions"].as_array().expect("revisions");
+    assert_eq!(
+        revs.iter()
+            .map(|r| r["revision"].clone())
+            .collect::<Vec<_>>(),
+        [json!(1), json!(2), json!(3)],
+        "{page}"
+    );
+    assert_eq!(revs[2]["request_id"], "p-3", "{page}");
+    assert_eq!(
+        revs[2]["artifact_sha256"], ev.body["artifact_sha256"],
+        "{page}"
+    );
+    let (_, report) = env.request("verify", "v", run.to_owned()).await;
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["chain"]["revisions"], 3, "{report}");
+    assert!(report["chain"]["pending"].is_null(), "{report}");
+
+    // And the run goes on: the next patch is revision 4.
+    env.publish("patch_meta", "p-4", patch(4)).await;
+    let ev = events.one("p-4", EVENT_TIMEOUT, &worker).await;
+    assert_eq!(ev.body["revision"], 4, "{:?}", ev.body);
+}

@@ -307,3 +307,87 @@ async fn a_wiped_broker_store_is_recreated_and_consumed() {
         w.log()
     );
 }
+
+/// The background scrub (`scrub_rate`) finds a run edited on disk behind the worker's back:
+/// the error log names it with its reason, `rmos_scrub_broken_runs` counts it, and after the
+/// edit is undone the next pass counts none. The scrub is supervised: made to panic, it is
+/// restarted and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_scrub_finds_a_tampered_run() {
+    let env = Env::new().await;
+    let port = support::free_port();
+    let w = worker(
+        &env,
+        "scrub",
+        port,
+        "scrub_rate = 200.0\nscrub_every = \"200ms\"\n",
+    )
+    .await;
+    let events = env.events().await;
+    ready(port, &w).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("run_00000000b0{i:02x}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let r = rid(&format!("scrub-{i}"));
+        env.publish("create", &r, bytes_of(&create_payload(Some(id), "T1")))
+            .await;
+        assert_eq!(events.one(&r, EVENT_TIMEOUT, &w).await.kind, "stored");
+    }
+    // Passes over five sound runs find nothing broken.
+    eventually(Duration::from_secs(30), async || {
+        let m = scrape(port).await;
+        ensure(
+            series(&m, "rmos_scrub_passes_total") >= 2.0
+                && series(&m, "rmos_scrub_runs_checked_total") >= 10.0,
+            || format!("scrub has not made two passes: {m:?}"),
+        )
+    })
+    .await;
+    let m = scrape(port).await;
+    assert_eq!(series(&m, "rmos_scrub_broken_runs"), 0.0);
+    assert_eq!(series(&m, "rmos_scrub_runs_failed_total"), 0.0);
+
+    // Run 2's record edited on disk (a meta value; its stored hashes left as they were).
+    let path = env.runs_dir().join(format!("{}.json", ids[2]));
+    let original = std::fs::read(&path).expect("read record");
+    let mut v: Value = serde_json::from_slice(&original).expect("record is JSON");
+    v["meta"]["edited"] = "behind the worker's back".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("encode")).expect("write");
+    eventually(Duration::from_secs(30), async || {
+        let m = scrape(port).await;
+        ensure(series(&m, "rmos_scrub_broken_runs") == 1.0, || {
+            format!("the scrub has not counted the edited run: {m:?}")
+        })
+    })
+    .await;
+    let log = w.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("scrub: run fails verification") && l.contains(ids[2].as_str()))
+        .unwrap_or_else(|| panic!("no error line names {}:\n{log}", ids[2]));
+    assert!(line.contains("content_changed"), "{line}");
+
+    // Supervised: a panic restarts it, and it keeps scrubbing.
+    stage(&env, "panic scrub").await;
+    not_ready(port, "task scrub: panicked", Duration::from_secs(1)).await;
+    ready(port, &w).await;
+    let before = series(&scrape(port).await, "rmos_scrub_runs_checked_total");
+
+    // Undone: the next complete pass finds nothing broken.
+    std::fs::write(&path, &original).expect("restore the record");
+    eventually(Duration::from_secs(30), async || {
+        let m = scrape(port).await;
+        ensure(
+            series(&m, "rmos_scrub_broken_runs") == 0.0
+                && series(&m, "rmos_scrub_runs_checked_total") > before + 5.0,
+            || format!("the scrub still counts a broken run: {m:?}"),
+        )
+    })
+    .await;
+    assert_eq!(
+        series(
+            &scrape(port).await,
+            r#"rmos_task_restarts_total{task="scrub"}"#
+        ),
+        1.0
+    );
+}

@@ -582,6 +582,11 @@ impl RunStore {
     }
 
     /// One page of a run's history, oldest first, after revision `after`.
+    ///
+    /// Revisions are numbered without gaps, so a page reads exactly its own revisions (and the
+    /// record, for where the history ends): its cost does not grow with the run's history. Only
+    /// the first page of a run recorded before history was kept lists the run's history, to
+    /// find where it starts.
     pub async fn history(
         &self,
         id: &RunId,
@@ -589,34 +594,53 @@ impl RunStore {
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
         let limit = limit.clamp(1, MAX_HISTORY_PAGE);
-        let revs = self.revisions(id).await?;
-        if revs.is_empty() && self.load(id).await?.is_none() {
-            return Err(StoreError::NotFound(id.clone()));
-        }
-        let wanted: Vec<u64> = revs
-            .into_iter()
-            .filter(|r| after.is_none_or(|a| *r > a))
-            .collect();
-        let more = wanted.len() > limit;
-        let page: Vec<u64> = wanted.into_iter().take(limit).collect();
-        let mut read = futures::stream::iter(page.iter().copied())
+        let current = self.load(id).await?.map_or(0, |c| c.value.revision());
+        let start = match after {
+            Some(a) => a.saturating_add(1),
+            None if current <= 1 || self.revision(id, 1).await?.is_some() => 1,
+            None => match self.revisions(id).await?.first() {
+                Some(first) => *first,
+                None => current,
+            },
+        };
+        // A revision one past the record's is a claimed one not yet applied: shown, as it is
+        // in the history (its command's redelivery applies it).
+        let last = current + 1;
+        let wanted: Vec<u64> = (start..=last).take(limit + 1).collect();
+        let mut read = futures::stream::iter(wanted.iter().copied())
             .map(|r| async move { (r, self.revision(id, r).await) })
             .buffered(16);
         let mut revisions = Vec::new();
+        let mut more = false;
         while let Some((r, got)) = read.next().await {
             match got? {
+                Some(_) if revisions.len() == limit => {
+                    more = true;
+                    break;
+                }
                 Some(rev) => revisions.push(rev.summary()),
+                None if r > current => break,
+                // Before history was kept (legacy records answer their current revision only).
+                None if after.is_none() && r == current && revisions.is_empty() => break,
                 None => {
                     return Err(StoreError::Corrupt {
                         key: self.history_key(id, r).to_string(),
-                        reason: "listed, then gone".into(),
+                        reason: format!(
+                            "revision {r} is missing from the history (the record is at {current}; \
+                             `rmos-runs verify {id}` tells more)"
+                        ),
                     });
                 }
             }
         }
+        if current == 0 && revisions.is_empty() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
         Ok(HistoryPage {
             run_id: id.clone(),
-            next_cursor: more.then(|| page.last().map(|r| r.to_string())).flatten(),
+            next_cursor: more
+                .then(|| revisions.last().map(|r| r.revision.to_string()))
+                .flatten(),
             revisions,
         })
     }

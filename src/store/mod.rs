@@ -27,6 +27,7 @@ pub mod index;
 mod listing;
 pub mod local;
 pub mod maintenance;
+pub mod scrub;
 pub mod url;
 
 use std::collections::HashMap;
@@ -204,6 +205,10 @@ pub struct RunStore {
     blob_refs_complete: Arc<std::sync::atomic::AtomicBool>,
     /// Whether commands maintain the index (off only in benchmarks measuring its cost).
     indexing: bool,
+    /// Whether commands keep their revisions (off only in benchmarks measuring their cost).
+    keeping_history: bool,
+    /// Test-only: the process aborts right after claiming this revision of this run.
+    crash_after_revision: Option<(RunId, u64)>,
     /// The key signing revisions, and the keys `verify` trusts.
     signing: Arc<history::Signing>,
     retry: RetryPolicy,
@@ -260,6 +265,8 @@ impl RunStore {
             index_built: Arc::default(),
             blob_refs_complete: Arc::default(),
             indexing: true,
+            keeping_history: true,
+            crash_after_revision: None,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: url.to_string(),
@@ -280,6 +287,8 @@ impl RunStore {
             index_built: Arc::default(),
             blob_refs_complete: Arc::default(),
             indexing: true,
+            keeping_history: true,
+            crash_after_revision: None,
             signing: Arc::default(),
             retry: RetryPolicy::default(),
             url: "custom".to_owned(),
@@ -290,6 +299,22 @@ impl RunStore {
     /// the index costs a write, never for a store anyone lists: its index would fall behind.
     pub fn without_index(mut self) -> Self {
         self.indexing = false;
+        self
+    }
+
+    /// A store whose commands keep no revision and link no hash chain. For benchmarks that
+    /// measure what history costs a write, never for a store anyone audits.
+    pub fn without_history(mut self) -> Self {
+        self.keeping_history = false;
+        self
+    }
+
+    /// Test-only: makes the process abort (as a kill -9 would end it: no unwinding, no
+    /// cleanup) right after it has claimed `revision` of `run` and before it writes the record,
+    /// so that a test can restart the worker on exactly that state. `serve` sets it only from
+    /// `RMOS_TEST_CRASH_AFTER_REVISION=<run_id>:<revision>` with `RMOS_TEST_FAULTS=1`.
+    pub fn crash_after_revision(mut self, run: RunId, revision: u64) -> Self {
+        self.crash_after_revision = Some((run, revision));
         self
     }
 
@@ -475,22 +500,37 @@ impl RunStore {
             }
             // The revision first (after its blobs, so a roll-forward finds them): it decides
             // which of two racing changes makes this revision (see `history`).
-            history::link(&mut record, current.as_ref().map(|v| &v.value));
-            let mut rev = history::Revision::new(
-                &record,
-                event.as_str(),
-                ctx.now,
-                Some(ctx.request_id.to_string()),
-                ctx.command_id.as_ref().map(ToString::to_string),
-                ctx.stream.as_ref().map(|s| s.seq),
-            )
-            .with_actor(ctx.actor.as_ref().map(ToString::to_string));
-            self.sign_revision(&mut rev)?;
-            if !self.claim_revision(&rev, current.as_ref()).await? {
-                self.back_off(id, &mut conflicts, &mut delays, "revision taken")
-                    .await?;
-                continue;
-            }
+            // The outcome's hash (the stored event's): the revision's, computed once.
+            let artifact_sha256 = if self.keeping_history {
+                history::link(&mut record, current.as_ref().map(|v| &v.value));
+                let mut rev = history::Revision::new(
+                    &record,
+                    event.as_str(),
+                    ctx.now,
+                    Some(ctx.request_id.to_string()),
+                    ctx.command_id.as_ref().map(ToString::to_string),
+                    ctx.stream.as_ref().map(|s| s.seq),
+                )
+                .with_actor(ctx.actor.as_ref().map(ToString::to_string));
+                self.sign_revision(&mut rev)?;
+                if !self.claim_revision(&rev, current.as_ref()).await? {
+                    self.back_off(id, &mut conflicts, &mut delays, "revision taken")
+                        .await?;
+                    continue;
+                }
+                if self
+                    .crash_after_revision
+                    .as_ref()
+                    .is_some_and(|(run, r)| run == id && *r == rev.revision)
+                {
+                    tracing::error!(run_id = %id, revision = rev.revision,
+                        "test fault: aborting after the revision, before the record");
+                    std::process::abort();
+                }
+                rev.artifact_sha256
+            } else {
+                record_sha256(&record)
+            };
             // Index entries: the new ones go in before the record (a reader may briefly see a
             // run's next entry, never none), the old ones go after it. On the local store the
             // record's barrier makes the new entries durable with it.
@@ -522,7 +562,6 @@ impl RunStore {
                 Some(v) => PutMode::Update(v.version),
             };
             let revision = record.revision();
-            let artifact_sha256 = rev.artifact_sha256;
             let key = self.artifact_key(id);
             let payload = PutPayload::from(record.encode());
             drop(record);

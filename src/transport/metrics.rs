@@ -92,7 +92,7 @@ const STORE_KINDS: [&str; 6] = [
     "unusable",
 ];
 /// `task` label values of `rmos_task_restarts_total`: the supervised tasks.
-pub const TASKS: [&str; 3] = ["ingest", "requests", "retention"];
+pub const TASKS: [&str; 4] = ["ingest", "requests", "retention", "scrub"];
 /// `body` label values of the claim-check series: which staged body (`outputs.gcode_ref`,
 /// `outputs.opplan_ref`, an advisory's `body_ref`).
 const CLAIM_BODIES: [&str; 3] = ["gcode", "opplan", "advisory"];
@@ -244,6 +244,12 @@ pub struct Metrics {
     claims: [[Counter; CLAIM_OUTCOMES.len()]; CLAIM_BODIES.len()],
     claimed_bytes: [Counter; CLAIM_BODIES.len()],
     task_restarts: [Counter; TASKS.len()],
+    scrub_checked: Counter,
+    scrub_broken_found: Counter,
+    scrub_broken: Gauge,
+    scrub_passes: Counter,
+    /// Broken runs found so far in the pass under way.
+    scrub_pass_broken: std::sync::Mutex<i64>,
     http_requests: Family<HttpLabels, Counter>,
     http_request_duration: Durations<RouteLabels>,
 }
@@ -387,8 +393,33 @@ impl Metrics {
         let task_restarts = TASKS.map(|task| series(&task_family, TaskLabels { task }));
         registry.register(
             "rmos_task_restarts",
-            "Supervised tasks (ingest, requests, retention) that ended or panicked and were restarted",
+            "Supervised tasks (ingest, requests, retention, scrub) that ended or panicked and were restarted",
             task_family,
+        );
+
+        let scrub_checked = Counter::default();
+        registry.register(
+            "rmos_scrub_runs_checked",
+            "Runs the background scrub checked (content hashes, blobs, hash chain, signatures)",
+            scrub_checked.clone(),
+        );
+        let scrub_broken_found = Counter::default();
+        registry.register(
+            "rmos_scrub_runs_failed",
+            "Checks of the background scrub that found a run failing verification (a run broken for two passes counts twice)",
+            scrub_broken_found.clone(),
+        );
+        let scrub_broken = Gauge::default();
+        registry.register(
+            "rmos_scrub_broken_runs",
+            "Runs failing verification: as many as the last complete scrub pass found, or the pass under way once it has found more",
+            scrub_broken.clone(),
+        );
+        let scrub_passes = Counter::default();
+        registry.register(
+            "rmos_scrub_passes",
+            "Background scrub passes completed",
+            scrub_passes.clone(),
         );
 
         let in_flight = Gauge::default();
@@ -437,6 +468,11 @@ impl Metrics {
             claims,
             claimed_bytes,
             task_restarts,
+            scrub_checked,
+            scrub_broken_found,
+            scrub_broken,
+            scrub_passes,
+            scrub_pass_broken: std::sync::Mutex::new(0),
             http_requests,
             http_request_duration,
         })
@@ -596,6 +632,33 @@ impl Metrics {
             tracing::error!(error = %e, "metrics: encoding the exposition failed");
         }
         out
+    }
+}
+
+/// The scrub's findings as metrics. The gauge rises as soon as a pass finds more broken runs
+/// than the last complete one, and is set to the pass's count when it ends (a repaired run
+/// stops counting then).
+impl crate::store::scrub::ScrubObserver for Metrics {
+    fn checked(&self, check: &crate::store::history::RunCheck) {
+        self.scrub_checked.inc();
+        if !check.ok {
+            self.scrub_broken_found.inc();
+            if let Ok(mut pass) = self.scrub_pass_broken.lock() {
+                *pass += 1;
+                if *pass > self.scrub_broken.get() {
+                    self.scrub_broken.set(*pass);
+                }
+            }
+        }
+    }
+
+    fn pass_done(&self, _checked: u64, broken: u64) {
+        self.scrub_passes.inc();
+        self.scrub_broken
+            .set(i64::try_from(broken).unwrap_or(i64::MAX));
+        if let Ok(mut pass) = self.scrub_pass_broken.lock() {
+            *pass = 0;
+        }
     }
 }
 
@@ -771,7 +834,7 @@ mod tests {
         assert_eq!(count("rmos_requests_total{"), 45);
         assert_eq!(count("rmos_dead_letters_total{"), 8);
         assert_eq!(count("rmos_store_errors_total{"), 6);
-        assert_eq!(count("rmos_task_restarts_total{"), 3);
+        assert_eq!(count("rmos_task_restarts_total{"), TASKS.len());
         // 3 bodies x 2 outcomes; bytes per body.
         assert_eq!(count("rmos_claims_total{"), 6);
         assert_eq!(count("rmos_claimed_bytes_total{"), 3);
@@ -957,6 +1020,10 @@ mod tests {
             ("rmos_claims", "counter"),
             ("rmos_claimed_bytes", "counter"),
             ("rmos_task_restarts", "counter"),
+            ("rmos_scrub_runs_checked", "counter"),
+            ("rmos_scrub_runs_failed", "counter"),
+            ("rmos_scrub_broken_runs", "gauge"),
+            ("rmos_scrub_passes", "counter"),
             ("rmos_in_flight_commands", "gauge"),
             ("rmos_build", "info"),
             ("rmos_http_requests", "counter"),
