@@ -65,7 +65,10 @@ enum Escape {
 }
 
 enum Frame {
-    Object { prev_key: Option<String> },
+    /// The previous key's bytes (valid UTF-8), or `None` before the first.
+    Object {
+        prev_key: Option<Vec<u8>>,
+    },
     Array,
 }
 
@@ -86,6 +89,9 @@ pub struct CanonicalCheck {
     number: Vec<u8>,
     literal: &'static [u8],
     literal_at: usize,
+    /// Key buffers of closed objects, reused (a body of many small objects would otherwise
+    /// allocate one per key).
+    spare: Vec<Vec<u8>>,
 }
 
 impl CanonicalCheck {
@@ -106,6 +112,7 @@ impl CanonicalCheck {
             number: Vec::new(),
             literal: b"",
             literal_at: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -283,7 +290,13 @@ impl CanonicalCheck {
         if !ok {
             return Err(self.fail(format!("unexpected '{}'", b as char)));
         }
-        self.stack.pop();
+        if let Some(Frame::Object {
+            prev_key: Some(mut k),
+        }) = self.stack.pop()
+        {
+            k.clear();
+            self.spare.push(k);
+        }
         self.value_done();
         Ok(())
     }
@@ -298,19 +311,29 @@ impl CanonicalCheck {
 
     fn end_number(&mut self) -> Result<(), NotCanonical> {
         let text = std::str::from_utf8(&self.number).unwrap_or("");
-        let canonical = text
-            .parse::<f64>()
-            .ok()
-            .filter(|f| f.is_finite())
-            .map(super::hashing::canonical_number);
-        if canonical.as_deref() != Some(text) {
-            return Err(NotCanonical {
-                offset: self.offset - self.number.len() as u64,
-                reason: match canonical {
-                    Some(c) => format!("the number {text} is written {c} in canonical form"),
-                    None => format!("{text:?} is not a JSON number"),
-                },
-            });
+        // Most numbers are small integers, canonical when written plainly (below 2^53 a double
+        // holds them exactly and ECMAScript prints every digit): no float parse needed.
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        let plain_integer = !digits.is_empty()
+            && digits.len() <= 15
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && (digits == "0" && text == "0" || !digits.starts_with('0'));
+        if !plain_integer {
+            let parsed = text.parse::<f64>().ok().filter(|f| f.is_finite());
+            let ok =
+                parsed.is_some_and(|f| super::hashing::with_canonical_number(f, |c| c == text));
+            if !ok {
+                return Err(NotCanonical {
+                    offset: self.offset - self.number.len() as u64,
+                    reason: match parsed {
+                        Some(f) => format!(
+                            "the number {text} is written {} in canonical form",
+                            super::hashing::canonical_number(f)
+                        ),
+                        None => format!("{text:?} is not a JSON number"),
+                    },
+                });
+            }
         }
         self.value_done();
         Ok(())
@@ -431,36 +454,68 @@ impl CanonicalCheck {
 
     fn end_key(&mut self) -> Result<(), NotCanonical> {
         self.in_key = false;
-        // Checked byte by byte above, so this holds.
-        let key = String::from_utf8(std::mem::take(&mut self.key))
-            .map_err(|_| self.fail("invalid UTF-8"))?;
         let offset = self.offset;
         let Some(Frame::Object { prev_key }) = self.stack.last_mut() else {
             return Err(self.fail("internal: a key outside an object"));
         };
         if let Some(prev) = prev_key.as_ref() {
-            match prev.encode_utf16().cmp(key.encode_utf16()) {
+            match utf16_cmp(prev, &self.key) {
                 Ordering::Less => {}
                 Ordering::Equal => {
                     return Err(NotCanonical {
                         offset,
-                        reason: format!("the key {key:?} appears twice in one object"),
+                        reason: format!(
+                            "the key {:?} appears twice in one object",
+                            String::from_utf8_lossy(&self.key)
+                        ),
                     });
                 }
                 Ordering::Greater => {
                     return Err(NotCanonical {
                         offset,
                         reason: format!(
-                            "the key {key:?} comes after {prev:?}: members are sorted by their \
-                             keys' UTF-16 code units"
+                            "the key {:?} comes after {:?}: members are sorted by their keys' \
+                             UTF-16 code units",
+                            String::from_utf8_lossy(&self.key),
+                            String::from_utf8_lossy(prev)
                         ),
                     });
                 }
             }
         }
-        *prev_key = Some(key);
+        // The key becomes the previous one; its old buffer (or a spare) takes the next key.
+        let next = match prev_key.take() {
+            Some(old) => old,
+            None => self.spare.pop().unwrap_or_default(),
+        };
+        *prev_key = Some(std::mem::replace(&mut self.key, next));
+        self.key.clear();
         Ok(())
     }
+}
+
+/// Compares two valid UTF-8 strings by their UTF-16 code units (RFC 8785's member order).
+/// UTF-8 byte order is code point order, which differs from UTF-16's only between a
+/// supplementary character (4 bytes in UTF-8, a surrogate pair in UTF-16) and one of
+/// U+E000..U+FFFF: byte order is used unless that can be the case.
+fn utf16_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) else {
+        return a.len().cmp(&b.len());
+    };
+    // The first differing byte; where a character starts there: its lead byte (both
+    // characters share their bytes before `i`, so `i` lies in the same position of each).
+    let start = (0..=i).rev().find(|&j| a[j] & 0xc0 != 0x80).unwrap_or(0);
+    let (x, y) = (a[start], b[start]);
+    let supplementary = |lead: u8| lead >= 0xf0;
+    let high_bmp = |lead: u8| lead == 0xee || lead == 0xef;
+    if (supplementary(x) && high_bmp(y)) || (high_bmp(x) && supplementary(y)) {
+        let (sa, sb) = (
+            std::str::from_utf8(&a[start..]).unwrap_or(""),
+            std::str::from_utf8(&b[start..]).unwrap_or(""),
+        );
+        return sa.encode_utf16().cmp(sb.encode_utf16());
+    }
+    a[i].cmp(&b[i])
 }
 
 /// Checks a whole body held in memory (tests, small bodies).
@@ -558,6 +613,40 @@ mod tests {
         assert!(String::from_utf8_lossy(&bytes).starts_with("{\"\u{1f600}\""));
         check_canonical(&bytes, 32, true).unwrap();
         bad("{\"\u{e000}\":1,\"\u{1f600}\":2}".as_bytes(), "sorted");
+    }
+
+    #[test]
+    fn key_order_is_utf16_order_for_every_pair() {
+        let keys = [
+            "",
+            "a",
+            "ab",
+            "b",
+            "z",
+            "\u{7f}",
+            "\u{e9}",
+            "\u{7ff}",
+            "\u{800}",
+            "\u{d7ff}",
+            "\u{e000}",
+            "\u{fb33}",
+            "\u{ffff}",
+            "\u{10000}",
+            "\u{1f600}",
+            "a\u{1f600}",
+            "a\u{e000}",
+            "a\u{1f600}b",
+            "\u{e000}\u{1f600}",
+        ];
+        for a in keys {
+            for b in keys {
+                assert_eq!(
+                    utf16_cmp(a.as_bytes(), b.as_bytes()),
+                    a.encode_utf16().cmp(b.encode_utf16()),
+                    "{a:?} vs {b:?}"
+                );
+            }
+        }
     }
 
     #[test]

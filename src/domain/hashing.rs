@@ -86,6 +86,15 @@ fn push_number(f: f64, out: &mut Vec<u8>) {
     out.extend_from_slice(buf.format_finite(f).as_bytes());
 }
 
+/// Calls `k` with how RFC 8785 writes the finite number `f` (without allocating).
+pub fn with_canonical_number<R>(f: f64, k: impl FnOnce(&str) -> R) -> R {
+    if f == 0.0 {
+        return k("0");
+    }
+    let mut buf = ryu_js::Buffer::new();
+    k(buf.format_finite(f))
+}
+
 /// How RFC 8785 writes a finite number: as ECMAScript's `Number.prototype.toString` does.
 pub fn canonical_number(f: f64) -> String {
     let mut out = Vec::with_capacity(24);
