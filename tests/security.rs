@@ -266,9 +266,7 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
         .iter()
         .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
         .collect();
-    for r in ["operator"] {
-        env_names.push((format!("RMOS_{}_PASSWORD", r.to_uppercase()), secret(r)));
-    }
+    env_names.push(("RMOS_OPERATOR_PASSWORD".to_owned(), secret("operator")));
     let server_env: Vec<(&str, &str)> = env_names
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
