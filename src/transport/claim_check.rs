@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::object_store::{self as nats_os, ObjectMetadata};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -107,21 +108,38 @@ impl Staging {
         })
     }
 
-    /// Opens the bucket, creating it when missing; `true` when it was created.
+    /// Opens the bucket, creating it when the broker says its stream does not exist (and only
+    /// then: a bucket that could not be looked up is not taken for a lost one); `true` when it
+    /// was created.
     async fn get_or_create(
         js: &jetstream::Context,
         config: &nats_os::Config,
     ) -> Result<(nats_os::ObjectStore, bool), StagingError> {
-        match js.get_object_store(&config.bucket).await {
-            Ok(s) => Ok((s, false)),
-            Err(_) => js
-                .create_object_store(config.clone())
+        let err = |reason: String| StagingError::Bucket {
+            bucket: config.bucket.clone(),
+            reason,
+        };
+        let missing = match js.get_stream(format!("OBJ_{}", config.bucket)).await {
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    true
+                }
+                _ => return Err(err(e.to_string())),
+            },
+        };
+        if missing {
+            js.create_object_store(config.clone())
                 .await
                 .map(|s| (s, true))
-                .map_err(|e| StagingError::Bucket {
-                    bucket: config.bucket.clone(),
-                    reason: e.to_string(),
-                }),
+                .map_err(|e| err(e.to_string()))
+        } else {
+            js.get_object_store(&config.bucket)
+                .await
+                .map(|s| (s, false))
+                .map_err(|e| err(e.to_string()))
         }
     }
 
