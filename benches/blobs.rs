@@ -9,7 +9,10 @@
 //! would) and publishes a create naming it; timed until `rmos.runs.stored`. The worker streams
 //! the object into the run store, hashing it as it passes. Out: a `get` with
 //! `"output": "gcode"` (the worker stages the blob) and the reader's fetch of the staged
-//! object, hashed and compared. Peak RSS is `VmHWM` of the worker process.
+//! object, hashed and compared. Then an advisory whose body (canonical JSON of the same size)
+//! goes in by claim check (`body_ref`): the worker also checks, as the bytes pass, that they
+//! are RFC 8785 canonical, and its claim rate is compared with the G-code claim's (the peer
+//! without that check, same run). Peak RSS is `VmHWM` of the worker process.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -60,6 +63,45 @@ fn write_program(path: &std::path::Path, mb: u64) -> (u64, String) {
     }
     f.flush().unwrap();
     (size, hex::encode(h.finalize()))
+}
+
+/// Writes an advisory body of about `mb` MB as canonical JSON (members in key order, no
+/// whitespace, ECMAScript numbers); returns (size, sha256).
+fn write_advisory_body(path: &std::path::Path, mb: u64) -> (u64, String) {
+    struct Out {
+        f: std::io::BufWriter<std::fs::File>,
+        h: Sha256,
+        size: u64,
+    }
+    impl Out {
+        fn put(&mut self, b: &[u8]) {
+            self.f.write_all(b).unwrap();
+            self.h.update(b);
+            self.size += b.len() as u64;
+        }
+    }
+    let mut o = Out {
+        f: std::io::BufWriter::new(std::fs::File::create(path).unwrap()),
+        h: Sha256::new(),
+        size: 0,
+    };
+    o.put(br#"{"steps":["#);
+    let mut i = 0u64;
+    while o.size < mb * 1_000_000 {
+        if i > 0 {
+            o.put(b",");
+        }
+        let step = format!(
+            r#"{{"feed":{}.5,"note":"pass {i}: depth \"{}\" é\tok","z":{i}}}"#,
+            i % 3000,
+            i % 37
+        );
+        o.put(step.as_bytes());
+        i += 1;
+    }
+    o.put(br#"],"text":"Feed rate reduced"}"#);
+    o.f.flush().unwrap();
+    (o.size, hex::encode(o.h.finalize()))
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {
@@ -189,6 +231,29 @@ async fn main() {
     let total_out = t.elapsed();
     assert_eq!(n, size, "size out");
     assert_eq!(got, sha, "bytes out differ");
+    let after_out = vm_hwm_mib(pid);
+
+    // In: an advisory body of the same size, staged canonical, attached by `body_ref`.
+    let body_path = tmp.path().join("advisory.json");
+    let (adv_size, adv_sha) = write_advisory_body(&body_path, mb);
+    let adv_name = format!("in/{adv_sha}");
+    let mut f = tokio::fs::File::open(&body_path).await.unwrap();
+    bucket.put(adv_name.as_str(), &mut f).await.unwrap();
+    let advisory = json!({"run_id": run, "advisory_id": "adv_00000000b100", "kind": "note",
+                          "body_ref": {"bucket": BUCKET, "name": adv_name,
+                                       "sha256": adv_sha, "size_bytes": adv_size}});
+    let t = Instant::now();
+    js.publish("rmos.runs.advisory", advisory.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::select! {
+        Some(_) = stored.next() => {}
+        Some(m) = rejected.next() => panic!("rejected: {}", String::from_utf8_lossy(&m.payload)),
+        _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
+    }
+    let adv_claim = t.elapsed();
     let peak = vm_hwm_mib(pid);
 
     let store = if on_s3 {
@@ -216,8 +281,18 @@ async fn main() {
     row("out: worker stages the blob (get output)", staged_out);
     row("out: total, fetched and hashed", total_out);
     println!(
+        "| in: worker claims a {:.1} MB canonical-JSON advisory body (advisory -> stored) | {:.2} | {:.1} |",
+        adv_size as f64 / 1e6,
+        adv_claim.as_secs_f64(),
+        mbps(adv_size, adv_claim)
+    );
+    let adv_ratio = mbps(adv_size, adv_claim) / mbps(size, claim);
+    println!(
+        "advisory claim (with the canonical check) / G-code claim (without): {adv_ratio:.2} of the rate"
+    );
+    println!(
         "worker peak RSS (VmHWM): idle {idle:.1} MiB, after in {after_in:.1} MiB, after out \
-         {peak:.1} MiB; ceiling {RSS_CEILING_MIB} MiB: {}",
+         {after_out:.1} MiB, after the advisory {peak:.1} MiB; ceiling {RSS_CEILING_MIB} MiB: {}",
         if peak < RSS_CEILING_MIB {
             "under"
         } else {
@@ -229,6 +304,8 @@ async fn main() {
         json!({"blob_mb": size as f64 / 1e6, "store": store,
                "in_mb_s": mbps(size, total_in), "out_mb_s": mbps(size, total_out),
                "peer_put_mb_s": mbps(size, peer_put), "peer_get_mb_s": mbps(size, peer_get),
+               "advisory_claim_mb_s": mbps(adv_size, adv_claim),
+               "gcode_claim_mb_s": mbps(size, claim), "advisory_to_gcode_claim": adv_ratio,
                "worker_peak_rss_mib": peak, "ceiling_mib": RSS_CEILING_MIB})
     );
     drop(worker);

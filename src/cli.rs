@@ -46,12 +46,14 @@ pub(crate) async fn publish_payload(
     json: bool,
 ) -> Result<(), Failure> {
     let mut payload = read_payload(&a)?;
-    if kind == CommandKind::Create && cfg.ingest == IngestMode::JetStream {
-        // Too large for one message: the G-code goes through the staging bucket.
+    if matches!(kind, CommandKind::Create | CommandKind::Advisory)
+        && cfg.ingest == IngestMode::JetStream
+    {
+        // Too large for one message: the bodies go through the staging bucket.
         let client = client_connect(cfg).await?;
         let max = client.server_info().max_payload;
         let js = async_nats::jetstream::new(client);
-        payload = claim_check::stage_large_create(&js, &cfg.staging_bucket, payload, max)
+        payload = claim_check::stage_large_payload(&js, &cfg.staging_bucket, kind, payload, max)
             .await
             .map_err(|e| Failure {
                 code: EXIT_UNREACHABLE,

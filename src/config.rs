@@ -150,6 +150,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct HttpFile {
     command_timeout: Option<String>,
+    max_body_bytes: Option<usize>,
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
@@ -167,6 +168,10 @@ pub struct HttpConfig {
     pub addr_explicit: bool,
     /// How long an HTTP command waits for its outcome before answering 504.
     pub command_timeout: Duration,
+    /// Largest create or advisory request body: one over the broker's `max_payload` is staged
+    /// by claim check, and is held in memory once while it is (bodies of other commands go as
+    /// one message and are limited by it).
+    pub max_body_bytes: usize,
     /// Connection limits (both HTTP listeners).
     pub limits: crate::transport::http::server::ConnLimits,
     /// Credentials (none: open access, loopback only).
@@ -705,10 +710,18 @@ fn http_from(addr: Option<String>, f: Option<HttpFile>) -> Result<HttpConfig, Co
             &f.command_timeout,
             Duration::from_secs(30),
         )?,
+        max_body_bytes: count(
+            "http.max_body_bytes",
+            f.max_body_bytes,
+            DEFAULT_HTTP_MAX_BODY,
+        )?,
         limits,
         credentials,
     })
 }
+
+/// Default of `[http] max_body_bytes`: 256 MiB.
+pub const DEFAULT_HTTP_MAX_BODY: usize = 256 * 1024 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -651,7 +651,16 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         }),
         board.clone(),
     ));
-    let http = start_http(&cfg, &client, &store, &metrics, health, stop_rx.clone()).await?;
+    let http = start_http(
+        &cfg,
+        &client,
+        &store,
+        &metrics,
+        health,
+        staging.clone(),
+        stop_rx.clone(),
+    )
+    .await?;
     let faults = FaultHook::from_env(&client, &cfg.subject_prefix)
         .await
         .map_err(|e| anyhow!("fault hook: {e}"))?;
@@ -794,6 +803,7 @@ async fn start_http(
     store: &RunStore,
     metrics: &Arc<Metrics>,
     health: Arc<Health>,
+    staging: Option<Staging>,
     stop: watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Failure> {
     let commander = match cfg.http.addr {
@@ -821,6 +831,9 @@ async fn start_http(
             .limits
             .max_payload_bytes
             .min(client.server_info().max_payload),
+        staging,
+        max_staged_body: cfg.http.max_body_bytes,
+        large_bodies: tokio::sync::Semaphore::new(http::LARGE_BODIES_AT_ONCE),
     });
     let mut tasks = Vec::new();
     let api = HttpSettings {

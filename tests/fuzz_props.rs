@@ -413,6 +413,25 @@ proptest! {
         props::check_canonical_json(v.to_string().as_bytes());
         props::check_canonical_json(serde_json::to_string_pretty(&v).unwrap().as_bytes());
     }
+
+    /// The streaming check of staged JSON bodies (`domain::canonical`) accepts a text exactly
+    /// when it is the canonical form of what it parses to, however the text is cut in chunks.
+    #[test]
+    fn canonical_check_accepts_exactly_the_canonical_form(v in json_value(), cut in 1usize..9) {
+        use rmos_runs::domain::canonical::CanonicalCheck;
+        use rmos_runs::domain::hashing::canonical_json;
+        let check = |text: &[u8]| {
+            let mut c = CanonicalCheck::new(64, false);
+            text.chunks(cut).try_for_each(|part| c.feed(part)).and_then(|()| c.finish())
+        };
+        let canonical = canonical_json(&v);
+        prop_assert!(check(&canonical).is_ok(), "{}", String::from_utf8_lossy(&canonical));
+        for text in [v.to_string(), serde_json::to_string_pretty(&v).unwrap()] {
+            let reparsed: Value = serde_json::from_str(&text).unwrap();
+            let is_canonical = canonical_json(&reparsed) == text.as_bytes();
+            prop_assert_eq!(check(text.as_bytes()).is_ok(), is_canonical, "{}", text);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

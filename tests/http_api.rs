@@ -133,7 +133,9 @@ fn assert_error(a: &Answer, status: u16, code: &str, mentions: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_endpoint_answers_like_the_nats_api() {
     let env = Env::new().await;
-    let (worker, base) = worker_with_http(&env, "http", "").await;
+    // Creates and advisories over one broker message are staged (tests/large_programs.rs);
+    // over this they are refused.
+    let (worker, base) = worker_with_http(&env, "http", "[http]\nmax_body_bytes = 8388608\n").await;
     let api = Api::new(&base);
 
     // create: 201, Location, the stored record, the caller's request id echoed.
@@ -352,7 +354,7 @@ async fn every_endpoint_answers_like_the_nats_api() {
     let big = api
         .call(Method::POST, "/api/rmos/runs", Some(huge), &[])
         .await;
-    assert_error(&big, 413, "too_large", "bytes");
+    assert_error(&big, 413, "too_large", "http.max_body_bytes");
     let no_output = api
         .get("/api/rmos/runs/run_0000000000a1/outputs/toolpath")
         .await;

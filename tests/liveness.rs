@@ -4,7 +4,8 @@
 //! `/readyz` at once, restart the task and keep the worker useful; a task that keeps dying
 //! stops the process non-zero; a stalled consumer fails `/readyz`; and a broker that loses
 //! the stream and the consumer (deleted through the JetStream API, or its store wiped under
-//! a running worker) gets them back from the worker, which then stores the next create.
+//! a running worker) gets them back from the worker, which then stores the next create (and
+//! re-creates the staging bucket, so a claim-checked create works too).
 
 mod support;
 
@@ -273,6 +274,38 @@ async fn a_wiped_broker_store_is_recreated_and_consumed() {
     let stored: Value = env.get_ok("run_0000000e0002").await;
     assert_eq!(stored["revision"], 1);
     ready(port, &w).await;
+
+    // The staging bucket (a stream of the same broker) was lost too, and is back: a create
+    // too large for one message goes in by claim check, as a publisher's CLI sends it.
+    let max = env.client.server_info().max_payload;
+    let gcode = "G1 X1.000 Y2.000 Z-0.500 F1800\n".repeat(max / 16);
+    let mut create = create_payload(Some("run_0000000e0003"), "T1");
+    create["outputs"] = serde_json::json!({"gcode_text": gcode});
+    let payload = rmos_runs::transport::claim_check::stage_large_payload(
+        &env.js,
+        "rmos-runs-staging",
+        rmos_runs::domain::command::CommandKind::Create,
+        serde_json::to_vec(&create).unwrap(),
+        max,
+    )
+    .await
+    .expect("the worker re-created the staging bucket");
+    let sent: Value = serde_json::from_slice(&payload).unwrap();
+    assert!(sent["outputs"]["gcode_ref"].is_object(), "staged: {sent}");
+    let r = rid("claimed");
+    env.publish("create", &r, payload).await;
+    assert_eq!(events.one(&r, EVENT_TIMEOUT, &w).await.kind, "stored");
+    let stored: Value = env.get_ok("run_0000000e0003").await;
+    assert_eq!(
+        stored["outputs"]["gcode_blob"]["size_bytes"],
+        gcode.len() as u64
+    );
+    assert!(
+        w.log()
+            .contains("the broker lost the staging bucket; re-created it"),
+        "a warning says so:\n{}",
+        w.log()
+    );
 }
 
 /// The background scrub (`scrub_rate`) finds a run edited on disk behind the worker's back:

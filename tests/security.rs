@@ -253,10 +253,11 @@ async fn create_ok(who: &RoleClient, events: &Events, worker: &Worker, run_id: &
 /// The staging bucket of claim checks on the shipped permissions: the engine puts a body and
 /// names it in a create, the worker (its own credential) claims and removes it, a reader
 /// fetches the body the worker staged for it; the engine may not read the bucket, the reader
-/// may not write it.
+/// may not write it. The engine's and the advisor's CLIs stage bodies over the shipped
+/// max_payload by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
-    let pw: Vec<(String, String)> = ["worker", "engine", "reader"]
+    let pw: Vec<(String, String)> = ["worker", "engine", "reader", "advisor"]
         .iter()
         .map(|r| (r.to_string(), secret(&format!("pw-{r}"))))
         .collect();
@@ -265,9 +266,7 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
         .iter()
         .map(|(r, p)| (format!("RMOS_{}_PASSWORD", r.to_uppercase()), p.clone()))
         .collect();
-    for r in ["advisor", "operator"] {
-        env_names.push((format!("RMOS_{}_PASSWORD", r.to_uppercase()), secret(r)));
-    }
+    env_names.push(("RMOS_OPERATOR_PASSWORD".to_owned(), secret("operator")));
     let server_env: Vec<(&str, &str)> = env_names
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -410,6 +409,48 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
             .unwrap();
         assert_eq!((code, &reply["ok"]), (None, &json!(true)), "{reply}");
     }
+
+    // The CLI as the advisor: an advisory body over the shipped max_payload is staged as its
+    // canonical JSON, claimed by the worker, and attached.
+    let text = "Feed rate reduced because the wall is thin. ".repeat(220_000);
+    let file = tmp.path().join("advisory.json");
+    std::fs::write(
+        &file,
+        json!({"run_id": "run_00000000e5b1", "advisory_id": "adv_00000000e5b1",
+               "kind": "explanation", "body": {"text": text}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args(["attach-advisory", "--file", &file.display().to_string()])
+        .env("NATS_URL", &url)
+        .env("NATS_USER", "advisor")
+        .env("NATS_PASSWORD", pass("advisor"))
+        .env_remove("RMOS_CONFIG")
+        .env_remove("RMOS_INBOX_PREFIX")
+        .env_remove("RMOS_STAGING_BUCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "advisor CLI attach-advisory: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, a) = reader
+        .request("get", &json!({"run_id": "run_00000000e5b1"}).to_string())
+        .await
+        .unwrap();
+    assert_eq!(code, None, "{a}");
+    let canonical = rmos_runs::domain::hashing::canonical_json(&json!({"text": text}));
+    assert!(
+        canonical.len() > 8 * 1024 * 1024,
+        "over the shipped max_payload"
+    );
+    assert_eq!(
+        a["advisory_inputs"][0]["body"]["size_bytes"],
+        canonical.len() as u64,
+        "{a}"
+    );
     assert_worker_never_refused(&worker);
 }
 

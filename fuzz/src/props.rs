@@ -172,7 +172,7 @@ pub fn check_decode_command(data: &[u8]) {
                     }
                     if let (Command::Advisory(a), Command::Advisory(b)) = (&cmd, &re) {
                         assert_eq!(a.advisory_id, b.advisory_id);
-                        assert_eq!(a.body_canonical, b.body_canonical);
+                        assert_eq!(a.body, b.body);
                     }
                 }
                 // Create and advisory identities are defined on the canonical form, so it

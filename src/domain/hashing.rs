@@ -73,6 +73,10 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     } else {
         n.as_f64().unwrap_or(0.0)
     };
+    push_number(f, out);
+}
+
+fn push_number(f: f64, out: &mut Vec<u8>) {
     if f == 0.0 {
         // Covers -0, which ECMAScript prints as "0".
         out.push(b'0');
@@ -80,6 +84,22 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     }
     let mut buf = ryu_js::Buffer::new();
     out.extend_from_slice(buf.format_finite(f).as_bytes());
+}
+
+/// Calls `k` with how RFC 8785 writes the finite number `f` (without allocating).
+pub fn with_canonical_number<R>(f: f64, k: impl FnOnce(&str) -> R) -> R {
+    if f == 0.0 {
+        return k("0");
+    }
+    let mut buf = ryu_js::Buffer::new();
+    k(buf.format_finite(f))
+}
+
+/// How RFC 8785 writes a finite number: as ECMAScript's `Number.prototype.toString` does.
+pub fn canonical_number(f: f64) -> String {
+    let mut out = Vec::with_capacity(24);
+    push_number(f, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn write_string(s: &str, out: &mut Vec<u8>) {

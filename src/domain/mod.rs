@@ -2,6 +2,7 @@
 //! per command. Nothing here performs I/O or knows about NATS or object storage.
 
 pub mod artifact;
+pub mod canonical;
 pub mod command;
 pub mod diff;
 pub mod error;

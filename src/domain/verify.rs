@@ -127,6 +127,7 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
     }
     let body_missing = matches!(gcode, Some(None)) || matches!(opplan, Some(None));
     let gcode_checked = gcode.is_some();
+    let opplan_checked = opplan.is_some();
     let published = OutputsPayload {
         gcode_text: gcode.flatten(),
         opplan_json: opplan.flatten(),
@@ -134,6 +135,7 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
         opplan_path: o.opplan_path.clone(),
         preview_svg_path: o.preview_svg_path.clone(),
         gcode_ref: None,
+        opplan_ref: None,
     };
     if h.toolpaths_sha256.is_some() || published != OutputsPayload::default() {
         let mut actual = if body_missing {
@@ -141,26 +143,41 @@ pub fn verify(artifact: &RunArtifact, blobs: &BlobContents) -> VerifyReport {
         } else {
             published.toolpaths_sha256().map(|s| s.to_string())
         };
-        // G-code published as a staged body (a claim check) was hashed as its reference; the
-        // reference's hash is checked against the bytes above.
+        // A body published as a staged body (a claim check) was hashed as its reference; the
+        // reference's hash is checked against the bytes above. The record does not say which
+        // bodies came staged, so each combination of the blobs it has is tried.
         let recorded = h.toolpaths_sha256.as_ref().map(|s| s.as_str().to_owned());
-        if let (Some(r), true) = (&o.gcode_blob, gcode_checked)
-            && actual != recorded
-            && !body_missing
-        {
-            let staged = OutputsPayload {
-                gcode_text: None,
-                gcode_ref: Some(StagedBody {
-                    bucket: String::new(),
-                    name: String::new(),
-                    sha256: r.sha256.clone(),
-                    size_bytes: r.size_bytes,
-                }),
-                ..published.clone()
-            };
-            let alt = staged.toolpaths_sha256().map(|s| s.to_string());
-            if alt == recorded {
-                actual = alt;
+        let as_ref = |r: &crate::domain::artifact::BlobRef| StagedBody {
+            bucket: String::new(),
+            name: String::new(),
+            sha256: r.sha256.clone(),
+            size_bytes: r.size_bytes,
+        };
+        let gcode_ref = o.gcode_blob.as_ref().filter(|_| gcode_checked).map(as_ref);
+        let opplan_ref = o
+            .opplan_blob
+            .as_ref()
+            .filter(|_| opplan_checked)
+            .map(as_ref);
+        if actual != recorded && !body_missing {
+            for (g, p) in [(true, false), (false, true), (true, true)] {
+                if (g && gcode_ref.is_none()) || (p && opplan_ref.is_none()) {
+                    continue;
+                }
+                let mut staged = published.clone();
+                if g {
+                    staged.gcode_text = None;
+                    staged.gcode_ref = gcode_ref.clone();
+                }
+                if p {
+                    staged.opplan_json = None;
+                    staged.opplan_ref = opplan_ref.clone();
+                }
+                let alt = staged.toolpaths_sha256().map(|s| s.to_string());
+                if alt == recorded {
+                    actual = alt;
+                    break;
+                }
             }
         }
         checks.push(check(

@@ -3,26 +3,34 @@
 //! connection, and commands and replies name them (`StagedBody`: bucket, name, SHA-256, size)
 //! instead of carrying them.
 //!
-//! * In: a publisher puts the body into the bucket and sends `outputs.gcode_ref`. The worker
-//!   streams the object into the run store as a blob ([`RunStore::put_blob_stream`]: hashed
-//!   and uploaded as it arrives, never whole in memory), which rejects a hash or size that
-//!   differs from the claim; once the run is stored it removes the staged object. Objects
-//!   nothing claims expire with the bucket's `max_age`.
+//! * In: a publisher puts the body into the bucket and sends `outputs.gcode_ref` (G-code as
+//!   published), `outputs.opplan_ref` or an advisory's `body_ref` (JSON as its RFC 8785
+//!   canonical bytes). The worker streams the object into the run store as a blob
+//!   ([`RunStore::put_blob_stream`]: hashed, checked and uploaded as it arrives, never whole
+//!   in memory), which rejects a hash or size that differs from the claim, or JSON that is not
+//!   canonical ([`crate::domain::canonical`]); once the run is stored it removes the staged
+//!   object. Objects nothing claims expire with the bucket's `max_age`.
 //! * Out: `get` with `output` (or `include_outputs` on a body over the broker's
 //!   `max_payload`) stages the blob under `out/<sha256>` and replies with where it is.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::object_store::{self as nats_os, ObjectMetadata};
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
+use std::sync::{Arc, Mutex};
+
 use crate::domain::artifact::Sha256Hex;
+use crate::domain::canonical::{CanonicalCheck, NotCanonical};
 use crate::domain::command::create::StagedBody;
+use crate::domain::command::{CommandKind, StagedClaim, StagedFormat};
 use crate::domain::error::Rejection;
+use crate::domain::hashing::canonical_json;
 use crate::domain::ids::RunId;
 use crate::store::{RunStore, StoreError};
 
@@ -62,6 +70,9 @@ pub struct Staging {
     bucket: String,
     store: nats_os::ObjectStore,
     js: jetstream::Context,
+    /// How the worker created it (to create it again when the broker lost it); `None` for a
+    /// publisher's or reader's handle, which never creates it.
+    config: Option<nats_os::Config>,
 }
 
 impl std::fmt::Debug for Staging {
@@ -79,30 +90,68 @@ impl Staging {
         max_age: Duration,
         replicas: usize,
     ) -> Result<Self, StagingError> {
-        let err = |reason: String| StagingError::Bucket {
+        let config = nats_os::Config {
             bucket: bucket.to_owned(),
-            reason,
+            description: Some(
+                "rmos-runs: large bodies on their way in and out (claim checks)".into(),
+            ),
+            max_age,
+            num_replicas: replicas.max(1),
+            ..Default::default()
         };
-        let store = match js.get_object_store(bucket).await {
-            Ok(s) => s,
-            Err(_) => js
-                .create_object_store(nats_os::Config {
-                    bucket: bucket.to_owned(),
-                    description: Some(
-                        "rmos-runs: large bodies on their way in and out (claim checks)".into(),
-                    ),
-                    max_age,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| err(e.to_string()))?,
-        };
+        let (store, _) = Self::get_or_create(js, &config).await?;
         Ok(Self {
             bucket: bucket.to_owned(),
             store,
             js: js.clone(),
+            config: Some(config),
         })
+    }
+
+    /// Opens the bucket, creating it when the broker says its stream does not exist (and only
+    /// then: a bucket that could not be looked up is not taken for a lost one); `true` when it
+    /// was created.
+    async fn get_or_create(
+        js: &jetstream::Context,
+        config: &nats_os::Config,
+    ) -> Result<(nats_os::ObjectStore, bool), StagingError> {
+        let err = |reason: String| StagingError::Bucket {
+            bucket: config.bucket.clone(),
+            reason,
+        };
+        let missing = match js.get_stream(format!("OBJ_{}", config.bucket)).await {
+            Ok(_) => false,
+            Err(e) => match e.kind() {
+                GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    true
+                }
+                _ => return Err(err(e.to_string())),
+            },
+        };
+        if missing {
+            js.create_object_store(config.clone())
+                .await
+                .map(|s| (s, true))
+                .map_err(|e| err(e.to_string()))
+        } else {
+            js.get_object_store(&config.bucket)
+                .await
+                .map(|s| (s, false))
+                .map_err(|e| err(e.to_string()))
+        }
+    }
+
+    /// Creates the bucket again if the broker lost it (its store wiped, `nats obj rm`), as at
+    /// start-up; `true` when it did. A handle that did not create the bucket never does.
+    pub async fn recreate_if_missing(&self) -> Result<bool, StagingError> {
+        match &self.config {
+            Some(config) => Self::get_or_create(&self.js, config)
+                .await
+                .map(|(_, created)| created),
+            None => Ok(false),
+        }
     }
 
     /// Opens an existing bucket (publishers and readers: they do not create it).
@@ -118,6 +167,7 @@ impl Staging {
             bucket: bucket.to_owned(),
             store,
             js: js.clone(),
+            config: None,
         })
     }
 
@@ -233,17 +283,20 @@ impl Staging {
         )))
     }
 
-    /// Streams a staged body named in `staged` into `store` as a blob of `run` (checked: a
-    /// hash or size other than claimed is `Rejected`). A body already in the store whose
-    /// staged object is gone (a redelivery after the first delivery stored it and removed
-    /// the object) is accepted as it is.
+    /// Streams the staged body of `claim` into `store` as a blob of `run`, checked: a hash or
+    /// size other than claimed, or (for a JSON body) bytes that are not RFC 8785 canonical
+    /// JSON nested at most `max_depth` levels, are `Rejected`, naming the field and why, and
+    /// nothing is stored. A body already in the store whose staged object is gone (a
+    /// redelivery after the first delivery stored it and removed the object) is accepted as it
+    /// is. Returns the bytes read from the bucket.
     pub async fn claim(
         &self,
         store: &RunStore,
         run: &RunId,
-        staged: &StagedBody,
-        field: &str,
-    ) -> Result<(), StoreError> {
+        claim: &StagedClaim<'_>,
+        max_depth: usize,
+    ) -> Result<u64, StoreError> {
+        let (staged, field) = (claim.body, claim.field);
         if staged.bucket != self.bucket {
             return Err(Rejection::invalid(format!(
                 "{field}: bucket {:?} is not the staging bucket {:?}",
@@ -254,31 +307,43 @@ impl Staging {
         let gone = match self.store.info(&staged.name).await {
             Ok(info) => info.deleted,
             Err(e) if e.kind() == nats_os::InfoErrorKind::NotFound => true,
-            Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "staging bucket {}: {e}",
-                    self.bucket
-                )));
-            }
-        };
-        match gone {
-            false => {}
-            true => {
-                if store.blob_exists(&staged.sha256).await? {
-                    return Ok(());
+            // The bucket itself may be gone (the broker lost its state): made again, it holds
+            // no object, which is what the command is then told.
+            Err(e) => match self.recreate_if_missing().await {
+                Ok(true) => {
+                    tracing::warn!(bucket = %self.bucket, "the staging bucket was missing on the broker; re-created it");
+                    true
                 }
-                return Err(Rejection::invalid(format!(
-                    "{field}: no object {:?} in bucket {:?} (never put, or expired)",
-                    staged.name, staged.bucket
-                ))
-                .into());
+                _ => {
+                    return Err(StoreError::Unavailable(format!(
+                        "staging bucket {}: {e}",
+                        self.bucket
+                    )));
+                }
+            },
+        };
+        if gone {
+            if store.blob_exists(&staged.sha256).await? {
+                return Ok(0);
             }
+            return Err(Rejection::invalid(format!(
+                "{field}: no object {:?} in bucket {:?} (never put, or expired)",
+                staged.name, staged.bucket
+            ))
+            .into());
         }
         let bytes = self
             .read(&staged.name)
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        store
+        let checker = match claim.format {
+            StagedFormat::Bytes => None,
+            StagedFormat::CanonicalJson => Some(CanonicalCheck::new(max_depth, false)),
+            StagedFormat::CanonicalJsonObject => Some(CanonicalCheck::new(max_depth, true)),
+        };
+        let fault: Arc<Mutex<Option<NotCanonical>>> = Arc::default();
+        let bytes = checked(bytes, checker, fault.clone());
+        let put = store
             .put_blob_stream(
                 run,
                 &staged.sha256,
@@ -286,7 +351,17 @@ impl Staging {
                 bytes,
                 &format!("{field} {}/{}", staged.bucket, staged.name),
             )
-            .await
+            .await;
+        let fault = fault.lock().ok().and_then(|mut f| f.take());
+        match (put, fault) {
+            (Ok(()), _) => Ok(staged.size_bytes),
+            (Err(_), Some(e)) => Err(Rejection::invalid(format!(
+                "{field} {}/{}: {e} (a staged JSON body must be its RFC 8785 canonical form)",
+                staged.bucket, staged.name
+            ))
+            .into()),
+            (Err(e), None) => Err(e),
+        }
     }
 
     /// Removes a staged object (after its run is stored). A missing one is fine.
@@ -348,43 +423,150 @@ impl Staging {
     }
 }
 
+/// Passes `bytes` through `checker` (when there is one): bytes that are not canonical JSON
+/// end the stream with an error, and `fault` says why. The check of the end of the body runs
+/// before the stream ends, so the store never completes an upload of a body that fails it.
+fn checked<S>(
+    bytes: S,
+    checker: Option<CanonicalCheck>,
+    fault: Arc<Mutex<Option<NotCanonical>>>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin
+where
+    S: futures::Stream<Item = Result<Bytes, std::io::Error>> + Unpin,
+{
+    let failed = move |e: NotCanonical| {
+        let reason = e.to_string();
+        if let Ok(mut f) = fault.lock() {
+            *f = Some(e);
+        }
+        std::io::Error::other(reason)
+    };
+    Box::pin(futures::stream::unfold(
+        (bytes, checker, false, failed),
+        |(mut bytes, mut checker, ended, failed)| async move {
+            if ended {
+                return None;
+            }
+            match bytes.next().await {
+                Some(Ok(chunk)) => match checker.as_mut().map(|c| c.feed(&chunk)) {
+                    Some(Err(e)) => Some((Err(failed(e)), (bytes, checker, true, failed))),
+                    _ => Some((Ok(chunk), (bytes, checker, false, failed))),
+                },
+                Some(Err(e)) => Some((Err(e), (bytes, checker, true, failed))),
+                None => match checker.as_mut().map(CanonicalCheck::finish) {
+                    Some(Err(e)) => Some((Err(failed(e)), (bytes, checker, true, failed))),
+                    _ => None,
+                },
+            }
+        },
+    ))
+}
+
+/// Bytes a command's headers may take beside its payload in one message.
+const HEADROOM: usize = 1024;
+
+/// Whether a payload of `len` bytes fits one message under `max_payload`, with its headers.
+pub fn fits(len: usize, max_payload: usize) -> bool {
+    len.saturating_add(HEADROOM) <= max_payload
+}
+
+/// The bytes `v` serializes to (counted, not kept).
+pub fn json_len(v: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    match serde_json::to_writer(&mut c, v) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
+    }
+}
+
+impl Staging {
+    /// Moves the bodies of a `kind` command (JSON object `v`) into the bucket, one at a time
+    /// until the command fits one message under `max_payload`: a create's `gcode_text` (as
+    /// its UTF-8 bytes, to `outputs.gcode_ref`), then its `opplan_json` (as its RFC 8785
+    /// canonical bytes, to `outputs.opplan_ref`); an advisory's `body` (canonical bytes, to
+    /// `body_ref`). Objects are named `in/<sha256>`, so a retry sends the same command.
+    /// Returns whether anything was staged. A body of the wrong type is left in place for the
+    /// worker to name.
+    pub async fn stage_bodies(
+        &self,
+        kind: CommandKind,
+        v: &mut serde_json::Value,
+        max_payload: usize,
+    ) -> Result<bool, StagingError> {
+        use serde_json::Value;
+        let moves: &[(&str, &str, &str)] = match kind {
+            CommandKind::Create => &[
+                ("outputs", "gcode_text", "gcode_ref"),
+                ("outputs", "opplan_json", "opplan_ref"),
+            ],
+            CommandKind::Advisory => &[("", "body", "body_ref")],
+            CommandKind::PatchMeta | CommandKind::Delete => &[],
+        };
+        let mut staged = false;
+        for (parent, from, to) in moves {
+            if fits(json_len(v), max_payload) {
+                break;
+            }
+            let holder = if parent.is_empty() {
+                v.as_object_mut()
+            } else {
+                v.get_mut(*parent).and_then(Value::as_object_mut)
+            };
+            let Some(holder) = holder else { continue };
+            let body = match holder.remove(*from) {
+                // G-code is stored exactly as published; JSON as its canonical form.
+                Some(Value::String(text)) if *from == "gcode_text" => text.into_bytes(),
+                Some(plan @ Value::Object(_)) if *from == "opplan_json" => canonical_json(&plan),
+                Some(body) if *from == "body" => canonical_json(&body),
+                Some(other) => {
+                    holder.insert((*from).to_owned(), other);
+                    continue;
+                }
+                None => continue,
+            };
+            let r = self.put_bytes("in/", &body).await?;
+            drop(body);
+            let r = serde_json::to_value(&r).map_err(|e| self.obj_err(&r.name, e))?;
+            holder.insert((*to).to_owned(), r);
+            staged = true;
+        }
+        Ok(staged)
+    }
+}
+
 /// What a publisher does before sending a command larger than the broker's `max_payload`:
-/// moves `outputs.gcode_text` of a create into the staging bucket and names it in
-/// `outputs.gcode_ref`. Returns the payload to send (unchanged when it fits, or when there is
-/// nothing to move). The object is named `in/<sha256>`, so a retry sends the same command.
-pub async fn stage_large_create(
+/// moves its large bodies into the staging bucket ([`Staging::stage_bodies`]). Returns the
+/// payload to send (unchanged when it fits, or when it is not a JSON object: the worker names
+/// what is wrong with it).
+pub async fn stage_large_payload(
     js: &jetstream::Context,
     bucket: &str,
+    kind: CommandKind,
     payload: Vec<u8>,
     max_payload: usize,
 ) -> Result<Vec<u8>, StagingError> {
-    // Headroom for the headers that travel with the message.
-    if payload.len() + 1024 <= max_payload {
+    if fits(payload.len(), max_payload) {
         return Ok(payload);
     }
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
-        return Ok(payload); // the worker names what is wrong with it
-    };
-    let Some(text) = v
-        .get_mut("outputs")
-        .and_then(serde_json::Value::as_object_mut)
-        .and_then(|o| o.remove("gcode_text"))
-    else {
         return Ok(payload);
     };
-    let serde_json::Value::String(text) = text else {
+    if !v.is_object() {
         return Ok(payload);
-    };
+    }
     let staging = Staging::open(js, bucket).await?;
-    let staged = staging.put_bytes("in/", text.as_bytes()).await?;
-    if let Some(o) = v
-        .get_mut("outputs")
-        .and_then(serde_json::Value::as_object_mut)
-    {
-        o.insert(
-            "gcode_ref".into(),
-            serde_json::to_value(&staged).unwrap_or_default(),
-        );
+    if !staging.stage_bodies(kind, &mut v, max_payload).await? {
+        return Ok(payload);
     }
     Ok(serde_json::to_vec(&v).unwrap_or(payload))
 }

@@ -34,8 +34,7 @@ use super::events::{self, RejectedEvent, Source};
 use super::metrics::{CommandOutcome, Metrics};
 use super::{Subjects, WireError, msg_id, request_id};
 use crate::domain::artifact::Timestamp;
-use crate::domain::command::create::StagedBody;
-use crate::domain::command::{Command, CommandKind, Context, Limits, StreamPosition};
+use crate::domain::command::{Command, CommandKind, Context, Limits, StagedClaim, StreamPosition};
 use crate::domain::error::{RejectCode, RejectKind, Rejection};
 use crate::domain::ids::{CommandId, RequestId, RunId};
 use crate::store::{Outcome, RunStore, StoreError};
@@ -353,6 +352,18 @@ impl Ingest {
             )
             .notify(|e, delay| tracing::warn!(error = %e, ?delay, "re-creating the stream and consumer failed; retrying"))
             .await?;
+        // The staging bucket is a stream of the same broker (`OBJ_<bucket>`): lost with it.
+        if let Some(staging) = &self.settings.staging {
+            match staging.recreate_if_missing().await {
+                Ok(true) => tracing::warn!(
+                    bucket = staging.bucket(),
+                    "the broker lost the staging bucket; re-created it as at start-up"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e,
+                    "the staging bucket could not be re-created; claim checks wait for it"),
+            }
+        }
         self.acked_through.store(0, Ordering::Relaxed);
         self.metrics.broker_state_recreated();
         tracing::warn!(stream = %self.settings.stream, consumer = %self.settings.consumer,
@@ -843,13 +854,9 @@ impl Ingest {
         };
         let run_id = cmd.run_id().clone();
         tracing::Span::current().record("run_id", tracing::field::display(&run_id));
-        let staged = match &cmd {
-            Command::Create(c) => c.outputs.gcode_ref.clone(),
-            _ => None,
-        };
         let result = {
             let _guard = self.locks.for_run(&run_id).lock().await;
-            self.execute_claiming(&cmd, &ctx, staged.as_ref()).await
+            self.execute_claiming(&cmd, &ctx).await
         };
         if let Err(e) = &result {
             self.metrics.store_error(e);
@@ -874,39 +881,68 @@ impl Ingest {
         }
     }
 
-    /// Executes a command, first claiming the staged body it names (streamed into the store,
-    /// checked); once the run is stored the staged object is removed.
-    async fn execute_claiming(
-        &self,
-        cmd: &Command,
-        ctx: &Context,
-        staged: Option<&StagedBody>,
-    ) -> Result<Outcome, StoreError> {
-        let Some(staged) = staged else {
+    /// Executes a command, first claiming the staged bodies it names (streamed into the store,
+    /// checked); once the run is stored the staged objects are removed.
+    async fn execute_claiming(&self, cmd: &Command, ctx: &Context) -> Result<Outcome, StoreError> {
+        let staged = cmd.staged_bodies();
+        let Some(first) = staged.first() else {
             return self.store.execute(cmd, ctx).await;
         };
         let Some(staging) = &self.settings.staging else {
-            return Err(Rejection::invalid(
-                "outputs.gcode_ref: this worker has no staging bucket (core ingest)",
-            )
+            return Err(Rejection::invalid(format!(
+                "{}: this worker has no staging bucket (core ingest)",
+                first.field
+            ))
             .into());
         };
         let run = cmd.run_id();
-        staging
-            .claim(&self.store, run, staged, "outputs.gcode_ref")
-            .await?;
-        let outcome = self.store.execute(cmd, ctx).await?;
-        // A release that raced the claim may have removed the blob before the record
-        // referenced it (see store::blobs): put it back from the staged object.
-        if !self.store.blob_exists(&staged.sha256).await? {
-            staging
-                .claim(&self.store, run, staged, "outputs.gcode_ref")
-                .await?;
+        // An advisory for a run that is not there (yet, or any more) is decided without its
+        // body: a patch-like wait for the run's create must not stream the body each time.
+        if matches!(cmd, Command::Advisory(_))
+            && !matches!(
+                self.store.load(run).await?,
+                Some(v) if matches!(v.value, crate::domain::artifact::StoredRecord::Live(_))
+            )
+        {
+            return self.store.execute(cmd, ctx).await;
         }
-        if let Err(e) = staging.remove(&staged.name).await {
-            tracing::warn!(error = %e, "staged object not removed; it expires with the bucket's max_age");
+        for claim in &staged {
+            self.claim(staging, run, claim).await?;
+        }
+        let outcome = self.store.execute(cmd, ctx).await?;
+        for claim in &staged {
+            // A release that raced the claim may have removed the blob before the record
+            // referenced it (see store::blobs): put it back from the staged object.
+            if !self.store.blob_exists(&claim.body.sha256).await? {
+                self.claim(staging, run, claim).await?;
+            }
+        }
+        for claim in &staged {
+            if let Err(e) = staging.remove(&claim.body.name).await {
+                tracing::warn!(error = %e, "staged object not removed; it expires with the bucket's max_age");
+            }
         }
         Ok(outcome)
+    }
+
+    /// Claims one staged body, counting it in the claim metrics.
+    async fn claim(
+        &self,
+        staging: &super::claim_check::Staging,
+        run: &RunId,
+        claim: &StagedClaim<'_>,
+    ) -> Result<u64, StoreError> {
+        let depth = self.settings.limits.max_json_depth;
+        let got = staging.claim(&self.store, run, claim, depth).await;
+        match &got {
+            Ok(bytes) => self.metrics.claimed(claim.field, *bytes),
+            Err(StoreError::Rejected(r)) => {
+                tracing::info!(field = claim.field, reason = %r.message, "staged body rejected");
+                self.metrics.claim_rejected(claim.field);
+            }
+            Err(_) => {}
+        }
+        got
     }
 
     #[allow(clippy::too_many_arguments)]

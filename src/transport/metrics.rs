@@ -93,6 +93,11 @@ const STORE_KINDS: [&str; 6] = [
 ];
 /// `task` label values of `rmos_task_restarts_total`: the supervised tasks.
 pub const TASKS: [&str; 4] = ["ingest", "requests", "retention", "scrub"];
+/// `body` label values of the claim-check series: which staged body (`outputs.gcode_ref`,
+/// `outputs.opplan_ref`, an advisory's `body_ref`).
+const CLAIM_BODIES: [&str; 3] = ["gcode", "opplan", "advisory"];
+/// `outcome` label values of `rmos_claims_total`.
+const CLAIM_OUTCOMES: [&str; 2] = ["claimed", "rejected"];
 /// Upper bounds (seconds) of the duration histograms' buckets (`+Inf` is implicit).
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -109,6 +114,15 @@ fn subject_index(kind: CommandKind) -> usize {
         CommandKind::PatchMeta => 1,
         CommandKind::Advisory => 2,
         CommandKind::Delete => 3,
+    }
+}
+
+/// The `body` label of a staged body's field (`outputs.gcode_ref`, ...).
+fn claim_body_index(field: &str) -> usize {
+    match field {
+        "outputs.gcode_ref" => 0,
+        "outputs.opplan_ref" => 1,
+        _ => 2,
     }
 }
 
@@ -175,6 +189,17 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClaimLabels {
+    body: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BodyLabels {
+    body: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TaskLabels {
     task: &'static str,
 }
@@ -215,6 +240,9 @@ pub struct Metrics {
     store_errors: [Counter; STORE_KINDS.len()],
     in_flight: Gauge,
     broker_state_recreated: Counter,
+    /// Per [`CLAIM_BODIES`], per [`CLAIM_OUTCOMES`].
+    claims: [[Counter; CLAIM_OUTCOMES.len()]; CLAIM_BODIES.len()],
+    claimed_bytes: [Counter; CLAIM_BODIES.len()],
     task_restarts: [Counter; TASKS.len()],
     scrub_checked: Counter,
     scrub_broken_found: Counter,
@@ -343,6 +371,24 @@ impl Metrics {
             broker_state_recreated.clone(),
         );
 
+        let claim_family = Family::<ClaimLabels, Counter>::default();
+        let claims = CLAIM_BODIES.map(|body| {
+            CLAIM_OUTCOMES.map(|outcome| series(&claim_family, ClaimLabels { body, outcome }))
+        });
+        registry.register(
+            "rmos_claims",
+            "Staged bodies (claim checks) the worker streamed into the store, by body (gcode, opplan, advisory) and outcome (claimed, rejected: hash, size or canonical form not as claimed, or no such object)",
+            claim_family,
+        );
+        let claimed_bytes_family = Family::<BodyLabels, Counter>::default();
+        let claimed_bytes =
+            CLAIM_BODIES.map(|body| series(&claimed_bytes_family, BodyLabels { body }));
+        registry.register(
+            "rmos_claimed_bytes",
+            "Bytes of staged bodies read from the staging bucket into the store, by body",
+            claimed_bytes_family,
+        );
+
         let task_family = Family::<TaskLabels, Counter>::default();
         let task_restarts = TASKS.map(|task| series(&task_family, TaskLabels { task }));
         registry.register(
@@ -419,6 +465,8 @@ impl Metrics {
             store_errors,
             in_flight,
             broker_state_recreated,
+            claims,
+            claimed_bytes,
             task_restarts,
             scrub_checked,
             scrub_broken_found,
@@ -511,6 +559,19 @@ impl Metrics {
     /// The stream or the durable consumer was missing on the broker and was re-created.
     pub fn broker_state_recreated(&self) {
         self.broker_state_recreated.inc();
+    }
+
+    /// The staged body named by `field` (`outputs.gcode_ref`, `outputs.opplan_ref`,
+    /// `body_ref`) was claimed, `bytes` read from the bucket (0: it was already stored).
+    pub fn claimed(&self, field: &str, bytes: u64) {
+        let b = claim_body_index(field);
+        self.claims[b][0].inc();
+        self.claimed_bytes[b].inc_by(bytes);
+    }
+
+    /// The staged body named by `field` was rejected (the command with it).
+    pub fn claim_rejected(&self, field: &str) {
+        self.claims[claim_body_index(field)][1].inc();
     }
 
     /// A supervised task (one of [`TASKS`]) ended or panicked and is restarted.
@@ -678,6 +739,9 @@ mod tests {
         m.task_restarted("nope");
         m.broker_state_recreated();
         m.redelivered();
+        m.claimed("outputs.gcode_ref", 3_000_000);
+        m.claimed("body_ref", 10);
+        m.claim_rejected("body_ref");
         let _g = m.command_started();
         let t = m.render();
         let v = |s: &str| value(&t, s).unwrap_or_else(|| panic!("{s} missing:\n{t}"));
@@ -713,6 +777,20 @@ mod tests {
         assert_eq!(v(r#"rmos_store_errors_total{kind="unavailable"}"#), "1");
         assert_eq!(v(r#"rmos_store_errors_total{kind="corrupt"}"#), "0");
         assert_eq!(v("rmos_in_flight_commands"), "1");
+        assert_eq!(
+            v(r#"rmos_claims_total{body="gcode",outcome="claimed"}"#),
+            "1"
+        );
+        assert_eq!(
+            v(r#"rmos_claims_total{body="advisory",outcome="rejected"}"#),
+            "1"
+        );
+        assert_eq!(
+            v(r#"rmos_claims_total{body="opplan",outcome="claimed"}"#),
+            "0"
+        );
+        assert_eq!(v(r#"rmos_claimed_bytes_total{body="gcode"}"#), "3000000");
+        assert_eq!(v(r#"rmos_claimed_bytes_total{body="advisory"}"#), "10");
         assert!(t.contains(&format!(
             "rmos_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
@@ -756,7 +834,10 @@ mod tests {
         assert_eq!(count("rmos_requests_total{"), 45);
         assert_eq!(count("rmos_dead_letters_total{"), 8);
         assert_eq!(count("rmos_store_errors_total{"), 6);
-        assert_eq!(count("rmos_task_restarts_total{"), 3);
+        assert_eq!(count("rmos_task_restarts_total{"), TASKS.len());
+        // 3 bodies x 2 outcomes; bytes per body.
+        assert_eq!(count("rmos_claims_total{"), 6);
+        assert_eq!(count("rmos_claimed_bytes_total{"), 3);
         // 14 bounds + `+Inf`, per subject and per endpoint.
         assert_eq!(count("rmos_command_duration_seconds_bucket{"), 4 * 15);
         assert_eq!(count("rmos_request_duration_seconds_bucket{"), 5 * 15);
@@ -936,7 +1017,13 @@ mod tests {
             ("rmos_dead_letters", "counter"),
             ("rmos_store_errors", "counter"),
             ("rmos_broker_state_recreated", "counter"),
+            ("rmos_claims", "counter"),
+            ("rmos_claimed_bytes", "counter"),
             ("rmos_task_restarts", "counter"),
+            ("rmos_scrub_runs_checked", "counter"),
+            ("rmos_scrub_runs_failed", "counter"),
+            ("rmos_scrub_broken_runs", "gauge"),
+            ("rmos_scrub_passes", "counter"),
             ("rmos_in_flight_commands", "gauge"),
             ("rmos_build", "info"),
             ("rmos_http_requests", "counter"),

@@ -43,6 +43,10 @@ pub struct OutputsPayload {
     /// instead of `gcode_text` (a claim check; README, "Large programs").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gcode_ref: Option<StagedBody>,
+    /// The op plan staged instead of `opplan_json`, as its RFC 8785 canonical JSON bytes
+    /// (checked as they are claimed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opplan_ref: Option<StagedBody>,
 }
 
 /// A body staged in a JetStream Object Store bucket, named in a command in place of the body:
@@ -61,7 +65,7 @@ pub struct StagedBody {
 }
 
 impl StagedBody {
-    fn check(&self, field: &str) -> Result<(), Rejection> {
+    pub(crate) fn check(&self, field: &str) -> Result<(), Rejection> {
         if self.bucket.is_empty() || self.name.is_empty() {
             return Err(Rejection::invalid(format!(
                 "{field}: bucket and name must not be empty"
@@ -83,9 +87,11 @@ impl OutputsPayload {
             return None;
         }
         let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let Some(r) = v.get_mut("gcode_ref").and_then(Value::as_object_mut) {
-            r.remove("bucket");
-            r.remove("name");
+        for field in ["gcode_ref", "opplan_ref"] {
+            if let Some(r) = v.get_mut(field).and_then(Value::as_object_mut) {
+                r.remove("bucket");
+                r.remove("name");
+            }
         }
         Some(hash_of(&v))
     }
@@ -206,11 +212,23 @@ impl CreateRun {
                 }
                 (None, None) => None,
             },
-            opplan_sha256: p
-                .outputs
-                .opplan_json
-                .as_ref()
-                .map(|o| Sha256Hex::from_computed(sha256_json(&Value::Object(o.clone())))),
+            opplan_sha256: match (&p.outputs.opplan_json, &p.outputs.opplan_ref) {
+                (Some(_), Some(_)) => {
+                    return Err(Rejection::invalid(
+                        "outputs: send either opplan_json or opplan_ref, not both",
+                    ));
+                }
+                (Some(o), None) => Some(Sha256Hex::from_computed(sha256_json(&Value::Object(
+                    o.clone(),
+                )))),
+                // Staged as its canonical bytes: their SHA-256 is the op plan's hash (checked
+                // when the worker claims them).
+                (None, Some(r)) => {
+                    r.check("outputs.opplan_ref")?;
+                    Some(r.sha256.clone())
+                }
+                (None, None) => None,
+            },
         };
         if let Some(given) = &p.hashes {
             check_hash(
@@ -311,6 +329,13 @@ impl CreateRun {
                 sha256: r.sha256.clone(),
                 size_bytes: r.size_bytes,
                 media_type: GCODE_MEDIA_TYPE.to_owned(),
+            });
+        }
+        if let Some(r) = &self.outputs.opplan_ref {
+            outputs.opplan_blob = Some(BlobRef {
+                sha256: r.sha256.clone(),
+                size_bytes: r.size_bytes,
+                media_type: JSON_MEDIA_TYPE.to_owned(),
             });
         }
         if let Some(text) = &self.outputs.gcode_text
@@ -468,6 +493,42 @@ mod tests {
         let a = Command::decode(CommandKind::Create, body.as_bytes(), Some("m1")).unwrap();
         let b = Command::decode(CommandKind::Create, body.as_bytes(), Some("m2")).unwrap();
         assert_ne!(a.run_id(), b.run_id());
+    }
+
+    #[test]
+    fn a_staged_op_plan_is_referenced_with_its_claimed_hash() {
+        let sha = "cd".repeat(32);
+        let r = json!({"bucket": "b", "name": "in/x", "sha256": sha, "size_bytes": 42});
+        let Command::Create(c) = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": r}}))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.hashes.opplan_sha256.as_ref().unwrap().as_str(), sha);
+        // Where it was staged is not content: another bucket, the same toolpaths hash.
+        let Command::Create(other) = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": {"bucket": "c", "name": "in/y", "sha256": sha,
+                                       "size_bytes": 42}}}))
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.hashes.toolpaths_sha256, other.hashes.toolpaths_sha256);
+        let Decision::Write {
+            record: StoredRecord::Live(a),
+            blobs,
+            ..
+        } = c.decide(None, &ctx()).unwrap()
+        else {
+            panic!()
+        };
+        assert!(blobs.is_empty());
+        let blob = a.outputs.opplan_blob.as_ref().unwrap();
+        assert_eq!((blob.sha256.as_str(), blob.size_bytes), (sha.as_str(), 42));
+        assert_eq!(blob.media_type, JSON_MEDIA_TYPE);
+        let e = create(json!({"mode": "cam", "tool_id": "T1", "status": "OK",
+            "outputs": {"opplan_ref": r, "opplan_json": {}}}))
+        .unwrap_err();
+        assert!(e.message.contains("not both"), "{e}");
     }
 
     #[test]

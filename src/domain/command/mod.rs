@@ -14,7 +14,7 @@ use super::error::Rejection;
 use super::hashing::sha256_json;
 use super::ids::{Actor, CommandId, RequestId, RunId};
 
-pub use advisory::AttachAdvisory;
+pub use advisory::{AdvisoryBody, AttachAdvisory};
 pub use create::CreateRun;
 pub use delete::DeleteRun;
 pub use patch_meta::{PatchMeta, merge_patch};
@@ -123,12 +123,15 @@ impl Command {
             }
             CommandKind::Delete => Command::Delete(typed(raw)?),
         };
+        // Inline only: a staged body never passes through one message, and is streamed.
         if let Command::Advisory(a) = &cmd
-            && a.body_canonical.len() > limits.max_advisory_body_bytes
+            && let AdvisoryBody::Inline(body) = &a.body
+            && body.len() > limits.max_advisory_body_bytes
         {
             return Err(Rejection::too_large(format!(
-                "advisory body is {} bytes, over the limit of {} (max_advisory_body_bytes)",
-                a.body_canonical.len(),
+                "advisory body is {} bytes, over the limit of {} (max_advisory_body_bytes; \
+                 a larger one goes by claim check, body_ref)",
+                body.len(),
                 limits.max_advisory_body_bytes
             )));
         }
@@ -155,6 +158,41 @@ impl Command {
         }
     }
 
+    /// The bodies the command names by claim check, for the transport to claim (stream into
+    /// the store, checked) before the command is decided.
+    pub fn staged_bodies(&self) -> Vec<StagedClaim<'_>> {
+        let mut out = Vec::new();
+        match self {
+            Command::Create(c) => {
+                if let Some(r) = &c.outputs.gcode_ref {
+                    out.push(StagedClaim {
+                        field: "outputs.gcode_ref",
+                        body: r,
+                        format: StagedFormat::Bytes,
+                    });
+                }
+                if let Some(r) = &c.outputs.opplan_ref {
+                    out.push(StagedClaim {
+                        field: "outputs.opplan_ref",
+                        body: r,
+                        format: StagedFormat::CanonicalJsonObject,
+                    });
+                }
+            }
+            Command::Advisory(a) => {
+                if let AdvisoryBody::Staged(r) = &a.body {
+                    out.push(StagedClaim {
+                        field: "body_ref",
+                        body: r,
+                        format: StagedFormat::CanonicalJson,
+                    });
+                }
+            }
+            Command::PatchMeta(_) | Command::Delete(_) => {}
+        }
+        out
+    }
+
     /// Decides what the command does to the current record.
     pub fn decide(
         &self,
@@ -168,6 +206,28 @@ impl Command {
             Command::Delete(c) => c.decide(current, ctx),
         }
     }
+}
+
+/// What the bytes of a staged body must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StagedFormat {
+    /// Any bytes, stored exactly as staged (G-code).
+    Bytes,
+    /// RFC 8785 canonical JSON (an advisory body): see [`crate::domain::canonical`].
+    CanonicalJson,
+    /// RFC 8785 canonical JSON of an object (an op plan).
+    CanonicalJsonObject,
+}
+
+/// A body a command names by claim check.
+#[derive(Clone, Copy, Debug)]
+pub struct StagedClaim<'a> {
+    /// The field naming it (`outputs.gcode_ref`, `outputs.opplan_ref`, `body_ref`).
+    pub field: &'static str,
+    /// Where it is staged, its SHA-256 and size.
+    pub body: &'a create::StagedBody,
+    /// What its bytes must be.
+    pub format: StagedFormat,
 }
 
 /// Decodes a strict payload type, turning serde's message into a rejection.

@@ -59,9 +59,26 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// How long a command waits for its outcome before answering 504.
     pub command_timeout: Duration,
-    /// Largest request body.
+    /// Largest command that goes as one broker message (the smaller of `max_payload_bytes`
+    /// and the broker's `max_payload`): the request body limit of patches and deletes, and
+    /// the size over which a create's or advisory's bodies are staged.
     pub max_body: usize,
+    /// The staging bucket (claim checks; `None` in core ingest mode: then a create or
+    /// advisory is limited to `max_body` too).
+    pub staging: Option<super::claim_check::Staging>,
+    /// Largest create or advisory request body when it can be staged (`[http]
+    /// max_body_bytes`).
+    pub max_staged_body: usize,
+    /// Requests whose body is over one broker message take a permit while it is read and
+    /// staged ([`LARGE_BODIES_AT_ONCE`]): each holds its parsed body in memory, so their
+    /// number, not only their size, must be bounded.
+    pub large_bodies: tokio::sync::Semaphore,
 }
+
+/// How many create or advisory requests larger than one broker message are read and staged at
+/// once; more wait (reading nothing meanwhile), so the memory they take stays near this many
+/// times `[http] max_body_bytes` at worst.
+pub const LARGE_BODIES_AT_ONCE: usize = 2;
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]

@@ -10,7 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Map, Value};
 
 use super::auth::{Access, AuthError, Caller};
@@ -20,6 +20,7 @@ use super::{AppState, MSG_ID_HTTP_HEADER};
 use crate::domain::artifact::{BlobRef, RunArtifact};
 use crate::domain::command::CommandKind;
 use crate::domain::ids::{RequestId, RunId};
+use crate::transport::claim_check;
 use crate::transport::outcomes::{Outcome, SendError};
 use crate::transport::{REQUEST_ID_HEADER, WireError};
 
@@ -428,19 +429,23 @@ fn command_body(
             &ctx.request_id,
         )
     })?;
+    put_run_id(ctx, &mut obj, run)?;
+    Ok(Bytes::from(Value::Object(obj).to_string()))
+}
+
+/// Puts the path's run id in a command body, or checks the body's against it.
+fn put_run_id(ctx: &Ctx, obj: &mut Map<String, Value>, run: &RunId) -> Result<(), HttpError> {
     match obj.get("run_id") {
         None => {
             obj.insert("run_id".into(), Value::String(run.to_string()));
+            Ok(())
         }
-        Some(Value::String(r)) if r == run.as_str() => {}
-        Some(other) => {
-            return Err(HttpError::invalid(
-                format!("body run_id {other} differs from the path's {run}"),
-                &ctx.request_id,
-            ));
-        }
+        Some(Value::String(r)) if r == run.as_str() => Ok(()),
+        Some(other) => Err(HttpError::invalid(
+            format!("body run_id {other} differs from the path's {run}"),
+            &ctx.request_id,
+        )),
     }
-    Ok(Bytes::from(Value::Object(obj).to_string()))
 }
 
 /// Publishes a command and answers with its outcome: the run as stored by it (create, patch,
@@ -530,11 +535,173 @@ async fn create(
     State(s): State<Arc<AppState>>,
     ctx: Ctx,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, HttpError> {
     let caller = ctx.allow(&s, Access::Create)?;
-    let payload = command_body(&ctx, &s, body, None, false)?;
+    let payload = staged_command_body(&ctx, &s, body, None, CommandKind::Create).await?;
     command(&s, &ctx, &caller, &headers, CommandKind::Create, payload).await
+}
+
+/// The body of a create or advisory, which may be larger than one broker message: read as
+/// it arrives into one parsed JSON value (the raw bytes are never held whole), then, when
+/// the command does not fit one message, its bodies are staged in the staging bucket and the
+/// command names them instead (the same claim check a NATS publisher uses). Over
+/// `max_staged_body` (or, without a staging bucket, over one message) is 413 naming the limit.
+async fn staged_command_body(
+    ctx: &Ctx,
+    s: &AppState,
+    body: Body,
+    run: Option<&RunId>,
+    kind: CommandKind,
+) -> Result<Bytes, HttpError> {
+    let (limit, limit_name) = match &s.staging {
+        Some(_) => (s.max_staged_body, "http.max_body_bytes"),
+        None => (
+            s.max_body,
+            "the largest command the broker takes; no staging bucket in core ingest",
+        ),
+    };
+    let too_large = |what: String| {
+        ctx.wire(WireError::from(
+            &crate::domain::error::Rejection::too_large(what),
+        ))
+    };
+    let (v, _large) = read_json(ctx, s, body, limit).await?;
+    let mut v =
+        v.map_err(|()| too_large(format!("request body over {limit} bytes ({limit_name})")))?;
+    let Value::Object(obj) = &mut v else {
+        return Err(HttpError::invalid(
+            "request body is not a JSON object",
+            &ctx.request_id,
+        ));
+    };
+    if let Some(run) = run {
+        put_run_id(ctx, obj, run)?;
+    }
+    if !claim_check::fits(claim_check::json_len(&v), s.max_body)
+        && let Some(staging) = &s.staging
+    {
+        staging
+            .stage_bodies(kind, &mut v, s.max_body)
+            .await
+            .map_err(|e| {
+                HttpError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    format!("staging the body: {e}"),
+                    &ctx.request_id,
+                )
+            })?;
+    }
+    let len = claim_check::json_len(&v);
+    if !claim_check::fits(len, s.max_body) {
+        return Err(too_large(format!(
+            "the command is {len} bytes{}, over the {} a broker message takes",
+            if s.staging.is_some() {
+                " without its staged bodies"
+            } else {
+                ""
+            },
+            s.max_body
+        )));
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| HttpError::invalid(format!("request body: {e}"), &ctx.request_id))
+}
+
+/// Parses a request body as one JSON value as it arrives (in a blocking task fed chunk by
+/// chunk: the value is the only copy held). `Err(())` inside when the body is over `limit`
+/// bytes. A body over one broker message first takes a permit of `large_bodies`, returned
+/// with the value: the caller holds it until the body is staged.
+async fn read_json<'a>(
+    ctx: &Ctx,
+    s: &'a AppState,
+    body: Body,
+    limit: usize,
+) -> Result<(Result<Value, ()>, Option<tokio::sync::SemaphorePermit<'a>>), HttpError> {
+    let mut permit = None;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let parse = tokio::task::spawn_blocking(move || {
+        let reader = std::io::BufReader::with_capacity(
+            64 * 1024,
+            ChannelReader {
+                rx,
+                chunk: Bytes::new(),
+            },
+        );
+        serde_json::from_reader::<_, Value>(reader)
+    });
+    let mut frames = body.into_data_stream();
+    let (mut seen, mut over, mut failed) = (0usize, false, None);
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(chunk) => {
+                seen = seen.saturating_add(chunk.len());
+                if seen > limit {
+                    over = true;
+                    break;
+                }
+                if seen > s.max_body && permit.is_none() {
+                    // Closed never: the semaphore lives as long as the state.
+                    permit = s.large_bodies.acquire().await.ok();
+                }
+                // The parser stopped (bad JSON): it says why below.
+                if tx.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                failed = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let parsed = parse.await.map_err(|e| {
+        HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("reading the request body: {e}"),
+            &ctx.request_id,
+        )
+    })?;
+    if over {
+        return Ok((Err(()), None));
+    }
+    if let Some(e) = failed {
+        return Err(HttpError::invalid(
+            format!("request body: {e}"),
+            &ctx.request_id,
+        ));
+    }
+    match parsed {
+        Ok(v) => Ok((Ok(v), permit)),
+        Err(e) => Err(HttpError::invalid(
+            format!("request body is not valid JSON: {e}"),
+            &ctx.request_id,
+        )),
+    }
+}
+
+/// A blocking reader over the chunks of a request body, for `serde_json::from_reader`.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    chunk: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(c) => self.chunk = c,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
 }
 
 /// A command on the run named in the path: `access` checked, `run_id` put in the body (a
@@ -583,10 +750,13 @@ async fn advisory(
     ctx: Ctx,
     headers: HeaderMap,
     Path(run_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, HttpError> {
     let kind = CommandKind::Advisory;
-    on_run(&s, &ctx, &headers, &run_id, body, Access::Advise, kind).await
+    let caller = ctx.allow(&s, Access::Advise)?;
+    let run = ctx.run_id(&run_id)?;
+    let payload = staged_command_body(&ctx, &s, body, Some(&run), kind).await?;
+    command(&s, &ctx, &caller, &headers, kind, payload).await
 }
 
 async fn delete(
