@@ -254,6 +254,17 @@ async fn main() {
         _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
     }
     let adv_claim = t.elapsed();
+    let after_advisory = vm_hwm_mib(pid);
+
+    // Verify: both 200 MB blobs re-hashed as they stream from the store, never held whole.
+    let t = Instant::now();
+    let reply = client
+        .request("rmos.runs.verify", run.to_owned().into())
+        .await
+        .unwrap();
+    let verify_time = t.elapsed();
+    let report: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(report["ok"], true, "verify: {report}");
     let peak = vm_hwm_mib(pid);
 
     let store = if on_s3 {
@@ -286,13 +297,19 @@ async fn main() {
         adv_claim.as_secs_f64(),
         mbps(adv_size, adv_claim)
     );
+    println!(
+        "| verify: the run's {:.1} MB of blobs re-hashed as they stream | {:.2} | {:.1} |",
+        (size + adv_size) as f64 / 1e6,
+        verify_time.as_secs_f64(),
+        mbps(size + adv_size, verify_time)
+    );
     let adv_ratio = mbps(adv_size, adv_claim) / mbps(size, claim);
     println!(
         "advisory claim (with the canonical check) / G-code claim (without): {adv_ratio:.2} of the rate"
     );
     println!(
         "worker peak RSS (VmHWM): idle {idle:.1} MiB, after in {after_in:.1} MiB, after out \
-         {after_out:.1} MiB, after the advisory {peak:.1} MiB; ceiling {RSS_CEILING_MIB} MiB: {}",
+         {after_out:.1} MiB, after the advisory {after_advisory:.1} MiB, after verify {peak:.1} MiB; ceiling {RSS_CEILING_MIB} MiB: {}",
         if peak < RSS_CEILING_MIB {
             "under"
         } else {
@@ -306,7 +323,7 @@ async fn main() {
                "peer_put_mb_s": mbps(size, peer_put), "peer_get_mb_s": mbps(size, peer_get),
                "advisory_claim_mb_s": mbps(adv_size, adv_claim),
                "gcode_claim_mb_s": mbps(size, claim), "advisory_to_gcode_claim": adv_ratio,
-               "worker_peak_rss_mib": peak, "ceiling_mib": RSS_CEILING_MIB})
+               "verify_mb_s": mbps(size + adv_size, verify_time), "worker_peak_rss_mib": peak, "ceiling_mib": RSS_CEILING_MIB})
     );
     drop(worker);
 }

@@ -65,9 +65,14 @@ use crate::domain::artifact::{RunArtifact, Sha256Hex};
 use crate::domain::command::NewBlob;
 use crate::domain::error::Rejection;
 use crate::domain::ids::RunId;
+use crate::domain::verify::{BlobContent, BlobContents, CheckStatus, VerifyReport, verify};
 
 /// Part size of streamed uploads: S3's minimum, 5 MiB (at most three parts are held at once).
 pub const UPLOAD_PART: usize = 5 * 1024 * 1024;
+/// Blobs up to this size are held whole by `verify`; larger ones are hashed as they stream.
+/// A body published inline is at most one broker message (`max_payload_bytes`, 8 MiB by
+/// default), so with the defaults only claim-checked bodies stream.
+pub const VERIFY_HOLD_MAX: u64 = 16 * 1024 * 1024;
 
 /// The flag of a store whose every blob reference has its marker (see the module docs).
 const COMPLETE_FLAG: &str = "blobrefs/_complete";
@@ -301,6 +306,60 @@ impl RunStore {
             self.put_blob_marker(&r.sha256, &artifact.run_id).await?;
         }
         Ok(refs.len())
+    }
+
+    /// The contents of every blob `artifact` references, for [`verify`]: the bytes of those up
+    /// to `hold_up_to` bytes, the streamed SHA-256 of larger ones (never held whole).
+    pub(super) async fn blob_contents(
+        &self,
+        artifact: &RunArtifact,
+        hold_up_to: u64,
+    ) -> Result<BlobContents, StoreError> {
+        let mut blobs = BlobContents::new();
+        for r in artifact.blob_refs() {
+            let content = if r.size_bytes <= hold_up_to {
+                match self.get_blob(&r.sha256).await? {
+                    Some(b) => BlobContent::Bytes(b.to_vec()),
+                    None => BlobContent::Missing,
+                }
+            } else {
+                match self.blob_stream(&r.sha256).await? {
+                    Some(s) => {
+                        let mut hasher = Sha256::new();
+                        let mut bytes = s.bytes;
+                        while let Some(chunk) = bytes.next().await {
+                            hasher.update(&chunk?);
+                        }
+                        BlobContent::Digest(hex::encode(hasher.finalize()))
+                    }
+                    None => BlobContent::Missing,
+                }
+            };
+            blobs.insert(r.sha256.clone(), content);
+        }
+        Ok(blobs)
+    }
+
+    /// Recomputes every hash of `artifact` against the store's blobs, in bounded memory: blobs
+    /// over [`VERIFY_HOLD_MAX`] are hashed as they stream. Only a run whose toolpaths hash
+    /// covers a body that large published inline (possible only with a `max_payload_bytes`
+    /// above it) is checked again with its blobs held whole.
+    pub async fn verify_artifact(
+        &self,
+        artifact: &RunArtifact,
+    ) -> Result<VerifyReport, StoreError> {
+        let blobs = self.blob_contents(artifact, VERIFY_HOLD_MAX).await?;
+        let report = verify(artifact, &blobs);
+        let streamed = blobs.values().any(|b| matches!(b, BlobContent::Digest(_)));
+        let toolpaths_ok = report
+            .checks
+            .iter()
+            .all(|c| c.name != "hashes.toolpaths_sha256" || c.status == CheckStatus::Ok);
+        if !streamed || toolpaths_ok {
+            return Ok(report);
+        }
+        let blobs = self.blob_contents(artifact, u64::MAX).await?;
+        Ok(verify(artifact, &blobs))
     }
 
     /// Reads a blob whole; `None` when it does not exist. For large bodies prefer

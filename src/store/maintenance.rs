@@ -32,11 +32,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::{RunStore, StoreError, Versioned};
-use crate::domain::artifact::{RunArtifact, Sha256Hex, StoredRecord, Timestamp};
+use crate::domain::artifact::{Sha256Hex, StoredRecord, Timestamp};
 use crate::domain::command::{Command, Context, DeleteRun};
 use crate::domain::hashing::sha256_bytes;
 use crate::domain::ids::RunId;
-use crate::domain::verify::{BlobContents, CheckStatus, VerifyReport, verify};
+use crate::domain::verify::{CheckStatus, VerifyReport};
 
 /// Objects read or written at once by the maintenance operations.
 const CONCURRENCY: usize = 8;
@@ -713,8 +713,7 @@ async fn check_source(
             }
             let mut unverified = None;
             if let StoredRecord::Live(a) = &record {
-                let blobs = blob_contents(src, a).await?;
-                let report = verify(a, &blobs);
+                let report = src.verify_artifact(a).await.map_err(|e| e.to_string())?;
                 let (bad, unhashed) = classify_checks(&report);
                 if !bad.is_empty() {
                     return Err(format!("verify failed: {}", bad.join(", ")));
@@ -745,15 +744,6 @@ fn classify_checks(report: &VerifyReport) -> (Vec<String>, Vec<String>) {
         }
     }
     (bad, unhashed)
-}
-
-async fn blob_contents(store: &RunStore, a: &RunArtifact) -> Result<BlobContents, String> {
-    let mut blobs = BlobContents::new();
-    for r in a.blob_refs() {
-        let b = store.get_blob(&r.sha256).await.map_err(|e| e.to_string())?;
-        blobs.insert(r.sha256.clone(), b.map(|b| b.to_vec()));
-    }
-    Ok(blobs)
 }
 
 async fn copy_one(
@@ -1104,9 +1094,8 @@ async fn import_file(store: &RunStore, path: &FsPath, file: &str) -> ImportEntry
     }
     let (verify_status, verify_notes) = match &record {
         StoredRecord::Deleted(_) => ("tombstone".to_owned(), Vec::new()),
-        StoredRecord::Live(a) => match blob_contents(store, a).await {
-            Ok(blobs) => {
-                let report = verify(a, &blobs);
+        StoredRecord::Live(a) => match store.verify_artifact(a).await {
+            Ok(report) => {
                 let (bad, unhashed) = classify_checks(&report);
                 let status = if !bad.is_empty() {
                     "mismatch"
@@ -1119,7 +1108,7 @@ async fn import_file(store: &RunStore, path: &FsPath, file: &str) -> ImportEntry
                 notes.extend(unhashed.into_iter().map(|n| format!("{n} not recorded")));
                 (status.to_owned(), notes)
             }
-            Err(e) => ("unknown".to_owned(), vec![e]),
+            Err(e) => ("unknown".to_owned(), vec![e.to_string()]),
         },
     };
     let key = store.artifact_key(&id);

@@ -30,7 +30,6 @@ pub mod maintenance;
 pub mod scrub;
 pub mod url;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +48,7 @@ use crate::domain::artifact::{
 use crate::domain::command::{Command, Context, Decision, EventKind};
 use crate::domain::hashing::sha256_json;
 use crate::domain::ids::{Mode, RunId, ToolId};
-use crate::domain::verify::{BlobContents, VerifyReport, verify};
+use crate::domain::verify::VerifyReport;
 
 pub use error::StoreError;
 pub use index::{Order, RunSummary};
@@ -719,12 +718,7 @@ impl RunStore {
     /// Recomputes every hash of a run, blobs included.
     pub async fn verify(&self, id: &RunId) -> Result<VerifyReport, StoreError> {
         let artifact = self.get(id).await?;
-        let mut blobs: BlobContents = HashMap::new();
-        for r in artifact.blob_refs() {
-            let b = self.get_blob(&r.sha256).await?;
-            blobs.insert(r.sha256.clone(), b.map(|b| b.to_vec()));
-        }
-        Ok(verify(&artifact, &blobs))
+        self.verify_artifact(&artifact).await
     }
 
     /// Checks that the backend honours conditional writes: a second create-if-absent must fail
