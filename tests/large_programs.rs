@@ -1,7 +1,8 @@
 //! Large programs through NATS by claim check, with a real worker on a broker that keeps the
 //! default 1 MB `max_payload`: a 3 MB program (80,000 lines) goes in through
 //! `rmos-runs create --file`, comes back byte for byte through `get --output gcode`, `verify`
-//! passes, the staged object is gone; a staged body whose bytes are not the claimed ones is
+//! passes, the staged object is gone (and a 50 MB program the same way, on the local store and
+//! on S3); a staged body whose bytes are not the claimed ones is
 //! rejected with its reason; `get` with `include_outputs` answers where to fetch the body.
 //! JSON bodies the same way: a multi-MB advisory body and op plan go in through the CLI
 //! (staged as their RFC 8785 canonical bytes) and come back identical; a tampered or
@@ -540,4 +541,72 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
             .contains("without its staged bodies"),
         "{e}"
     );
+}
+
+/// A 50 MB program through the CLI on a broker with the default 1 MB `max_payload`, on the
+/// store `s3` names (the local filesystem, or the S3 test server): stored, read back byte for
+/// byte through `get --output gcode`, and `verify` passes (its blob hashed as it streams).
+async fn fifty_mb_program_round_trip(s3: bool) {
+    let nats = ConfiguredNatsServer::start(BROKER, &[], &[]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    std::fs::create_dir(&runs).unwrap();
+    let mut vars = Vec::new();
+    if s3 {
+        let server = support::S3Server::shared();
+        let bucket = support::unique_bucket();
+        server.create_bucket(&bucket).await;
+        vars = server.env_for(&bucket);
+        vars.push(("RMOS_STORE_URL".into(), format!("s3://{bucket}/runs")));
+    }
+    let worker = Worker::start_at(&nats.url(), &runs, "fifty", &vars).await;
+
+    let gcode = program(1_350_000);
+    assert!(gcode.len() > 50_000_000, "{} bytes", gcode.len());
+    let run = "run_00000000b50a";
+    let create = json!({"mode": "cam", "tool_id": "T7", "status": "OK", "run_id": run,
+                        "outputs": {"gcode_text": gcode}});
+    let file = write_json(tmp.path(), "fifty.json", &create);
+    let out = cli(&nats.url(), &["create", "--file", &file, "--json"]);
+    assert!(
+        out.status.success(),
+        "create: {}; worker log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    let ev: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ev["event"], "created", "{ev}");
+
+    let out = cli(&nats.url(), &["get", run, "--output", "gcode"]);
+    assert!(
+        out.status.success(),
+        "get --output: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), gcode.len());
+    assert!(out.stdout == gcode.as_bytes(), "G-code differs");
+
+    let out = cli(&nats.url(), &["verify", run, "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], true, "{report}");
+    let sha = sha256(gcode.as_bytes());
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == format!("blob:{sha}") && c["status"] == "ok"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50mb_program_through_the_cli_on_the_local_store() {
+    fifty_mb_program_round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50mb_program_through_the_cli_on_s3() {
+    fifty_mb_program_round_trip(true).await;
 }
