@@ -1,6 +1,7 @@
 //! Broker crashes under load: a single JetStream server SIGKILLed during a burst, and one node of
-//! a 3-node cluster (R3 stream) SIGKILLed during a burst. In both, every create the broker
-//! PubAck'd must end up stored, by the same worker process (never restarted).
+//! a 3-node cluster (R3 stream) SIGKILLed, or frozen with SIGSTOP and thawed, during a burst. In
+//! each, every create the broker PubAck'd must end up stored exactly once, by the same worker
+//! process (never restarted).
 
 mod support;
 
@@ -266,6 +267,19 @@ async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
     );
     assert_eq!(worker.pid(), pid);
     // The restarted node caught up: the stream reports all three replicas current again.
+    wait_replicas_current(&client, &cluster).await;
+    eprintln!(
+        "cluster: killed stream leader {leader} (new leader {new_leader:?}); {} acked \
+         ({acked_before} before the kill, {stored_at_kill} stored at the kill), {failed} \
+         publishes failed, all stored in {:.1}s",
+        acked.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Waits until the stream reports its two followers current and online (a node that was down
+/// or paused has caught up).
+async fn wait_replicas_current(client: &async_nats::Client, cluster: &NatsCluster) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let reply = client
@@ -284,7 +298,7 @@ async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
                 .iter()
                 .all(|r| r["current"] == Value::Bool(true) && r["offline"] != Value::Bool(true))
         {
-            break;
+            return;
         }
         assert!(
             Instant::now() < deadline,
@@ -294,9 +308,81 @@ async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A node of the R3 cluster frozen (SIGSTOP: its connections stay open, it answers nothing,
+/// as a paused VM does) under load, then thawed: the two others elect a new stream leader and
+/// keep taking creates; the frozen node catches up; every PubAck'd create is stored exactly
+/// once (revision 1, nothing dead-lettered), and the worker never restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_node_paused_during_burst_loses_nothing_acked() {
+    let started = Instant::now();
+    let mut cluster = NatsCluster::start(3).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("runs");
+    std::fs::create_dir(&dir).expect("runs dir");
+    let vars = config_file(tmp.path(), "stream_replicas = 3\nack_wait = \"10s\"\n");
+    let mut worker = Worker::start_at(&cluster.urls(), &dir, "cp", &vars).await;
+    let pid = worker.pid();
+
+    // The victim is the stream's leader; the publisher and this observer use the other two
+    // nodes, so the load goes on while it is frozen (the worker may be on any node).
+    let any = async_nats::ConnectOptions::new()
+        .connect(cluster.url_list())
+        .await
+        .expect("connect");
+    let leader = stream_leader(&any).await.expect("stream has a leader");
+    let victim = cluster.index_of(&leader).expect("leader is a node");
+    let others: Vec<String> = (0..cluster.len())
+        .filter(|i| *i != victim)
+        .map(|i| cluster.url(i))
+        .collect();
+    drop(any);
+    let client = async_nats::ConnectOptions::new()
+        .connect(others.clone())
+        .await
+        .expect("connect to the other nodes");
+
+    let burst = Burst::start(others, 0xc2, 20_000);
+    wait_acked(&burst, 200, Duration::from_secs(60)).await;
+    eventually(Duration::from_secs(60), async || {
+        ensure(stored_runs(&dir).len() >= 50, || {
+            format!("some runs stored; log:\n{}", worker.log())
+        })
+    })
+    .await;
+    let acked_before = burst.acked();
+    cluster.pause(victim);
+    let stored_at_pause = stored_runs(&dir).len();
+    // The two others elect a new leader and PubAcks go on.
+    let mut new_leader = None;
+    eventually(Duration::from_secs(60), async || {
+        new_leader = stream_leader(&client).await;
+        ensure(new_leader.as_deref().is_some_and(|l| l != leader), || {
+            format!("no new leader while {leader} is frozen ({new_leader:?})")
+        })
+    })
+    .await;
+    wait_acked(&burst, 150, Duration::from_secs(90)).await;
+    cluster.resume(victim);
+    wait_acked(&burst, 150, Duration::from_secs(90)).await;
+    let (acked, failed) = burst.finish().await;
+
+    assert!(
+        stored_at_pause < acked_before,
+        "the worker had drained the stream before the pause; the test proves nothing"
+    );
+    assert_all_stored(&dir, &acked, &worker).await;
+    assert!(
+        worker.is_running(),
+        "the worker exited; log:\n{}",
+        worker.log()
+    );
+    assert_eq!(worker.pid(), pid);
+    wait_replicas_current(&client, &cluster).await;
     eprintln!(
-        "cluster: killed stream leader {leader} (new leader {new_leader:?}); {} acked \
-         ({acked_before} before the kill, {stored_at_kill} stored at the kill), {failed} \
+        "cluster: froze stream leader {leader} (new leader {new_leader:?}); {} acked \
+         ({acked_before} before the pause, {stored_at_pause} stored at the pause), {failed} \
          publishes failed, all stored in {:.1}s",
         acked.len(),
         started.elapsed().as_secs_f64()

@@ -1278,6 +1278,24 @@ impl NatsCluster {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// SIGSTOP node `i`: a frozen node (a paused VM, a stalled process) that keeps its
+    /// connections open and answers nothing until [`NatsCluster::resume`].
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// SIGCONT node `i` after [`NatsCluster::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&mut self, i: usize, sig: libc::c_int) {
+        let child = self.nodes[i].child.as_ref().expect("node running");
+        // SAFETY: kill(2) on the pid of a child we have not reaped.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "signal {sig} to node {}", self.nodes[i].name);
+    }
+
     /// SIGKILL node `i` and reap it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
