@@ -109,6 +109,26 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 }
 
 /// Reads a staged object whole through a sink, hashing; (bytes, sha256).
+/// Publishes `body` on `rmos.runs.<kind>` and waits for its outcome (panics on a rejection).
+async fn command(
+    js: &async_nats::jetstream::Context,
+    stored: &mut async_nats::Subscriber,
+    rejected: &mut async_nats::Subscriber,
+    kind: &str,
+    body: &Value,
+) {
+    js.publish(format!("rmos.runs.{kind}"), body.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    tokio::select! {
+        Some(_) = stored.next() => {}
+        Some(m) = rejected.next() => panic!("rejected: {}", String::from_utf8_lossy(&m.payload)),
+        _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
+    }
+}
+
 async fn fetch(bucket: &jetstream::object_store::ObjectStore, name: &str) -> (u64, String) {
     let mut object = bucket.get(name).await.expect("get staged object");
     let mut h = Sha256::new();
@@ -198,16 +218,7 @@ async fn main() {
     let create = json!({"mode": "cam", "tool_id": "T1", "status": "OK", "run_id": run,
                         "outputs": {"gcode_ref": {"bucket": BUCKET, "name": name,
                                                   "sha256": sha, "size_bytes": size}}});
-    js.publish("rmos.runs.create", create.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    tokio::select! {
-        Some(_) = stored.next() => {}
-        Some(m) = rejected.next() => panic!("rejected: {}", String::from_utf8_lossy(&m.payload)),
-        _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
-    }
+    command(&js, &mut stored, &mut rejected, "create", &create).await;
     let total_in = t.elapsed();
     let claim = total_in - staged;
     let after_in = vm_hwm_mib(pid);
@@ -243,16 +254,7 @@ async fn main() {
                           "body_ref": {"bucket": BUCKET, "name": adv_name,
                                        "sha256": adv_sha, "size_bytes": adv_size}});
     let t = Instant::now();
-    js.publish("rmos.runs.advisory", advisory.to_string().into())
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    tokio::select! {
-        Some(_) = stored.next() => {}
-        Some(m) = rejected.next() => panic!("rejected: {}", String::from_utf8_lossy(&m.payload)),
-        _ = tokio::time::sleep(Duration::from_secs(600)) => panic!("no outcome in 10 min"),
-    }
+    command(&js, &mut stored, &mut rejected, "advisory", &advisory).await;
     let adv_claim = t.elapsed();
     let after_advisory = vm_hwm_mib(pid);
 

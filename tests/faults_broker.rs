@@ -139,6 +139,30 @@ async fn assert_all_stored(dir: &Path, acked: &BTreeSet<String>, worker: &Worker
     assert!(letters.is_empty(), "dead letters: {letters:?}");
 }
 
+/// After a broker fault under load: the fault hit while PubAck'd creates were still waiting
+/// (`stored_at_fault < acked_before`, else the test proves nothing), every PubAck'd create is
+/// stored exactly once, and the same worker process (`pid`) is still running.
+async fn assert_survived(
+    dir: &Path,
+    acked: &BTreeSet<String>,
+    worker: &mut Worker,
+    pid: libc::pid_t,
+    (stored_at_fault, acked_before): (usize, usize),
+    fault: &str,
+) {
+    assert!(
+        stored_at_fault < acked_before,
+        "the worker had drained the stream before the {fault}; the test proves nothing"
+    );
+    assert_all_stored(dir, acked, worker).await;
+    assert!(
+        worker.is_running(),
+        "the worker exited; log:\n{}",
+        worker.log()
+    );
+    assert_eq!(worker.pid(), pid);
+}
+
 fn config_file(dir: &Path, text: &str) -> Vec<(String, String)> {
     let path = dir.join("rmos.toml");
     std::fs::write(&path, text).expect("write config");
@@ -174,17 +198,15 @@ async fn broker_sigkill_during_burst_loses_nothing_acked() {
     wait_acked(&burst, 300, Duration::from_secs(90)).await;
     let (acked, failed) = burst.finish().await;
 
-    assert!(
-        stored_at_kill < acked_before,
-        "the worker had drained the stream before the kill; the test proves nothing"
-    );
-    assert_all_stored(&dir, &acked, &worker).await;
-    assert!(
-        worker.is_running(),
-        "the worker exited; log:\n{}",
-        worker.log()
-    );
-    assert_eq!(worker.pid(), pid);
+    assert_survived(
+        &dir,
+        &acked,
+        &mut worker,
+        pid,
+        (stored_at_kill, acked_before),
+        "kill",
+    )
+    .await;
     eprintln!(
         "broker SIGKILL: {} acked ({acked_before} before the kill, {stored_at_kill} stored at \
          the kill), {failed} publishes failed, all stored in {:.1}s",
@@ -254,18 +276,16 @@ async fn cluster_node_sigkill_during_burst_loses_nothing_acked() {
     wait_acked(&burst, 150, Duration::from_secs(90)).await;
     let (acked, failed) = burst.finish().await;
 
-    assert!(
-        stored_at_kill < acked_before,
-        "the worker had drained the stream before the kill; the test proves nothing"
-    );
     assert_ne!(new_leader.as_deref(), Some(leader.as_str()), "no failover");
-    assert_all_stored(&dir, &acked, &worker).await;
-    assert!(
-        worker.is_running(),
-        "the worker exited; log:\n{}",
-        worker.log()
-    );
-    assert_eq!(worker.pid(), pid);
+    assert_survived(
+        &dir,
+        &acked,
+        &mut worker,
+        pid,
+        (stored_at_kill, acked_before),
+        "kill",
+    )
+    .await;
     // The restarted node caught up: the stream reports all three replicas current again.
     wait_replicas_current(&client, &cluster).await;
     eprintln!(
@@ -368,17 +388,15 @@ async fn cluster_node_paused_during_burst_loses_nothing_acked() {
     wait_acked(&burst, 150, Duration::from_secs(90)).await;
     let (acked, failed) = burst.finish().await;
 
-    assert!(
-        stored_at_pause < acked_before,
-        "the worker had drained the stream before the pause; the test proves nothing"
-    );
-    assert_all_stored(&dir, &acked, &worker).await;
-    assert!(
-        worker.is_running(),
-        "the worker exited; log:\n{}",
-        worker.log()
-    );
-    assert_eq!(worker.pid(), pid);
+    assert_survived(
+        &dir,
+        &acked,
+        &mut worker,
+        pid,
+        (stored_at_pause, acked_before),
+        "pause",
+    )
+    .await;
     wait_replicas_current(&client, &cluster).await;
     eprintln!(
         "cluster: froze stream leader {leader} (new leader {new_leader:?}); {} acked \

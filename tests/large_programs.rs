@@ -70,6 +70,24 @@ fn write_json(dir: &Path, name: &str, v: &Value) -> String {
     p.display().to_string()
 }
 
+/// POSTs `body` to `url`; the status and the JSON answer.
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    body: impl Into<reqwest::Body>,
+) -> (reqwest::StatusCode, Value) {
+    let r = http
+        .post(url)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST");
+    let status = r.status();
+    let answer = serde_json::from_slice(&r.bytes().await.expect("body")).expect("JSON answer");
+    (status, answer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_3mb_program_goes_through_a_1mb_broker_and_back() {
     let nats = ConfiguredNatsServer::start(BROKER, &[], &[]).await;
@@ -430,15 +448,12 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
     let run = "run_00000000ab01";
     let create = json!({"mode": "cam", "tool_id": "T7", "status": "OK", "run_id": run,
                         "outputs": {"gcode_text": gcode}});
-    let r = http
-        .post(format!("{base}/api/rmos/runs"))
-        .header("Content-Type", "application/json")
-        .body(serde_json::to_vec(&create).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let a: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (status, a) = post(
+        &http,
+        format!("{base}/api/rmos/runs"),
+        serde_json::to_vec(&create).unwrap(),
+    )
+    .await;
     assert_eq!(status, 201, "{a}; log:\n{}", worker.log());
     assert_eq!(
         a["outputs"]["gcode_blob"]["sha256"],
@@ -457,16 +472,12 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
     // An advisory with a 2 MB body, to the run in the path.
     let text = advisory_body_text(20_000);
     let body: Value = serde_json::from_str(&text).unwrap();
-    let r = http
-        .post(format!("{base}/api/rmos/runs/{run}/advisory"))
-        .body(format!(
-            r#"{{"advisory_id": "adv_00000000ab01", "kind": "note", "body": {text}}}"#
-        ))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let a: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (status, a) = post(
+        &http,
+        format!("{base}/api/rmos/runs/{run}/advisory"),
+        format!(r#"{{"advisory_id": "adv_00000000ab01", "kind": "note", "body": {text}}}"#),
+    )
+    .await;
     assert_eq!(status, 200, "{a}");
     assert_eq!(
         a["advisory_inputs"][0]["body"]["sha256"],
@@ -490,14 +501,12 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
     // Over the HTTP limit: 413 naming it (the body is not read to its end).
     let huge = json!({"mode": "cam", "tool_id": "T7", "status": "OK",
                       "outputs": {"gcode_text": "G1 X1\n".repeat(1_200_000)}});
-    let r = http
-        .post(format!("{base}/api/rmos/runs"))
-        .body(serde_json::to_vec(&huge).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let e: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (status, e) = post(
+        &http,
+        format!("{base}/api/rmos/runs"),
+        serde_json::to_vec(&huge).unwrap(),
+    )
+    .await;
     assert_eq!(status, 413, "{e}");
     assert_eq!(e["error"]["code"], "too_large");
     let m = e["error"]["message"].as_str().unwrap();
@@ -506,17 +515,12 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
         "{m}"
     );
     // Bad JSON in a large body is 400 naming why, not 413 or 500.
-    let r = http
-        .post(format!("{base}/api/rmos/runs"))
-        .body(format!(
-            "{{\"mode\": \"cam\", \"x\": \"{}",
-            "a".repeat(2_000_000)
-        ))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let e: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (status, e) = post(
+        &http,
+        format!("{base}/api/rmos/runs"),
+        format!("{{\"mode\": \"cam\", \"x\": \"{}", "a".repeat(2_000_000)),
+    )
+    .await;
     assert_eq!(status, 400, "{e}");
     assert!(
         e["error"]["message"].as_str().unwrap().contains("JSON"),
@@ -525,14 +529,12 @@ async fn http_creates_and_advisories_over_max_payload_are_staged_by_the_worker()
     // A command whose other parts alone are over one message cannot be staged: 413.
     let meta = json!({"mode": "cam", "tool_id": "T7", "status": "OK",
                       "meta": {"notes": "n".repeat(1_100_000)}});
-    let r = http
-        .post(format!("{base}/api/rmos/runs"))
-        .body(serde_json::to_vec(&meta).unwrap())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let e: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let (status, e) = post(
+        &http,
+        format!("{base}/api/rmos/runs"),
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .await;
     assert_eq!(status, 413, "{e}");
     assert!(
         e["error"]["message"]

@@ -255,6 +255,26 @@ async fn create_ok(who: &RoleClient, events: &Events, worker: &Worker, run_id: &
 /// fetches the body the worker staged for it; the engine may not read the bucket, the reader
 /// may not write it. The engine's and the advisor's CLIs stage bodies over the shipped
 /// max_payload by themselves.
+/// `rmos-runs <command> --file <file>` as the broker user `user`, with no other settings.
+fn cli_as(
+    url: &str,
+    user: &str,
+    password: &str,
+    command: &str,
+    file: &Path,
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
+        .args([command, "--file", &file.display().to_string()])
+        .env("NATS_URL", url)
+        .env("NATS_USER", user)
+        .env("NATS_PASSWORD", password)
+        .env_remove("RMOS_CONFIG")
+        .env_remove("RMOS_INBOX_PREFIX")
+        .env_remove("RMOS_STAGING_BUCKET")
+        .output()
+        .expect("run the CLI")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
     let pw: Vec<(String, String)> = ["worker", "engine", "reader", "advisor"]
@@ -388,16 +408,7 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
             .to_string(),
         )
         .unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-            .args(["create", "--file", &file.display().to_string()])
-            .env("NATS_URL", &url)
-            .env("NATS_USER", "engine")
-            .env("NATS_PASSWORD", &engine_pw)
-            .env_remove("RMOS_CONFIG")
-            .env_remove("RMOS_INBOX_PREFIX")
-            .env_remove("RMOS_STAGING_BUCKET")
-            .output()
-            .unwrap();
+        let out = cli_as(&url, "engine", &engine_pw, "create", &file);
         assert!(
             out.status.success(),
             "engine CLI create {run}: {}",
@@ -421,16 +432,7 @@ async fn the_staging_bucket_lets_publishers_put_and_readers_read() {
         .to_string(),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_rmos-runs"))
-        .args(["attach-advisory", "--file", &file.display().to_string()])
-        .env("NATS_URL", &url)
-        .env("NATS_USER", "advisor")
-        .env("NATS_PASSWORD", pass("advisor"))
-        .env_remove("RMOS_CONFIG")
-        .env_remove("RMOS_INBOX_PREFIX")
-        .env_remove("RMOS_STAGING_BUCKET")
-        .output()
-        .unwrap();
+    let out = cli_as(&url, "advisor", &pass("advisor"), "attach-advisory", &file);
     assert!(
         out.status.success(),
         "advisor CLI attach-advisory: {}",

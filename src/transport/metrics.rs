@@ -279,6 +279,15 @@ where
     family.get_or_create_owned(&labels)
 }
 
+/// Registers `metric` under `name` and returns its handle (sharing its value).
+fn registered<M>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M
+where
+    M: prometheus_client::registry::Metric + Clone,
+{
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// An empty registry.
     pub fn new() -> Arc<Self> {
@@ -334,18 +343,18 @@ impl Metrics {
             request_duration_family,
         );
 
-        let conflict_retries = Counter::default();
-        registry.register(
+        let conflict_retries = registered(
+            &mut registry,
             "rmos_conflict_retries",
             "Conditional writes that lost a race to another writer and were retried",
-            conflict_retries.clone(),
+            Counter::default(),
         );
 
-        let redeliveries = Counter::default();
-        registry.register(
+        let redeliveries = registered(
+            &mut registry,
             "rmos_redeliveries",
             "JetStream commands received more than once (delivered > 1)",
-            redeliveries.clone(),
+            Counter::default(),
         );
 
         let dead_letter_family = Family::<CodeLabels, Counter>::default();
@@ -364,11 +373,11 @@ impl Metrics {
             store_error_family,
         );
 
-        let broker_state_recreated = Counter::default();
-        registry.register(
+        let broker_state_recreated = registered(
+            &mut registry,
             "rmos_broker_state_recreated",
             "Times the stream or the durable consumer was found missing on the broker and re-created",
-            broker_state_recreated.clone(),
+            Counter::default(),
         );
 
         let claim_family = Family::<ClaimLabels, Counter>::default();
@@ -397,36 +406,36 @@ impl Metrics {
             task_family,
         );
 
-        let scrub_checked = Counter::default();
-        registry.register(
+        let scrub_checked = registered(
+            &mut registry,
             "rmos_scrub_runs_checked",
             "Runs the background scrub checked (content hashes, blobs, hash chain, signatures)",
-            scrub_checked.clone(),
+            Counter::default(),
         );
-        let scrub_broken_found = Counter::default();
-        registry.register(
+        let scrub_broken_found = registered(
+            &mut registry,
             "rmos_scrub_runs_failed",
             "Checks of the background scrub that found a run failing verification (a run broken for two passes counts twice)",
-            scrub_broken_found.clone(),
+            Counter::default(),
         );
-        let scrub_broken = Gauge::default();
-        registry.register(
+        let scrub_broken = registered(
+            &mut registry,
             "rmos_scrub_broken_runs",
             "Runs failing verification: as many as the last complete scrub pass found, or the pass under way once it has found more",
-            scrub_broken.clone(),
+            Gauge::default(),
         );
-        let scrub_passes = Counter::default();
-        registry.register(
+        let scrub_passes = registered(
+            &mut registry,
             "rmos_scrub_passes",
             "Background scrub passes completed",
-            scrub_passes.clone(),
+            Counter::default(),
         );
 
-        let in_flight = Gauge::default();
-        registry.register(
+        let in_flight = registered(
+            &mut registry,
             "rmos_in_flight_commands",
             "Commands being processed now",
-            in_flight.clone(),
+            Gauge::default(),
         );
 
         registry.register(
