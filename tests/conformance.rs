@@ -1191,6 +1191,26 @@ async fn tampering_with_the_history_is_reported(store: RunStore) {
     v["meta"]["n"] = json!(42);
     write_json(&store, &store.artifact_key(&id), &v).await;
     assert_eq!(broken(id).await, (4, ChainFault::ContentChanged));
+    // The current record made unreadable: verify says so, and the history stays readable.
+    let id = fresh(6).await;
+    os.put(
+        &store.artifact_key(&id),
+        PutPayload::from_static(b"{\"not a record"),
+    )
+    .await
+    .unwrap();
+    let page = store.history(&id, None, 10).await.unwrap();
+    assert_eq!(
+        page.revisions
+            .iter()
+            .map(|r| r.revision)
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(matches!(
+        store.verify_chain(&id).await,
+        Err(StoreError::Corrupt { .. })
+    ));
     // A revision removed.
     let id = fresh(4).await;
     os.delete(&history_key(&id, 3)).await.unwrap();

@@ -308,9 +308,10 @@ async fn a_wiped_broker_store_is_recreated_and_consumed() {
     );
 }
 
-/// The background scrub (`scrub_rate`) finds a run edited on disk behind the worker's back:
-/// the error log names it with its reason, `rmos_scrub_broken_runs` counts it, and after the
-/// edit is undone the next pass counts none. The scrub is supervised: made to panic, it is
+/// The background scrub (`scrub_rate`) finds a run edited on disk behind the worker's back and
+/// one whose record no longer decodes: the error log names the edited one with its reason,
+/// `rmos_scrub_broken_runs` counts both, and after the edits are undone the next pass counts
+/// none. The scrub is supervised: made to panic, it is
 /// restarted and goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_scrub_finds_a_tampered_run() {
@@ -352,10 +353,14 @@ async fn background_scrub_finds_a_tampered_run() {
     let mut v: Value = serde_json::from_slice(&original).expect("record is JSON");
     v["meta"]["edited"] = "behind the worker's back".into();
     std::fs::write(&path, serde_json::to_vec_pretty(&v).expect("encode")).expect("write");
+    // Run 4's record made unreadable: a finding too, not an outage.
+    let garbled = env.runs_dir().join(format!("{}.json", ids[4]));
+    let garbled_original = std::fs::read(&garbled).expect("read record");
+    std::fs::write(&garbled, b"{\"not a record").expect("write");
     eventually(Duration::from_secs(30), async || {
         let m = scrape(port).await;
-        ensure(series(&m, "rmos_scrub_broken_runs") == 1.0, || {
-            format!("the scrub has not counted the edited run: {m:?}")
+        ensure(series(&m, "rmos_scrub_broken_runs") == 2.0, || {
+            format!("the scrub has not counted the two runs: {m:?}")
         })
     })
     .await;
@@ -374,6 +379,7 @@ async fn background_scrub_finds_a_tampered_run() {
 
     // Undone: the next complete pass finds nothing broken.
     std::fs::write(&path, &original).expect("restore the record");
+    std::fs::write(&garbled, &garbled_original).expect("restore the record");
     eventually(Duration::from_secs(30), async || {
         let m = scrape(port).await;
         ensure(

@@ -594,7 +594,15 @@ impl RunStore {
         limit: usize,
     ) -> Result<HistoryPage, StoreError> {
         let limit = limit.clamp(1, MAX_HISTORY_PAGE);
-        let current = self.load(id).await?.map_or(0, |c| c.value.revision());
+        let current = match self.load(id).await {
+            Ok(c) => c.map_or(0, |c| c.value.revision()),
+            // An unreadable record (tampered with, torn): its history is the evidence, so it
+            // stays readable, up to the last revision kept.
+            Err(StoreError::Corrupt { .. }) => {
+                self.revisions(id).await?.last().copied().unwrap_or(0)
+            }
+            Err(e) => return Err(e),
+        };
         let start = match after {
             Some(a) => a.saturating_add(1),
             None if current <= 1 || self.revision(id, 1).await?.is_some() => 1,

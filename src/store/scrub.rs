@@ -115,7 +115,17 @@ pub async fn scrub_loop(
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
             let id = &summary.run_id;
-            match store.check_run(id).await {
+            let checked = match store.check_run(id).await {
+                // A record or revision that no longer decodes is a finding, not an outage.
+                Err(e @ StoreError::Corrupt { .. }) => Ok(RunCheck {
+                    run_id: id.clone(),
+                    ok: false,
+                    legacy: false,
+                    reason: Some(e.to_string()),
+                }),
+                other => other,
+            };
+            match checked {
                 Ok(check) => {
                     state.checked += 1;
                     if !check.ok {
