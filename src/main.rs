@@ -3,10 +3,12 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 mod cli;
 
 use anyhow::anyhow;
+use backon::{ExponentialBuilder, Retryable};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
@@ -521,6 +523,28 @@ fn test_crash_point(store: RunStore) -> Result<RunStore, Failure> {
     Ok(store.crash_after_revision(run, rev))
 }
 
+/// Runs a start-up step on the broker, retrying (250 ms doubling to 2 s) until
+/// `connect_timeout` has passed since the step began: a cluster still forming answers "no
+/// suitable peers" for a replicated stream for a moment, which must not stop the worker. The
+/// last error is returned when the time is up.
+async fn while_starting<T, E, F, Fut>(cfg: &Config, what: &str, step: F) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = std::time::Instant::now();
+    step.retry(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(2))
+            .without_max_times(),
+    )
+    .adjust(|_, delay| delay.filter(|d| started.elapsed() + *d <= cfg.connect_timeout))
+    .notify(|e, _| tracing::warn!(error = %e, "setting up {what} on the broker failed; retrying"))
+    .await
+}
+
 /// Opens a store for the maintenance commands; probes it when they will write to it.
 async fn open_store(url: &StoreUrl, cfg: &Config, write: bool) -> Result<RunStore, Failure> {
     let store = RunStore::open(url, &cfg.store_options())?.with_signing(signing(cfg)?);
@@ -604,12 +628,14 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     let staging = if cfg.ingest == IngestMode::JetStream {
         let js = async_nats::jetstream::new(client.clone());
         Some(
-            Staging::ensure(
-                &js,
-                &cfg.staging_bucket,
-                cfg.staging_max_age,
-                cfg.stream_replicas,
-            )
+            while_starting(&cfg, "the staging bucket", || {
+                Staging::ensure(
+                    &js,
+                    &cfg.staging_bucket,
+                    cfg.staging_max_age,
+                    cfg.stream_replicas,
+                )
+            })
             .await
             .map_err(|e| anyhow!(e))?,
         )
@@ -638,7 +664,10 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     // Set up once here so that a broker without JetStream, or a stream that cannot be made,
     // stops start-up with its reason; the ingest task ensures them again on each start.
     if cfg.ingest == IngestMode::JetStream {
-        ingest.ensure_stream().await?;
+        while_starting(&cfg, "the stream and the consumer", || {
+            ingest.ensure_stream()
+        })
+        .await?;
     }
     let health = Arc::new(Health::new(
         client.clone(),

@@ -397,3 +397,32 @@ async fn background_scrub_finds_a_tampered_run() {
         1.0
     );
 }
+
+/// A broker that cannot place the worker's replicated streams yet (a cluster still forming;
+/// here R3 on a single node, which never can) does not stop the worker at once: it retries
+/// the set-up, saying why each time, until the next attempt would start after
+/// `connect_timeout`, then exits non-zero with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_setup_is_retried_until_connect_timeout() {
+    let env = Env::new().await;
+    let config = env.tmp.path().join("r3.toml");
+    std::fs::write(&config, "stream_replicas = 3\nconnect_timeout = \"3s\"\n")
+        .expect("write config");
+    let vars = [("RMOS_CONFIG".to_owned(), config.display().to_string())];
+    let started = Instant::now();
+    let mut w = Worker::spawn(&env.nats.url(), &env.runs_dir(), "r3", &vars);
+    let status = w.wait(Duration::from_secs(60)).await;
+    let log = w.log();
+    assert!(!status.success(), "{status}; log:\n{log}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "gave up after {:?}, long before connect_timeout; log:\n{log}",
+        started.elapsed()
+    );
+    let retries = log
+        .lines()
+        .filter(|l| l.contains("setting up the staging bucket on the broker failed; retrying"))
+        .count();
+    assert!(retries >= 3, "{retries} retries; log:\n{log}");
+    assert!(log.contains("staging bucket"), "{log}");
+}
