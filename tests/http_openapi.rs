@@ -179,10 +179,12 @@ fn every_operation_declares_its_parameters_security_and_errors() {
 
 // ---- against a real worker ----------------------------------------------------------------
 
-/// One keep-alive HTTP/1.1 connection.
+/// One keep-alive HTTP/1.1 connection, opened again after an answer that closes it (an error
+/// to a request with a body says `Connection: close`).
 struct Conn {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     host: String,
+    port: u16,
 }
 
 impl Conn {
@@ -198,6 +200,7 @@ impl Conn {
                     return Conn {
                         sender,
                         host: format!("127.0.0.1:{port}"),
+                        port,
                     };
                 }
                 Err(e) => last = e.to_string(),
@@ -238,6 +241,13 @@ impl Conn {
         .expect("response");
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.expect("body").to_bytes();
+        if parts
+            .headers
+            .get("connection")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+        {
+            *self = Conn::open(self.port).await;
+        }
         (parts.status.as_u16(), parts.headers, bytes)
     }
 }

@@ -84,6 +84,15 @@ async fn post(
         .await
         .expect("POST");
     let status = r.status();
+    // A refusal may come before the body was read to its end: the server closes the
+    // connection and says so, so that it is not reused for the next request.
+    if !status.is_success() {
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.as_bytes()),
+            Some(&b"close"[..]),
+            "{status} without Connection: close"
+        );
+    }
     let answer = serde_json::from_slice(&r.bytes().await.expect("body")).expect("JSON answer");
     (status, answer)
 }

@@ -154,7 +154,21 @@ async fn observe(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Re
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned());
     let method = req.method().clone();
-    let response = next.run(req).await;
+    let has_body = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    let mut response = next.run(req).await;
+    // A refusal may come before the request body was read to its end (over a limit, bad JSON
+    // early on): the connection cannot carry another request, so say so, or a client reusing
+    // it would see its next request fail.
+    if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
     s.metrics.http_request(
         route.as_deref().unwrap_or("unmatched"),
         method.as_str(),
