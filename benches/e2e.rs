@@ -19,6 +19,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+use common::record;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,27 +36,6 @@ use support::worker::Worker;
 const CREATES: usize = 2000;
 const S3_CREATES: usize = 300;
 const GET_SECONDS: u64 = 4;
-
-fn record(i: usize) -> Vec<u8> {
-    // 2-5 KB: a run record with a feasibility report and a short G-code program.
-    let lines = 40 + (i % 100);
-    let gcode: String = (0..lines)
-        .map(|n| {
-            format!(
-                "N{n} G1 X{:.3} Y{:.3} F1200\n",
-                n as f64 * 1.5,
-                (i % 97) as f64
-            )
-        })
-        .collect();
-    json!({"mode": "cam", "tool_id": format!("T{}", i % 20), "status": "OK",
-           "feasibility": {"max_depth_mm": 3.5, "passes": i % 7, "material": "maple"},
-           "decision": {"risk_level": "GREEN", "score": 87.5, "warnings": []},
-           "request": {"geometry": {"w": 120, "h": 80}, "bench_index": i},
-           "outputs": {"gcode_text": gcode}})
-    .to_string()
-    .into_bytes()
-}
 
 /// A `VmRSS` / `VmHWM` style field of /proc/<pid>/status, in MiB (0 when unreadable).
 fn proc_status_mib(pid: libc::pid_t, field: &str) -> f64 {

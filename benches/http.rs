@@ -17,6 +17,9 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+use common::record;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,27 +36,6 @@ use support::worker::Worker;
 const RUNS: usize = 200;
 /// Rounds over which the three ways are interleaved.
 const ROUNDS: usize = 2;
-
-/// A 2-5 KB run record (as benches/e2e.rs): a feasibility report and a short G-code program.
-fn record(i: usize) -> Vec<u8> {
-    let lines = 40 + (i % 100);
-    let gcode: String = (0..lines)
-        .map(|n| {
-            format!(
-                "N{n} G1 X{:.3} Y{:.3} F1200\n",
-                n as f64 * 1.5,
-                (i % 97) as f64
-            )
-        })
-        .collect();
-    json!({"mode": "cam", "tool_id": format!("T{}", i % 20), "status": "OK",
-           "feasibility": {"max_depth_mm": 3.5, "passes": i % 7, "material": "maple"},
-           "decision": {"risk_level": "GREEN", "score": 87.5, "warnings": []},
-           "request": {"geometry": {"w": 120, "h": 80}, "bench_index": i},
-           "outputs": {"gcode_text": gcode}})
-    .to_string()
-    .into_bytes()
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

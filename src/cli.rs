@@ -240,6 +240,25 @@ pub(crate) async fn verify_run(
     })
 }
 
+/// Asks `endpoint` once; with `--json` prints the reply as received and gives `None`,
+/// otherwise gives the decoded reply for the caller to print as a table.
+async fn ask_for_table(
+    cfg: &Config,
+    endpoint: &str,
+    body: String,
+    timeout: Duration,
+    json: bool,
+) -> Result<Option<serde_json::Value>, Failure> {
+    let text = ask_once(cfg, endpoint, body, timeout, json).await?;
+    if json {
+        println!("{text}");
+        return Ok(None);
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| anyhow!("{endpoint} reply: {e}").into())
+}
+
 /// `history`: one page, as a table (or the reply with `--json`).
 pub(crate) async fn history(
     cfg: &Config,
@@ -247,13 +266,9 @@ pub(crate) async fn history(
     timeout: Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let text = ask_once(cfg, "history", body, timeout, json).await?;
-    if json {
-        println!("{text}");
+    let Some(page) = ask_for_table(cfg, "history", body, timeout, json).await? else {
         return Ok(());
-    }
-    let page: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("history reply: {e}"))?;
+    };
     println!(
         "{:>4}  {:<18}  {:<24}  {:<16}  {:<36}  request",
         "rev", "event", "at", "artifact_sha256", "command"
@@ -284,13 +299,9 @@ pub(crate) async fn diff(
     timeout: Duration,
     json: bool,
 ) -> Result<(), Failure> {
-    let text = ask_once(cfg, "diff", body, timeout, json).await?;
-    if json {
-        println!("{text}");
+    let Some(d) = ask_for_table(cfg, "diff", body, timeout, json).await? else {
         return Ok(());
-    }
-    let d: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("diff reply: {e}"))?;
+    };
     let side = |v: &serde_json::Value| {
         format!(
             "{} revision {}",

@@ -1023,6 +1023,11 @@ async fn an_index_of_an_earlier_layout_is_rebuilt(store: RunStore) {
 // History: every revision kept, a hash chain
 // ---------------------------------------------------------------------------------------------
 
+/// The revision numbers of a history page, in order.
+fn revision_numbers(page: &rmos_runs::store::history::HistoryPage) -> Vec<u64> {
+    page.revisions.iter().map(|r| r.revision).collect()
+}
+
 async fn patch_n(store: &RunStore, id: &RunId, n: u32) {
     let c = cmd(
         CommandKind::PatchMeta,
@@ -1067,10 +1072,7 @@ async fn history_keeps_every_revision_chained(store: RunStore) {
     }
     // A page from the middle holds exactly the revisions after its cursor.
     let mid = store.history(&id, Some(1), 2).await.unwrap();
-    assert_eq!(
-        mid.revisions.iter().map(|r| r.revision).collect::<Vec<_>>(),
-        [2, 3]
-    );
+    assert_eq!(revision_numbers(&mid), [2, 3]);
     assert_eq!(mid.next_cursor.as_deref(), Some("3"));
     // A run whose first revisions were written before history was kept: its history starts
     // at the first revision kept, and its chain from there.
@@ -1200,13 +1202,7 @@ async fn tampering_with_the_history_is_reported(store: RunStore) {
     .await
     .unwrap();
     let page = store.history(&id, None, 10).await.unwrap();
-    assert_eq!(
-        page.revisions
-            .iter()
-            .map(|r| r.revision)
-            .collect::<Vec<_>>(),
-        [1, 2, 3, 4]
-    );
+    assert_eq!(revision_numbers(&page), [1, 2, 3, 4]);
     assert!(matches!(
         store.verify_chain(&id).await,
         Err(StoreError::Corrupt { .. })
@@ -1274,10 +1270,7 @@ async fn a_claimed_revision_is_rolled_forward(store: RunStore) {
     assert!(chain.ok && chain.pending == Some(2), "{chain:?}");
     let page = store.history(&id, None, 10).await.unwrap();
     assert_eq!(
-        page.revisions
-            .iter()
-            .map(|r| r.revision)
-            .collect::<Vec<_>>(),
+        revision_numbers(&page),
         [1, 2],
         "the claimed revision is in the history"
     );
