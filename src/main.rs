@@ -15,6 +15,7 @@ use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::store::history::Signing;
 use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
+use rmos_runs::store::journal;
 use rmos_runs::store::scrub::{self, ScrubObserver, ScrubPosition};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
@@ -601,7 +602,9 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     init_tracing(cfg.log_json);
     raise_open_files_limit();
     let store = test_crash_point(
-        RunStore::open(&cfg.store_url, &cfg.store_options())?.with_signing(signing(&cfg)?),
+        RunStore::open(&cfg.store_url, &cfg.store_options())?
+            .with_signing(signing(&cfg)?)
+            .with_index_journal()?,
     )?;
     store
         .probe()
@@ -760,6 +763,20 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
                 .map_err(|e| e.to_string())
         }));
     }
+    tasks.push(Box::pin({
+        let supervisor = supervisor.clone();
+        let stop = stop_rx.clone();
+        let store = store.clone();
+        async move {
+            supervisor
+                .supervise("index-fold", || {
+                    let (store, stop) = (store.clone(), stop.clone());
+                    Box::pin(async move { fold_loop(store, stop).await })
+                })
+                .await
+                .map_err(|e| e.to_string())
+        }
+    }));
     if let Some(schedule) = cfg.scrub {
         let supervisor = supervisor.clone();
         let stop = stop_rx.clone();
@@ -815,6 +832,11 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     }
     client.flush().await.ok();
     client.drain().await.ok();
+    // What the last commands journaled, into the trees (a process killed instead leaves it
+    // to the next worker or `reindex`).
+    if let Err(e) = store.fold_index_journal().await {
+        tracing::error!(error = %e, "folding the index journal at shutdown failed");
+    }
     if let Some(e) = gave_up {
         return Err(Failure {
             code: 1,
@@ -823,6 +845,27 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Folds the index journal into the trees every [`journal::FOLD_EVERY`] until shutdown.
+async fn fold_loop(store: RunStore, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(journal::FOLD_EVERY) => {}
+            _ = stop.changed() => return Ok(()),
+        }
+        if *stop.borrow() {
+            return Ok(());
+        }
+        match store.fold_index_journal().await {
+            Ok(f) if f.files > 0 => {
+                tracing::debug!(files = f.files, added = f.added, removed = f.removed,
+                    "folded the index journal");
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("folding the index journal: {e}")),
+        }
+    }
 }
 
 /// The HTTP listeners: the API and web view on `http_addr`, the ops routes on `metrics_addr`.

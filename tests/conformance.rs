@@ -21,6 +21,23 @@ enum Guard {
     None,
     Dir(tempfile::TempDir),
     S3(support::S3Server),
+    /// A local store journaling its index, folded in the background as `serve` does (but
+    /// every 5 ms, so that folds land in the middle of everything the cases do).
+    Journal(tempfile::TempDir, tokio::task::JoinHandle<()>),
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Journal(_, folder) = self {
+            folder.abort();
+        }
+    }
+}
+
+/// Folds the journal (of the journaling backend; nothing elsewhere) before a case edits the
+/// index trees behind the store's back.
+async fn settle(store: &RunStore) {
+    store.fold_index_journal().await.unwrap();
 }
 
 async fn open(kind: &str) -> (RunStore, Guard) {
@@ -36,6 +53,24 @@ async fn open(kind: &str) -> (RunStore, Guard) {
                 RunStore::open(&url, &OpenOptions::default()).unwrap(),
                 Guard::Dir(dir),
             )
+        }
+        "journal" => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = StoreUrl::Local(dir.path().to_path_buf());
+            let store = RunStore::open(&url, &OpenOptions::default())
+                .unwrap()
+                .with_index_journal()
+                .unwrap();
+            let folder = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        store.fold_index_journal().await.unwrap();
+                    }
+                }
+            });
+            (store, Guard::Journal(dir, folder))
         }
         "s3" => {
             let server = support::S3Server::start().await;
@@ -898,6 +933,7 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
         json!({"run_id": id.as_str(), "meta_updates": {"x": 1}}),
     );
     store.execute(&patch, &ctx_with_id("p-1")).await.unwrap();
+    settle(&store).await;
     for k in &old {
         put_raw(prefixed(k)).await;
     }
@@ -917,6 +953,7 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
 
     // 3. Entries lost (or a store from before the index): reindex writes them, and says so;
     //    a second pass has nothing to do.
+    settle(&store).await;
     for k in entry_keys(&page.runs[0]) {
         store
             .object_store()
@@ -1431,4 +1468,80 @@ macro_rules! suite {
 
 suite!(memory, 16, 20);
 suite!(local, 16, 20);
+suite!(journal, 16, 20);
 suite!(s3, 16, 5);
+
+/// A journaling writer that dies (its store dropped without a fold, as kill -9 leaves it,
+/// with its last line cut short) leaves nothing unlisted: readers merge its journal, the next
+/// fold (any process's) moves it into the trees, and a live writer's journal is never folded
+/// by another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_writer_s_journal_is_listed_then_folded() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::Local(dir.path().to_path_buf());
+    let journal_dir = dir.path().join(rmos_runs::store::journal::JOURNAL_DIR);
+    let files = || {
+        let mut v: Vec<_> = std::fs::read_dir(&journal_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let ids: Vec<RunId> = (0..20).map(|i| run_id(0x6000 + i)).collect();
+    {
+        let dead = RunStore::open(&url, &OpenOptions::default())
+            .unwrap()
+            .with_index_journal()
+            .unwrap();
+        for id in &ids {
+            create(&dead, id, "T1").await;
+        }
+        delete(&dead, &ids[0]).await;
+        // Its last write cut short by the crash.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&files()[0])
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"+index/by-id/0").unwrap();
+    }
+    assert!(
+        std::fs::read_dir(dir.path().join("index/by-id")).is_err(),
+        "nothing folded yet"
+    );
+    let live = RunStore::open(&url, &OpenOptions::default())
+        .unwrap()
+        .with_index_journal()
+        .unwrap();
+    let listed = walk(
+        &live,
+        ListQuery {
+            limit: Some(7),
+            order: Some(Order::Id),
+            ..Default::default()
+        },
+    )
+    .await;
+    let ids_listed: Vec<RunId> = listed.iter().map(|r| r.run_id.clone()).collect();
+    assert_eq!(ids_listed, ids[1..].to_vec(), "from the journal alone");
+    assert!(live.reindex(true).await.unwrap().consistent());
+    // The live writer journals a change of its own; another process's fold leaves it alone.
+    let extra = run_id(0x6100);
+    create(&live, &extra, "T2").await;
+    let other = RunStore::open(&url, &OpenOptions::default()).unwrap();
+    let folded = other.fold_index_journal().await.unwrap();
+    assert_eq!(folded.files, 1, "the dead writer's file only: {folded:?}");
+    assert_eq!(files().len(), 1, "the live writer's file stays: {:?}", files());
+    assert!(dir.path().join("index/by-id").is_dir(), "folded into the trees");
+    let all = walk(&other, ListQuery::default()).await;
+    assert_eq!(all.len(), ids.len(), "19 folded + 1 journaled");
+    // The live writer folds its own; then the trees alone hold everything.
+    assert_eq!(live.fold_index_journal().await.unwrap().files, 1);
+    let pending = files();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(std::fs::metadata(&pending[0]).unwrap().len(), 0);
+    assert_eq!(walk(&other, ListQuery::default()).await, all);
+    let check = other.reindex(true).await.unwrap();
+    assert!(check.consistent(), "{check:?}");
+    assert_eq!(check.live, ids.len());
+}

@@ -4,7 +4,7 @@
 //! listing on S3 for ascending walks; directory by directory otherwise, so newest-first and
 //! oldest-first cost the same), how a change moves a run's entries, and `reindex`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use futures::stream::BoxStream;
@@ -135,6 +135,19 @@ enum Scan {
     },
 }
 
+/// A tree's entries as a reader sees them: the tree's own ([`Scan`]) merged with the changes
+/// the index journal holds for it and the trees do not have yet (see [`super::journal`]).
+struct TreeScan {
+    inner: Scan,
+    /// Journal additions in this tree (relative to its root), in walk order, past the bound.
+    added: VecDeque<String>,
+    /// Journal removals in this tree (relative to its root).
+    removed: HashSet<String>,
+    descending: bool,
+    /// The tree's next key, once read (`Some(None)`: the tree is done).
+    peeked: Option<Option<String>>,
+}
+
 impl RunStore {
     /// Names directly under `rel` (relative to the store prefix) with whether each is a
     /// directory, sorted ascending. One directory read, or one delimited LIST.
@@ -167,7 +180,78 @@ impl RunStore {
         Ok(out)
     }
 
-    fn scan(&self, tree: &Tree, descending: bool, bound: Option<Bound>) -> Scan {
+    /// A walk of `tree` from `bound` (exclusive), with the journal's pending changes merged in.
+    fn scan(
+        &self,
+        tree: &Tree,
+        descending: bool,
+        bound: Option<Bound>,
+    ) -> Result<TreeScan, StoreError> {
+        let (added, removed) = self.pending_index()?.under(&tree.root());
+        let past = bound.as_ref().map(|b| b.0.join("/"));
+        let mut added: VecDeque<String> = added
+            .into_iter()
+            .filter(|k| match &past {
+                None => true,
+                Some(b) if descending => k < b,
+                Some(b) => k > b,
+            })
+            .collect();
+        if descending {
+            added.make_contiguous().reverse();
+        }
+        Ok(TreeScan {
+            inner: self.tree_scan(tree, descending, bound),
+            added,
+            removed: removed.into_iter().collect(),
+            descending,
+            peeked: None,
+        })
+    }
+
+    /// The next entry key of a merged scan, relative to the tree root. Directory components
+    /// of a level all have the same width, so comparing whole relative keys orders them as
+    /// the walk does.
+    async fn scan_next(&self, s: &mut TreeScan) -> Result<Option<String>, StoreError> {
+        loop {
+            if s.peeked.is_none() {
+                s.peeked = Some(self.tree_next(&mut s.inner).await?);
+            }
+            let tree_next = s.peeked.as_ref().and_then(Option::as_ref);
+            let take_added = match (tree_next, s.added.front()) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(t), Some(a)) => {
+                    if s.descending {
+                        a >= t
+                    } else {
+                        a <= t
+                    }
+                }
+            };
+            if take_added {
+                let Some(a) = s.added.pop_front() else {
+                    continue;
+                };
+                if tree_next == Some(&a) {
+                    // In the tree and in the journal (folded meanwhile): once.
+                    s.peeked = None;
+                }
+                return Ok(Some(a));
+            }
+            match tree_next.cloned() {
+                None => return Ok(None),
+                Some(t) => {
+                    s.peeked = None;
+                    if !s.removed.contains(&t) {
+                        return Ok(Some(t));
+                    }
+                }
+            }
+        }
+    }
+
+    fn tree_scan(&self, tree: &Tree, descending: bool, bound: Option<Bound>) -> Scan {
         let root = tree.root();
         if self.sorted_listing && !descending {
             let root_path = index::under(&self.prefix, &root);
@@ -195,8 +279,8 @@ impl RunStore {
         }
     }
 
-    /// The next entry key of a scan, relative to the tree root.
-    async fn scan_next(&self, scan: &mut Scan) -> Result<Option<String>, StoreError> {
+    /// The next entry key of a tree's own scan, relative to the tree root.
+    async fn tree_next(&self, scan: &mut Scan) -> Result<Option<String>, StoreError> {
         match scan {
             Scan::Flat {
                 stream,
@@ -389,7 +473,7 @@ impl RunStore {
             },
         };
 
-        let mut scan = self.scan(&tree, descending, start);
+        let mut scan = self.scan(&tree, descending, start)?;
         let mut page = ListPage {
             runs: Vec::new(),
             next_cursor: None,
@@ -591,6 +675,11 @@ impl RunStore {
     /// tree's entry goes first and is removed last, so any entry of a run can be found from
     /// the id tree, which is what repairs read.
     pub(super) async fn put_entries(&self, keys: &[String]) -> Result<(), StoreError> {
+        if let Some(journal) = &self.journal {
+            return journal
+                .append(true, keys)
+                .map_err(|e| self.io_err(e, "append to the index journal"));
+        }
         let (id_keys, others): (Vec<&String>, Vec<&String>) =
             keys.iter().partition(|k| is_id_key(k));
         for k in id_keys {
@@ -614,6 +703,11 @@ impl RunStore {
 
     /// Removes index entries (a missing one is fine), the id tree's last.
     pub(super) async fn remove_entries(&self, keys: &[String]) -> Result<(), StoreError> {
+        if let Some(journal) = &self.journal {
+            return journal
+                .append(false, keys)
+                .map_err(|e| self.io_err(e, "append to the index journal"));
+        }
         let (id_keys, others): (Vec<&String>, Vec<&String>) =
             keys.iter().partition(|k| is_id_key(k));
         futures::future::try_join_all(others.into_iter().map(|k| self.remove_entry(k))).await?;
@@ -661,13 +755,20 @@ impl RunStore {
         let expected = record.map(entries_of).unwrap_or_default();
         let revision = record.map_or(0, StoredRecord::revision);
         let (dir, lead) = index::id_leaf(id);
-        let found: Vec<String> = self
+        // Read before the tree: a fold in between moves changes into the tree, not past it.
+        let pending = self.pending_index()?;
+        let mut found: BTreeSet<String> = self
             .children(&dir)
             .await?
             .into_iter()
             .filter(|(n, is_dir)| !is_dir && n.starts_with(&lead))
             .map(|(n, _)| n)
             .collect();
+        let (added, removed) = pending.under(&dir);
+        for name in removed {
+            found.remove(&name);
+        }
+        found.extend(added.into_iter().filter(|n| n.starts_with(&lead)));
         let mut stale: Vec<String> = Vec::new();
         let mut present: HashSet<String> = HashSet::new();
         for name in &found {
@@ -691,7 +792,11 @@ impl RunStore {
         // The id entry being present says nothing of the others after a crash: check them.
         let mut missing: Vec<String> = Vec::new();
         for k in &expected {
-            if !present.contains(k) && !self.entry_exists(k).await? {
+            let exists = match pending.state(k) {
+                Some(journaled) => journaled,
+                None => self.entry_exists(k).await?,
+            };
+            if !present.contains(k) && !exists {
                 missing.push(k.clone());
             }
         }
@@ -723,6 +828,10 @@ impl RunStore {
             check_only,
             ..ReindexReport::default()
         };
+        if !check_only {
+            // Journals a dead process left: their changes into the trees first.
+            self.fold_index_journal().await?;
+        }
         let ids = super::maintenance::run_ids(self).await?;
         let now = Timestamp::now();
         let mut live: HashMap<RunId, u64> = HashMap::with_capacity(ids.len());
@@ -788,7 +897,7 @@ impl RunStore {
         }
         for tree in trees {
             let root = tree.root();
-            let mut scan = self.scan(&tree, false, None);
+            let mut scan = self.scan(&tree, false, None)?;
             let mut stale: Vec<String> = Vec::new();
             while let Some(rel) = self.scan_next(&mut scan).await? {
                 let name = rel.rsplit('/').next().unwrap_or(&rel);

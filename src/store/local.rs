@@ -131,6 +131,42 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// Creates an empty object in place, without a barrier of its own (an index entry folded
+    /// from the journal: the fold's [`LocalStore::barrier`] makes it durable). One that exists
+    /// is left as it is.
+    pub fn create_empty_object(&self, location: &Path) -> Result<()> {
+        let dest = self.inner.path_to_filesystem(location)?;
+        match self.create_empty(location, &dest, true) {
+            Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes an object without a barrier of its own; a missing one is fine.
+    pub fn remove_object(&self, location: &Path) -> Result<()> {
+        let path = self.inner.path_to_filesystem(location)?;
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(generic(e)),
+        }
+    }
+
+    /// Where `location` is on the filesystem.
+    pub fn fs_path(&self, location: &Path) -> Result<PathBuf> {
+        self.inner.path_to_filesystem(location)
+    }
+
+    /// Whether writes are made durable (off only in benchmarks).
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
+    /// Makes every write so far durable (`syncfs`), when fsync is on.
+    pub fn barrier(&self) -> std::io::Result<()> {
+        if self.fsync { syncfs(&self.root) } else { Ok(()) }
+    }
+
     /// Removes the empty directories from `location`'s parent up to (not including) `stop`,
     /// so deleted index entries leave no empty directories for later walks to read. A
     /// directory that is not empty (or was just refilled) stays; errors are ignored.

@@ -24,6 +24,7 @@ mod blobs;
 pub mod error;
 pub mod history;
 pub mod index;
+pub mod journal;
 mod listing;
 pub mod local;
 pub mod maintenance;
@@ -204,6 +205,13 @@ pub struct RunStore {
     blob_refs_complete: Arc<std::sync::atomic::AtomicBool>,
     /// Whether commands maintain the index (off only in benchmarks measuring its cost).
     indexing: bool,
+    /// On the local store in `serve`: index changes go to this journal (see [`journal`]).
+    journal: Option<Arc<journal::IndexJournal>>,
+    /// The journals' pending changes as last read, and the files they were read from.
+    pending_cache: Arc<std::sync::Mutex<Option<PendingSnapshot>>>,
+    /// One fold at a time in this process: a fold that returns has folded everything
+    /// journaled before it began, even what a concurrent fold had sealed.
+    fold_lock: Arc<tokio::sync::Mutex<()>>,
     /// Whether commands keep their revisions (off only in benchmarks measuring their cost).
     keeping_history: bool,
     /// Test-only: the process aborts right after claiming this revision of this run.
@@ -219,6 +227,9 @@ impl std::fmt::Debug for RunStore {
         write!(f, "RunStore({})", self.url)
     }
 }
+
+/// Journal files with their lengths, and the pending changes read from them.
+type PendingSnapshot = (Vec<(std::path::PathBuf, u64)>, Arc<journal::Pending>);
 
 /// Options for a read nothing will be written back from (the store may skip the version).
 pub(super) fn read_only() -> GetOptions {
@@ -264,6 +275,9 @@ impl RunStore {
             index_built: Arc::default(),
             blob_refs_complete: Arc::default(),
             indexing: true,
+            journal: None,
+            pending_cache: Arc::default(),
+            fold_lock: Arc::default(),
             keeping_history: true,
             crash_after_revision: None,
             signing: Arc::default(),
@@ -286,6 +300,9 @@ impl RunStore {
             index_built: Arc::default(),
             blob_refs_complete: Arc::default(),
             indexing: true,
+            journal: None,
+            pending_cache: Arc::default(),
+            fold_lock: Arc::default(),
             keeping_history: true,
             crash_after_revision: None,
             signing: Arc::default(),
@@ -299,6 +316,72 @@ impl RunStore {
     pub fn without_index(mut self) -> Self {
         self.indexing = false;
         self
+    }
+
+    /// A store whose commands journal their index changes (local store only; elsewhere the
+    /// store is returned as it is): one append per change instead of one file per entry,
+    /// folded into the trees by [`RunStore::fold_index_journal`], which the owner must call
+    /// every [`journal::FOLD_EVERY`] and once more before it exits. For `serve`.
+    pub fn with_index_journal(mut self) -> Result<Self, StoreError> {
+        if let Some(local) = &self.local {
+            let dir = self.journal_dir(local)?;
+            let journal = journal::IndexJournal::open(dir)
+                .map_err(|e| self.io_err(e, "open the index journal"))?;
+            self.journal = Some(Arc::new(journal));
+        }
+        Ok(self)
+    }
+
+    fn journal_dir(&self, local: &local::LocalStore) -> Result<std::path::PathBuf, StoreError> {
+        local
+            .fs_path(&index::under(&self.prefix, journal::JOURNAL_DIR))
+            .map_err(|e| self.os_err(e, "locate the index journal"))
+    }
+
+    /// Folds this store's journal (if it keeps one) and any journal a dead process left into
+    /// the index trees (see [`journal`]). Nothing to do on object stores.
+    pub async fn fold_index_journal(&self) -> Result<journal::Folded, StoreError> {
+        let Some(local) = self.local.clone() else {
+            return Ok(journal::Folded::default());
+        };
+        let dir = self.journal_dir(&local)?;
+        let journal = self.journal.clone();
+        let prefix = self.prefix.clone();
+        let _one_at_a_time = self.fold_lock.lock().await;
+        tokio::task::spawn_blocking(move || {
+            let sealed = match &journal {
+                Some(j) => j.rotate()?,
+                None => None,
+            };
+            journal::fold(&local, &prefix, &dir, sealed)
+        })
+        .await
+        .map_err(|e| self.io_err(std::io::Error::other(e), "fold the index journal"))?
+        .map_err(|e| self.io_err(e, "fold the index journal"))
+    }
+
+    /// The index changes journals hold and the trees do not yet (local store only).
+    /// Read again only when a journal file was added, grew or went.
+    pub(crate) fn pending_index(&self) -> Result<Arc<journal::Pending>, StoreError> {
+        let Some(local) = &self.local else {
+            return Ok(Arc::default());
+        };
+        let read_err = |e| self.io_err(e, "read the index journal");
+        let files = journal::signature(&self.journal_dir(local)?).map_err(read_err)?;
+        if files.is_empty() {
+            return Ok(Arc::default());
+        }
+        if let Ok(cache) = self.pending_cache.lock()
+            && let Some((seen, pending)) = cache.as_ref()
+            && *seen == files
+        {
+            return Ok(pending.clone());
+        }
+        let pending = Arc::new(journal::read_pending(&files).map_err(read_err)?);
+        if let Ok(mut cache) = self.pending_cache.lock() {
+            *cache = Some((files, pending.clone()));
+        }
+        Ok(pending)
     }
 
     /// A store whose commands keep no revision and link no hash chain. For benchmarks that
@@ -358,6 +441,15 @@ impl RunStore {
     }
 
     fn os_err(&self, e: object_store::Error, what: &str) -> StoreError {
+        StoreError::from_object_store(e, what)
+    }
+
+    /// A local filesystem error, classified as the backend's are.
+    fn io_err(&self, e: std::io::Error, what: &str) -> StoreError {
+        let e = object_store::Error::Generic {
+            store: "LocalStore",
+            source: Box::new(e),
+        };
         StoreError::from_object_store(e, what)
     }
 
