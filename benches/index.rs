@@ -16,9 +16,11 @@
 //!   by scan is timed over its first 20 pages and extrapolated, as it is quadratic).
 //!   On S3 the object-store calls per page are counted (LIST requests: each delimited listing
 //!   is one; a flat listing is one per 1,000 keys read).
-//! * **creates**: durable creates/s (fsync on) at 1, 16 and 256 in flight with the index
-//!   maintained and without it (`RunStore::without_index`), in fresh directories and in a
-//!   store in steady state (filled first with `BENCH_PREFILL` runs, 20,000 by default).
+//! * **creates**: durable creates/s (fsync on) at 1, 16 and 256 in flight without the index
+//!   (`RunStore::without_index`), with it as `serve` keeps it (the index journal, folded in the
+//!   background and once more inside the cell's time), and with an entry file per tree on the
+//!   create's path; in fresh directories and in a store in steady state (filled first with
+//!   `BENCH_PREFILL` runs, 20,000 by default).
 //!
 //! `BENCH_SCAN_REPS=0` measures the index alone, without the scans (which take over an hour at
 //! 10^6 runs; their figures do not depend on the index).
@@ -485,23 +487,52 @@ fn local_store(dir: &Path, fsync: bool) -> RunStore {
     .expect("open")
 }
 
+/// How often the journal cells fold: `serve`'s pace unless `BENCH_FOLD_MS` says otherwise.
+fn fold_every() -> Duration {
+    std::env::var("BENCH_FOLD_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(rmos_runs::store::journal::FOLD_EVERY, Duration::from_millis)
+}
+
+/// How a creates cell keeps the index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Indexing {
+    /// Not at all (`RunStore::without_index`): the ceiling.
+    Off,
+    /// As `serve` does: the index journal, folded into the trees every `FOLD_EVERY` by a
+    /// background task, and once more at the end of the cell, inside its time.
+    Journal,
+    /// An entry file per tree written on the create's path (what a tool such as `import` does).
+    Direct,
+}
+
 /// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (30 ms
 /// apart, as the fill does), and the first run number the cell did not create.
-async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize, first: u64) -> (f64, u64) {
+async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u64) -> (f64, u64) {
     // Start from a clean page cache: the fill (fsync off) and anything else on the machine
     // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
     let _ = std::process::Command::new("sync").status();
     let store = local_store(dir, true);
-    let store = if indexed {
-        store
-    } else {
-        store.without_index()
+    let store = match indexing {
+        Indexing::Off => store.without_index(),
+        Indexing::Journal => store.with_index_journal().expect("journal"),
+        Indexing::Direct => store,
     };
     let base = 1_800_000_000_000;
     let next = AtomicU64::new(first);
     let done = AtomicU64::new(0);
     let cell = Duration::from_secs(4);
     let start = Instant::now();
+    let folder = (indexing == Indexing::Journal).then(|| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(fold_every()).await;
+                store.fold_index_journal().await.expect("fold");
+            }
+        })
+    });
     futures::stream::iter(0..in_flight)
         .for_each_concurrent(in_flight, |_| {
             let (store, next, done) = (&store, &next, &done);
@@ -515,6 +546,17 @@ async fn creates_cell(dir: &Path, indexed: bool, in_flight: usize, first: u64) -
             }
         })
         .await;
+    if let Some(folder) = folder {
+        folder.abort();
+        // What the cell journaled is all in the trees before its time stops.
+        let t = Instant::now();
+        let f = store.fold_index_journal().await.expect("final fold");
+        eprintln!(
+            "  {in_flight} in flight: final fold of {} entries in {:.0} ms",
+            f.added,
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    }
     (
         done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
         next.load(Ordering::Relaxed),
@@ -635,12 +677,8 @@ fn main() {
         // case), and in a store in steady state (filled first, untimed, with `BENCH_PREFILL`
         // runs, 20,000 by default: the directories a store of that size has exist).
         let prefill = env_usize("BENCH_PREFILL", 20_000) as u64;
-        let steady = |indexed: bool| {
-            let dir = root.join(if indexed {
-                "steady-index"
-            } else {
-                "steady-plain"
-            });
+        let steady = |name: &str, indexed: bool| {
+            let dir = root.join(format!("steady-{name}"));
             let store = local_store(&dir, false);
             let store = if indexed {
                 store
@@ -656,58 +694,88 @@ fn main() {
             );
             dir
         };
-        let steady_dirs = [steady(false), steady(true)];
+        let steady_dirs = [
+            steady("plain", false),
+            steady("journal", true),
+            steady("direct", true),
+        ];
         println!("\n## durable creates/s (fsync on), with and without the index");
         println!(
-            "| {:<28} | {:>9} | {:>12} | {:>12} | {:>7} |",
-            "store", "in flight", "with index", "without", "ratio"
+            "| {:<28} | {:>9} | {:>9} | {:>9} | {:>9} | {:>7} | {:>7} |",
+            "store",
+            "in flight",
+            "without",
+            "journal",
+            "direct",
+            "journal/without",
+            "direct/without"
         );
         println!(
-            "|{:-<30}|{:->11}|{:->14}|{:->14}|{:->9}|",
-            "", "", "", "", ""
+            "|{:-<30}|{:->11}|{:->11}|{:->11}|{:->11}|{:->9}|{:->9}|",
+            "", "", "", "", "", "", ""
         );
         let mut cells = Vec::new();
         // Runs created by the steady-state cells so far (each cell continues the ids).
-        let mut next = [prefill, prefill];
-        for in_flight in [1usize, 16, 256] {
+        let mut next = [prefill; 3];
+        let reps = env_usize("BENCH_REPS", 3).max(1);
+        println!(
+            "(medians of {reps} alternated 4 s cells; a journal cell's time includes its final fold)"
+        );
+        let sides = [
+            (Indexing::Off, "plain"),
+            (Indexing::Journal, "journal"),
+            (Indexing::Direct, "direct"),
+        ];
+        let in_flights: Vec<usize> = std::env::var("BENCH_IN_FLIGHT")
+            .map_or(vec![1, 16, 256], |v| {
+                v.split(',').filter_map(|n| n.trim().parse().ok()).collect()
+            });
+        for in_flight in in_flights {
             for (kind, label) in [("fresh", "fresh directories"), ("steady", "")] {
                 let label = if label.is_empty() {
                     format!("steady state ({prefill} runs)")
                 } else {
                     label.to_owned()
                 };
-                let mut rates = [0.0; 2];
-                // Alternate, so drift on a shared machine hits both sides alike.
-                for (side, indexed) in [(0usize, false), (1, true)] {
-                    let rate = if kind == "fresh" {
-                        let name = if indexed { "index" } else { "plain" };
-                        rt.block_on(creates_cell(
-                            &root.join(format!("c{in_flight}-{name}")),
-                            indexed,
-                            in_flight,
-                            0,
-                        ))
-                        .0
-                    } else {
-                        let (r, after) = rt.block_on(creates_cell(
-                            &steady_dirs[side],
-                            indexed,
-                            in_flight,
-                            next[side],
-                        ));
-                        // The cell's runs stay: the next cell starts after them.
-                        next[side] = after;
-                        r
-                    };
-                    rates[side] = rate;
+                let mut samples: [Vec<f64>; 3] = Default::default();
+                // Alternate, so drift on a shared machine hits every side alike; medians.
+                for rep in 0..reps {
+                    for (side, (indexing, name)) in sides.iter().enumerate() {
+                        let rate = if kind == "fresh" {
+                            rt.block_on(creates_cell(
+                                &root.join(format!("c{in_flight}-{name}-{rep}")),
+                                *indexing,
+                                in_flight,
+                                0,
+                            ))
+                            .0
+                        } else {
+                            let (r, after) = rt.block_on(creates_cell(
+                                &steady_dirs[side],
+                                *indexing,
+                                in_flight,
+                                next[side],
+                            ));
+                            // The cell's runs stay: the next cell starts after them.
+                            next[side] = after;
+                            r
+                        };
+                        samples[side].push(rate);
+                    }
                 }
-                let [without, with] = rates;
+                let [without, journal, direct] = samples.map(|mut v| {
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                });
                 println!(
-                    "| {label:<28} | {in_flight:>9} | {with:>12.0} | {without:>12.0} | {:>7.2} |",
-                    with / without
+                    "| {label:<28} | {in_flight:>9} | {without:>9.0} | {journal:>9.0} | {direct:>9.0} | {:>15.2} | {:>14.2} |",
+                    journal / without,
+                    direct / without
                 );
-                cells.push(json!({"store": kind, "in_flight": in_flight,
-                                  "with_index": with, "without": without}));
+                cells.push(
+                    json!({"store": kind, "in_flight": in_flight, "without": without,
+                                  "journal": journal, "direct": direct}),
+                );
             }
         }
         json.insert("creates".into(), Value::Array(cells));

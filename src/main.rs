@@ -14,8 +14,8 @@ use futures::StreamExt;
 use rmos_runs::config::{Config, IngestMode, Overrides};
 use rmos_runs::domain::command::CommandKind;
 use rmos_runs::store::history::Signing;
-use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::journal;
+use rmos_runs::store::maintenance::{self, GcOptions, RetentionSchedule, TransferOptions};
 use rmos_runs::store::scrub::{self, ScrubObserver, ScrubPosition};
 use rmos_runs::store::{RunStore, StoreUrl};
 use rmos_runs::supervisor::{FaultHook, Supervisor, TaskBoard, TaskFuture};
@@ -859,8 +859,12 @@ async fn fold_loop(store: RunStore, mut stop: watch::Receiver<bool>) -> Result<(
         }
         match store.fold_index_journal().await {
             Ok(f) if f.files > 0 => {
-                tracing::debug!(files = f.files, added = f.added, removed = f.removed,
-                    "folded the index journal");
+                tracing::debug!(
+                    files = f.files,
+                    added = f.added,
+                    removed = f.removed,
+                    "folded the index journal"
+                );
             }
             Ok(_) => {}
             Err(e) => return Err(format!("folding the index journal: {e}")),

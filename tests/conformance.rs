@@ -1531,8 +1531,16 @@ async fn a_dead_writer_s_journal_is_listed_then_folded() {
     let other = RunStore::open(&url, &OpenOptions::default()).unwrap();
     let folded = other.fold_index_journal().await.unwrap();
     assert_eq!(folded.files, 1, "the dead writer's file only: {folded:?}");
-    assert_eq!(files().len(), 1, "the live writer's file stays: {:?}", files());
-    assert!(dir.path().join("index/by-id").is_dir(), "folded into the trees");
+    assert_eq!(
+        files().len(),
+        1,
+        "the live writer's file stays: {:?}",
+        files()
+    );
+    assert!(
+        dir.path().join("index/by-id").is_dir(),
+        "folded into the trees"
+    );
     let all = walk(&other, ListQuery::default()).await;
     assert_eq!(all.len(), ids.len(), "19 folded + 1 journaled");
     // The live writer folds its own; then the trees alone hold everything.

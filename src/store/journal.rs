@@ -28,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use object_store::path::Path;
@@ -97,16 +97,15 @@ impl Pending {
     }
 }
 
-/// Whether a journal line's key is an index entry key (anything else is ignored).
+/// Whether a journal line's key has the shape of an index entry key (anything else is
+/// ignored). Cheap on purpose: readers parse every line of a busy journal; a listing parses
+/// the names it uses.
 fn is_entry_key(key: &str) -> bool {
     key.starts_with("index/")
         && !key.starts_with("index/journal/")
         && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
-        && key
-            .rsplit('/')
-            .next()
-            .and_then(index::parse_entry)
-            .is_some()
+        // An entry name has ten fields.
+        && key.rsplit('/').next().is_some_and(|n| n.bytes().filter(|b| *b == b'.').count() == 9)
 }
 
 /// One writer's journal: the file it appends to, locked while the process lives.
@@ -266,34 +265,61 @@ fn journal_files(dir: &FsPath) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The journal files in `dir` with their lengths: when these are unchanged, so are the
-/// pending changes (the files are append-only, and their names are never reused).
-pub fn signature(dir: &FsPath) -> std::io::Result<Vec<(PathBuf, u64)>> {
-    let mut out = Vec::new();
-    for path in journal_files(dir)? {
-        match std::fs::metadata(&path) {
-            Ok(m) => out.push((path, m.len())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(out)
+/// What a reader has read of the journals: how far into each file (whole lines only), and
+/// the changes so far. Files are append-only and their names never reused, so a later read
+/// only has to read what was appended, unless a file was folded away meanwhile.
+#[derive(Debug, Default)]
+pub struct ReadState {
+    files: Vec<(PathBuf, u64)>,
+    pending: Arc<Pending>,
 }
 
-/// The pending changes of the journal files listed in `files`. A file removed since was
-/// folded: its changes are in the trees, which the caller reads after this.
-pub fn read_pending(files: &[(PathBuf, u64)]) -> std::io::Result<Pending> {
-    let mut pending = Pending::default();
-    for (path, _) in files {
-        let mut bytes = Vec::new();
-        match File::open(path) {
-            Ok(mut f) => f.read_to_end(&mut bytes)?,
+/// The journals' pending changes in `dir`, reading only what was appended since `state`
+/// was last brought up to date (all of it again when a file was folded away meanwhile). A
+/// file removed while being read was folded: its changes are in the trees, which the caller
+/// reads after this.
+pub fn read_pending(dir: &FsPath, state: &mut ReadState) -> std::io::Result<Arc<Pending>> {
+    let files = journal_files(dir)?;
+    if files.is_empty() {
+        *state = ReadState::default();
+        return Ok(state.pending.clone());
+    }
+    if !state.files.iter().all(|(p, _)| files.contains(p)) {
+        *state = ReadState::default();
+    }
+    let mut grown = false;
+    let mut offsets = Vec::with_capacity(files.len());
+    let mut tails: Vec<Vec<u8>> = Vec::new();
+    for path in files {
+        let from = state
+            .files
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or(0, |(_, o)| *o);
+        let mut tail = Vec::new();
+        match File::open(&path) {
+            Ok(mut f) => {
+                f.seek(SeekFrom::Start(from))?;
+                f.read_to_end(&mut tail)?;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
-        };
-        pending.apply(whole_text(&bytes));
+        }
+        // Whole lines only: the rest is read again next time, complete by then.
+        let whole = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        tail.truncate(whole);
+        grown |= whole > 0;
+        offsets.push((path, from + whole as u64));
+        tails.push(tail);
     }
-    Ok(pending)
+    state.files = offsets;
+    if grown {
+        let pending = Arc::make_mut(&mut state.pending);
+        for tail in &tails {
+            pending.apply(whole_text(tail));
+        }
+    }
+    Ok(state.pending.clone())
 }
 
 /// The UTF-8 text of a journal file up to anything a torn write left.
@@ -417,7 +443,11 @@ mod tests {
         assert!(key.starts_with("index/by-id/"), "{key}");
         let mut p = Pending::default();
         p.apply(&format!("+{key}\n-{key}\n+{key}\n-{key}"));
-        assert_eq!(p.state(key), Some(true), "the cut-short last line is ignored");
+        assert_eq!(
+            p.state(key),
+            Some(true),
+            "the cut-short last line is ignored"
+        );
         p.apply(&format!("-{key}\nnot a line\n+index/time/x\n+../{key}\n"));
         assert_eq!(p.state(key), Some(false));
         assert_eq!(p.ops.len(), 1, "only entry keys count: {:?}", p.ops);

@@ -164,7 +164,11 @@ impl LocalStore {
 
     /// Makes every write so far durable (`syncfs`), when fsync is on.
     pub fn barrier(&self) -> std::io::Result<()> {
-        if self.fsync { syncfs(&self.root) } else { Ok(()) }
+        if self.fsync {
+            syncfs(&self.root)
+        } else {
+            Ok(())
+        }
     }
 
     /// Removes the empty directories from `location`'s parent up to (not including) `stop`,

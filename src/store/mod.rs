@@ -207,8 +207,8 @@ pub struct RunStore {
     indexing: bool,
     /// On the local store in `serve`: index changes go to this journal (see [`journal`]).
     journal: Option<Arc<journal::IndexJournal>>,
-    /// The journals' pending changes as last read, and the files they were read from.
-    pending_cache: Arc<std::sync::Mutex<Option<PendingSnapshot>>>,
+    /// What this process has read of the index journals so far.
+    pending_cache: Arc<std::sync::Mutex<journal::ReadState>>,
     /// One fold at a time in this process: a fold that returns has folded everything
     /// journaled before it began, even what a concurrent fold had sealed.
     fold_lock: Arc<tokio::sync::Mutex<()>>,
@@ -227,9 +227,6 @@ impl std::fmt::Debug for RunStore {
         write!(f, "RunStore({})", self.url)
     }
 }
-
-/// Journal files with their lengths, and the pending changes read from them.
-type PendingSnapshot = (Vec<(std::path::PathBuf, u64)>, Arc<journal::Pending>);
 
 /// Options for a read nothing will be written back from (the store may skip the version).
 pub(super) fn read_only() -> GetOptions {
@@ -361,27 +358,18 @@ impl RunStore {
     }
 
     /// The index changes journals hold and the trees do not yet (local store only).
-    /// Read again only when a journal file was added, grew or went.
+    /// Only what was appended since the last call is read.
     pub(crate) fn pending_index(&self) -> Result<Arc<journal::Pending>, StoreError> {
         let Some(local) = &self.local else {
             return Ok(Arc::default());
         };
-        let read_err = |e| self.io_err(e, "read the index journal");
-        let files = journal::signature(&self.journal_dir(local)?).map_err(read_err)?;
-        if files.is_empty() {
-            return Ok(Arc::default());
-        }
-        if let Ok(cache) = self.pending_cache.lock()
-            && let Some((seen, pending)) = cache.as_ref()
-            && *seen == files
-        {
-            return Ok(pending.clone());
-        }
-        let pending = Arc::new(journal::read_pending(&files).map_err(read_err)?);
-        if let Ok(mut cache) = self.pending_cache.lock() {
-            *cache = Some((files, pending.clone()));
-        }
-        Ok(pending)
+        let dir = self.journal_dir(local)?;
+        let mut state = self
+            .pending_cache
+            .lock()
+            .map_err(|_| StoreError::Unavailable("index journal reader lock poisoned".into()))?;
+        journal::read_pending(&dir, &mut state)
+            .map_err(|e| self.io_err(e, "read the index journal"))
     }
 
     /// A store whose commands keep no revision and link no hash chain. For benchmarks that

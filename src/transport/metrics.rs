@@ -92,7 +92,7 @@ const STORE_KINDS: [&str; 6] = [
     "unusable",
 ];
 /// `task` label values of `rmos_task_restarts_total`: the supervised tasks.
-pub const TASKS: [&str; 4] = ["ingest", "requests", "retention", "scrub"];
+pub const TASKS: [&str; 5] = ["ingest", "requests", "retention", "scrub", "index-fold"];
 /// `body` label values of the claim-check series: which staged body (`outputs.gcode_ref`,
 /// `outputs.opplan_ref`, an advisory's `body_ref`).
 const CLAIM_BODIES: [&str; 3] = ["gcode", "opplan", "advisory"];
