@@ -386,6 +386,23 @@ async fn model_based_kill9(seed: u64) {
         report.consistent(),
         "seed {seed}: index drift after kill -9: {report}"
     );
+    // The killed workers' index journals (the last one's too, killed now) are folded by
+    // whoever comes next (here: a repair), leaving the trees alone to hold the same index.
+    worker.kill9();
+    let fixed = runs.reindex(false).await.expect("reindex");
+    assert!(
+        fixed.consistent(),
+        "seed {seed}: a repair had to change the index after kill -9: {fixed}"
+    );
+    let journal_dir = dir.join(rmos_runs::store::journal::JOURNAL_DIR);
+    let left: Vec<_> = std::fs::read_dir(&journal_dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "seed {seed}: journals left unfolded: {left:?}"
+    );
+    assert_eq!(runs.reindex(true).await.expect("check").journaled, 0);
     let mut q = rmos_runs::store::ListQuery {
         limit: Some(17),
         ..Default::default()

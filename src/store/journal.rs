@@ -57,6 +57,11 @@ impl Pending {
         self.ops.is_empty()
     }
 
+    /// How many entry keys the journal changes.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
     /// What the journal says of one entry key: `Some(true)` added, `Some(false)` removed.
     pub fn state(&self, key: &str) -> Option<bool> {
         self.ops.get(key).copied()

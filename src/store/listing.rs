@@ -57,6 +57,9 @@ pub struct ReindexReport {
     pub in_flight: usize,
     /// Entries of an earlier index layout (removed, unless checking only).
     pub legacy: usize,
+    /// Changes the index journals held, not yet folded into the trees, when the check began
+    /// (listings already show them; a repair folds a dead writer's first).
+    pub journaled: usize,
     /// Records that could not be read (see `verify`).
     pub corrupt: Vec<String>,
     /// True when nothing was written (`--check`).
@@ -88,6 +91,13 @@ impl std::fmt::Display for ReindexReport {
                 f,
                 "  {} entries of an earlier index layout {verb}",
                 self.legacy
+            )?;
+        }
+        if self.journaled > 0 {
+            writeln!(
+                f,
+                "  {} changes in the index journal, not yet folded into the trees",
+                self.journaled
             )?;
         }
         for c in &self.corrupt {
@@ -832,6 +842,7 @@ impl RunStore {
             // Journals a dead process left: their changes into the trees first.
             self.fold_index_journal().await?;
         }
+        report.journaled = self.pending_index()?.len();
         let ids = super::maintenance::run_ids(self).await?;
         let now = Timestamp::now();
         let mut live: HashMap<RunId, u64> = HashMap::with_capacity(ids.len());
