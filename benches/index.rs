@@ -552,9 +552,10 @@ async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u
         let t = Instant::now();
         let f = store.fold_index_journal().await.expect("final fold");
         eprintln!(
-            "  {in_flight} in flight: final fold of {} entries in {:.0} ms",
+            "  {in_flight} in flight: final fold of {} entries in {:.0} ms ({:.1} µs of CPU each)",
             f.added,
-            t.elapsed().as_secs_f64() * 1000.0
+            t.elapsed().as_secs_f64() * 1000.0,
+            f.cpu.as_secs_f64() * 1e6 / f.added.max(1) as f64
         );
     }
     (

@@ -15,8 +15,12 @@
 //! with the last five, so a leaf holds one tool's runs of ~17 minutes. The id tree has one
 //! level, run id hex digits 0-2 (4,096 leaves); the entry starts with digits 3-5.
 //!
-//! Why these sizes: every directory a create makes must be made durable with it (on the local
-//! store, by the group commit's `syncfs`), and a new directory costs several scattered block
+//! On the local store, `serve` does not write these entries on a command's path: it journals
+//! them and folds them into the trees in the background ([`super::journal`]); readers merge
+//! the journal over the trees.
+//!
+//! Why these sizes: every directory an entry needs must be made durable with it (on the local
+//! store, by a `syncfs`), and a new directory costs several scattered block
 //! writes where a new name in an existing one costs a share of one. The time tree makes a new
 //! leaf every 256 ms whatever the rate; a tool's tree one per ~17 minutes; the id tree's 4,096
 //! leaves all exist once a store holds some tens of thousands of runs. A page still reads only

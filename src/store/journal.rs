@@ -148,6 +148,25 @@ pub struct Folded {
     pub added: usize,
     /// Entries removed from the trees.
     pub removed: usize,
+    /// CPU time the fold's thread spent applying them (the barrier not included).
+    pub cpu: Duration,
+}
+
+/// CPU time of the calling thread so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, which lives for the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 impl IndexJournal {
@@ -387,26 +406,31 @@ fn fold_file(
     file.read_to_end(&mut bytes)?;
     let mut pending = Pending::default();
     pending.apply(whole_text(&bytes));
-    let index_root = index::under(prefix, index::INDEX_DIR);
+    // Keys are plain relative paths (entry names need no escaping): map the index directory
+    // once, not every key through the object store's URL-based mapping.
+    let index_dir = local
+        .fs_path(&index::under(prefix, index::INDEX_DIR))
+        .map_err(std::io::Error::other)?;
+    let fs_path = |key: &str| index_dir.join(key.strip_prefix("index/").unwrap_or(key));
+    let cpu = thread_cpu();
     // Additions first: a removal's prune then never takes a directory an addition needs.
     for (key, present) in &pending.ops {
         if *present {
             local
-                .create_empty_object(&index::under(prefix, key))
+                .create_empty_object(&fs_path(key))
                 .map_err(std::io::Error::other)?;
             done.added += 1;
         }
     }
     for (key, present) in &pending.ops {
         if !*present {
-            let location = index::under(prefix, key);
             local
-                .remove_object(&location)
+                .remove_object(&fs_path(key), &index_dir)
                 .map_err(std::io::Error::other)?;
-            local.prune_empty_dirs(&location, &index_root);
             done.removed += 1;
         }
     }
+    done.cpu += thread_cpu().saturating_sub(cpu);
     // The trees durable before the lines that describe them go.
     local.barrier()?;
     std::fs::remove_file(&sealed.path)?;

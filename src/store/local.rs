@@ -137,22 +137,31 @@ impl LocalStore {
     /// Creates an empty object in place, without a barrier of its own (an index entry folded
     /// from the journal: the fold's [`LocalStore::barrier`] makes it durable). One that exists
     /// is left as it is.
-    pub fn create_empty_object(&self, location: &Path) -> Result<()> {
-        let dest = self.inner.path_to_filesystem(location)?;
-        match self.create_empty(location, &dest) {
+    /// `dest` is the object's filesystem path ([`LocalStore::fs_path`]; a fold maps many keys
+    /// under one directory it mapped once).
+    pub fn create_empty_object(&self, dest: &FsPath) -> Result<()> {
+        match self.create_empty(dest) {
             Ok(()) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }
 
-    /// Removes an object without a barrier of its own; a missing one is fine.
-    pub fn remove_object(&self, location: &Path) -> Result<()> {
-        let path = self.inner.path_to_filesystem(location)?;
-        match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(generic(e)),
+    /// Removes the object at filesystem path `dest` without a barrier of its own; a missing
+    /// one is fine. Then removes the directories it leaves empty, up to (not including) `stop`.
+    pub fn remove_object(&self, dest: &FsPath, stop: &FsPath) -> Result<()> {
+        match std::fs::remove_file(dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(generic(e)),
         }
+        let mut dir = dest.parent();
+        while let Some(d) = dir {
+            if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
     }
 
     /// Where `location` is on the filesystem.
@@ -218,9 +227,9 @@ impl LocalStore {
     /// made only when missing (most entries go to an existing directory); a directory removed
     /// by a concurrent prune between its creation and the link is made again. A full link
     /// count starts a new empty file; a filesystem without hard links gets a file.
-    fn create_empty(&self, location: &Path, dest: &FsPath) -> Result<()> {
+    fn create_empty(&self, dest: &FsPath) -> Result<()> {
         let exists = |e: std::io::Error| object_store::Error::AlreadyExists {
-            path: location.to_string(),
+            path: dest.display().to_string(),
             source: Box::new(e),
         };
         for _ in 0..16 {
@@ -633,7 +642,7 @@ impl ObjectStore for LocalStore {
             && bytes.len() as u64 <= INLINE_IO_MAX
         {
             if bytes.is_empty() {
-                self.create_empty(location, &dest)?;
+                self.create_empty(&dest)?;
             } else {
                 // Staged and linked (create-if-absent) at once; the caller's next durable
                 // write's barrier makes both durable before anything refers to them.

@@ -8,8 +8,10 @@
 //! blobrefs/<sha256>/<run_id>    one empty marker per run referencing a blob (see [`blobs`])
 //! blobrefs/_complete            every run's references have markers: releases may remove blobs
 //! parked/<sha256>/<nonce>       a blob being released, kept until its release is settled
-//! index/{time,tool,id}/...      the listing index: one empty object per run and tree,
+//! index/{time,by-tool,by-id}/...  the listing index: one empty object per run and tree,
 //!                               whose name is the run's summary (see [`index`])
+//! index/journal/<writer>-<seq>.log  local store: index changes `serve` has not yet folded
+//!                               into the trees (see [`journal`])
 //! history/<run_id>/<revision>.json  every revision, immutable: the audit trail and its hash
 //!                               chain (see [`history`])
 //! _probe/<random>               short-lived objects of the start-up probe
