@@ -522,7 +522,7 @@ async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u
     let base = 1_800_000_000_000;
     let next = AtomicU64::new(first);
     let done = AtomicU64::new(0);
-    let cell = Duration::from_secs(4);
+    let cell = Duration::from_secs(env_usize("BENCH_CELL_S", 4) as u64);
     let start = Instant::now();
     let folder = (indexing == Indexing::Journal).then(|| {
         let store = store.clone();
@@ -720,7 +720,8 @@ fn main() {
         let mut next = [prefill; 3];
         let reps = env_usize("BENCH_REPS", 3).max(1);
         println!(
-            "(medians of {reps} alternated 4 s cells; a journal cell's time includes its final fold)"
+            "(medians of {reps} alternated {} s cells; a journal cell's time includes its final fold)",
+            env_usize("BENCH_CELL_S", 4)
         );
         let sides = [
             (Indexing::Off, "plain"),
@@ -732,7 +733,10 @@ fn main() {
                 v.split(',').filter_map(|n| n.trim().parse().ok()).collect()
             });
         for in_flight in in_flights {
-            for (kind, label) in [("fresh", "fresh directories"), ("steady", "")] {
+            let kinds = [("fresh", "fresh directories"), ("steady", "")];
+            for (kind, label) in kinds.into_iter().filter(|(k, _)| {
+                std::env::var("BENCH_KINDS").map_or(true, |v| v.split(',').any(|p| p == *k))
+            }) {
                 let label = if label.is_empty() {
                     format!("steady state ({prefill} runs)")
                 } else {

@@ -67,6 +67,30 @@ impl Pending {
         self.ops.get(key).copied()
     }
 
+    /// The first key added under `dir` (relative to the store prefix, no trailing `/`) past
+    /// `after` (a path relative to `dir`, exclusive) in ascending or descending order, as a
+    /// path relative to `dir`. One range lookup: a scan merging the journal copies nothing.
+    pub fn next_added(&self, dir: &str, after: Option<&str>, descending: bool) -> Option<String> {
+        use std::ops::Bound::{Excluded, Included};
+        let start = format!("{dir}/");
+        // '0' is the byte after '/': the end of everything starting with `dir/`.
+        let end = format!("{dir}0");
+        let at = after.map(|a| format!("{start}{a}"));
+        let found = if descending {
+            let hi = at.map_or(Excluded(end), Excluded);
+            self.ops
+                .range((Included(start.clone()), hi))
+                .rev()
+                .find(|(_, present)| **present)
+        } else {
+            let lo = at.map_or(Included(start.clone()), Excluded);
+            self.ops
+                .range((lo, Excluded(end)))
+                .find(|(_, present)| **present)
+        };
+        found.map(|(k, _)| k[start.len()..].to_owned())
+    }
+
     /// The changes under `dir` (relative to the store prefix, no trailing `/`), as paths
     /// relative to it, ascending: `(added, removed)`.
     pub fn under(&self, dir: &str) -> (Vec<String>, Vec<String>) {

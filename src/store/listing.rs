@@ -4,7 +4,8 @@
 //! listing on S3 for ascending walks; directory by directory otherwise, so newest-first and
 //! oldest-first cost the same), how a change moves a run's entries, and `reindex`.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use futures::stream::BoxStream;
@@ -14,6 +15,7 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 
 use super::index::{self, Bound, Cursor, Order, RunSummary, Tree};
+use super::journal::Pending;
 use super::{DEFAULT_PAGE, MAX_PAGE, SCAN_BUDGET, local};
 use super::{ListPage, ListQuery, RunStore, StoreError, Versioned};
 use crate::domain::artifact::{StoredRecord, Timestamp};
@@ -149,10 +151,15 @@ enum Scan {
 /// the index journal holds for it and the trees do not have yet (see [`super::journal`]).
 struct TreeScan {
     inner: Scan,
-    /// Journal additions in this tree (relative to its root), in walk order, past the bound.
-    added: VecDeque<String>,
-    /// Journal removals in this tree (relative to its root).
-    removed: HashSet<String>,
+    /// The journals' pending changes (empty on object stores).
+    pending: Arc<Pending>,
+    /// The tree's root, relative to the store prefix.
+    root: String,
+    /// The journal's next addition in this tree, past the last one taken (or the bound), in
+    /// walk order: `None` until looked up, `Some(None)` when there is none.
+    added: Option<Option<String>>,
+    /// Where the journal's additions have been taken up to (exclusive), or the bound.
+    added_pos: Option<String>,
     descending: bool,
     /// The tree's next key, once read (`Some(None)`: the tree is done).
     peeked: Option<Option<String>>,
@@ -197,23 +204,12 @@ impl RunStore {
         descending: bool,
         bound: Option<Bound>,
     ) -> Result<TreeScan, StoreError> {
-        let (added, removed) = self.pending_index()?.under(&tree.root());
-        let past = bound.as_ref().map(|b| b.0.join("/"));
-        let mut added: VecDeque<String> = added
-            .into_iter()
-            .filter(|k| match &past {
-                None => true,
-                Some(b) if descending => k < b,
-                Some(b) => k > b,
-            })
-            .collect();
-        if descending {
-            added.make_contiguous().reverse();
-        }
         Ok(TreeScan {
-            inner: self.tree_scan(tree, descending, bound),
-            added,
-            removed: removed.into_iter().collect(),
+            inner: self.tree_scan(tree, descending, bound.clone()),
+            pending: self.pending_index()?,
+            root: tree.root(),
+            added: None,
+            added_pos: bound.map(|b| b.0.join("/")),
             descending,
             peeked: None,
         })
@@ -227,8 +223,15 @@ impl RunStore {
             if s.peeked.is_none() {
                 s.peeked = Some(self.tree_next(&mut s.inner).await?);
             }
+            if s.added.is_none() {
+                s.added = Some(
+                    s.pending
+                        .next_added(&s.root, s.added_pos.as_deref(), s.descending),
+                );
+            }
             let tree_next = s.peeked.as_ref().and_then(Option::as_ref);
-            let take_added = match (tree_next, s.added.front()) {
+            let added_next = s.added.as_ref().and_then(Option::as_ref);
+            let take_added = match (tree_next, added_next) {
                 (_, None) => false,
                 (None, Some(_)) => true,
                 (Some(t), Some(a)) => {
@@ -240,20 +243,23 @@ impl RunStore {
                 }
             };
             if take_added {
-                let Some(a) = s.added.pop_front() else {
+                let Some(a) = s.added.take().flatten() else {
                     continue;
                 };
                 if tree_next == Some(&a) {
                     // In the tree and in the journal (folded meanwhile): once.
                     s.peeked = None;
                 }
+                s.added_pos = Some(a.clone());
                 return Ok(Some(a));
             }
             match tree_next.cloned() {
                 None => return Ok(None),
                 Some(t) => {
                     s.peeked = None;
-                    if !s.removed.contains(&t) {
+                    let removed = !s.pending.is_empty()
+                        && s.pending.state(&format!("{}/{t}", s.root)) == Some(false);
+                    if !removed {
                         return Ok(Some(t));
                     }
                 }
