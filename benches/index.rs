@@ -54,6 +54,8 @@ use serde_json::{Value, json};
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 const COMMAND: &str = "cargo bench --bench index";
 const TOOLS: u64 = 100;
 
@@ -509,7 +511,12 @@ enum Indexing {
 
 /// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (30 ms
 /// apart, as the fill does), and the first run number the cell did not create.
-async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u64) -> (f64, u64) {
+async fn creates_cell(
+    dir: &Path,
+    indexing: Indexing,
+    in_flight: usize,
+    first: u64,
+) -> (f64, f64, u64) {
     // Start from a clean page cache: the fill (fsync off) and anything else on the machine
     // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
     let _ = std::process::Command::new("sync").status();
@@ -524,6 +531,7 @@ async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u
     let done = AtomicU64::new(0);
     let cell = Duration::from_secs(env_usize("BENCH_CELL_S", 4) as u64);
     let start = Instant::now();
+    let cpu = common::cpu_secs();
     let folder = (indexing == Indexing::Journal).then(|| {
         let store = store.clone();
         tokio::spawn(async move {
@@ -558,8 +566,10 @@ async fn creates_cell(dir: &Path, indexing: Indexing, in_flight: usize, first: u
             f.cpu.as_secs_f64() * 1e6 / f.added.max(1) as f64
         );
     }
+    let done = done.load(Ordering::Relaxed) as f64;
     (
-        done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        done / start.elapsed().as_secs_f64(),
+        (common::cpu_secs() - cpu) * 1e6 / done.max(1.0),
         next.load(Ordering::Relaxed),
     )
 }
@@ -701,8 +711,9 @@ fn main() {
             steady("direct", true),
         ];
         println!("\n## durable creates/s (fsync on), with and without the index");
+        println!("(creates/s, and the process's CPU µs per create: user + system, folds included)");
         println!(
-            "| {:<28} | {:>9} | {:>9} | {:>9} | {:>9} | {:>7} | {:>7} |",
+            "| {:<28} | {:>9} | {:>15} | {:>15} | {:>15} | {:>15} | {:>14} |",
             "store",
             "in flight",
             "without",
@@ -712,7 +723,7 @@ fn main() {
             "direct/without"
         );
         println!(
-            "|{:-<30}|{:->11}|{:->11}|{:->11}|{:->11}|{:->9}|{:->9}|",
+            "|{:-<30}|{:->11}|{:->17}|{:->17}|{:->17}|{:->17}|{:->16}|",
             "", "", "", "", "", "", ""
         );
         let mut cells = Vec::new();
@@ -742,20 +753,20 @@ fn main() {
                 } else {
                     label.to_owned()
                 };
-                let mut samples: [Vec<f64>; 3] = Default::default();
+                let mut samples: [Vec<(f64, f64)>; 3] = Default::default();
                 // Alternate, so drift on a shared machine hits every side alike; medians.
                 for rep in 0..reps {
                     for (side, (indexing, name)) in sides.iter().enumerate() {
-                        let rate = if kind == "fresh" {
-                            rt.block_on(creates_cell(
+                        let (rate, cpu) = if kind == "fresh" {
+                            let (r, cpu, _) = rt.block_on(creates_cell(
                                 &root.join(format!("c{in_flight}-{name}-{rep}")),
                                 *indexing,
                                 in_flight,
                                 0,
-                            ))
-                            .0
+                            ));
+                            (r, cpu)
                         } else {
-                            let (r, after) = rt.block_on(creates_cell(
+                            let (r, cpu, after) = rt.block_on(creates_cell(
                                 &steady_dirs[side],
                                 *indexing,
                                 in_flight,
@@ -763,24 +774,31 @@ fn main() {
                             ));
                             // The cell's runs stay: the next cell starts after them.
                             next[side] = after;
-                            r
+                            (r, cpu)
                         };
-                        samples[side].push(rate);
+                        samples[side].push((rate, cpu));
                     }
                 }
-                let [without, journal, direct] = samples.map(|mut v| {
-                    v.sort_by(f64::total_cmp);
-                    v[v.len() / 2]
-                });
+                let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+                    let mut x: Vec<f64> = v.iter().map(f).collect();
+                    x.sort_by(f64::total_cmp);
+                    x[x.len() / 2]
+                };
+                let rates = samples.clone().map(|v| median(&v, |p| p.0));
+                let cpus = samples.map(|v| median(&v, |p| p.1));
+                let [without, journal, direct] = rates;
+                let cell = |i: usize| format!("{:.0} ({:.0} µs)", rates[i], cpus[i]);
                 println!(
-                    "| {label:<28} | {in_flight:>9} | {without:>9.0} | {journal:>9.0} | {direct:>9.0} | {:>15.2} | {:>14.2} |",
+                    "| {label:<28} | {in_flight:>9} | {:>15} | {:>15} | {:>15} | {:>15.2} | {:>14.2} |",
+                    cell(0),
+                    cell(1),
+                    cell(2),
                     journal / without,
                     direct / without
                 );
-                cells.push(
-                    json!({"store": kind, "in_flight": in_flight, "without": without,
-                                  "journal": journal, "direct": direct}),
-                );
+                cells.push(json!({"store": kind, "in_flight": in_flight,
+                    "without": without, "journal": journal, "direct": direct,
+                    "cpu_us": {"without": cpus[0], "journal": cpus[1], "direct": cpus[2]}}));
             }
         }
         json.insert("creates".into(), Value::Array(cells));

@@ -32,6 +32,8 @@
 //!
 //! Each store cell is bounded by [`MAX_OPS`] operations or [`MAX_CELL`], whichever comes first.
 
+mod common;
+use common::cpu_secs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -453,15 +455,6 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     }
     let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[idx].as_secs_f64() * 1e3
-}
-
-/// CPU seconds (user + system) this process has used.
-fn cpu_secs() -> f64 {
-    // SAFETY: getrusage(2) fills a properly sized out-parameter.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
-    t(u.ru_utime) + t(u.ru_stime)
 }
 
 /// Files and bytes under `dir`, recursively.

@@ -1,7 +1,10 @@
-//! Inputs shared by the benchmarks that store runs through a worker (e2e, http).
+//! What the benchmarks share: the run record of those that store runs through a worker (e2e,
+//! http), the CPU clock of those that count CPU per operation (store, index). Each benchmark
+//! uses some of it, hence the `allow(dead_code)`s.
 
 use serde_json::json;
 
+#[allow(dead_code)]
 /// A 2-5 KB run record: a feasibility report and a short G-code program.
 pub fn record(i: usize) -> Vec<u8> {
     let lines = 40 + (i % 100);
@@ -21,4 +24,14 @@ pub fn record(i: usize) -> Vec<u8> {
            "outputs": {"gcode_text": gcode}})
     .to_string()
     .into_bytes()
+}
+
+/// CPU seconds (user + system) this process has used.
+#[allow(dead_code)]
+pub fn cpu_secs() -> f64 {
+    // SAFETY: getrusage(2) fills a properly sized out-parameter.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
