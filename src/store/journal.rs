@@ -439,9 +439,6 @@ fn fold_file(
     let cpu = thread_cpu();
     // Additions first: a removal's prune then never takes a directory an addition needs.
     for (key, present) in &pending.ops {
-        if std::env::var_os("EXP_SKIP_ID").is_some() && key.starts_with("index/by-id/") {
-            continue;
-        }
         if *present {
             local
                 .create_empty_object(&fs_path(key))
