@@ -387,11 +387,13 @@ pub fn fold(
     dir: &FsPath,
     sealed: Option<Sealed>,
 ) -> std::io::Result<Folded> {
-    let mut done = Folded::default();
-    if let Some(s) = sealed {
-        fold_file(local, prefix, dir, &s, &mut done)?;
-    }
+    // Every file to fold, locked, in name order: a writer's files in sequence order (a file
+    // it gave up after a failed write comes before the one it sealed since).
+    let mut files: Vec<Sealed> = sealed.into_iter().collect();
     for path in journal_files(dir)? {
+        if files.iter().any(|s| s.path == path) {
+            continue;
+        }
         let file = match OpenOptions::new().read(true).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -410,8 +412,13 @@ pub fn fold(
             Err(e) => return Err(e),
         };
         if same {
-            fold_file(local, prefix, dir, &Sealed { file, path }, &mut done)?;
+            files.push(Sealed { file, path });
         }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut done = Folded::default();
+    for f in &files {
+        fold_file(local, prefix, dir, f, &mut done)?;
     }
     Ok(done)
 }
