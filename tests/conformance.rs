@@ -1553,3 +1553,52 @@ async fn a_dead_writer_s_journal_is_listed_then_folded() {
     assert!(check.consistent(), "{check:?}");
     assert_eq!(check.live, ids.len());
 }
+
+/// Two live workers change one run one after the other, each journaling into its own file,
+/// and the later one folds first: the earlier one's entry, folded after the later one's
+/// removal of it, must stay removed (a removal wins, and a fold carries forward a removal
+/// whose entry it did not find). What `tests/faults_worker.rs` once caught after a kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_removal_wins_over_an_older_writer_s_later_fold() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::Local(dir.path().to_path_buf());
+    let journaling = || {
+        RunStore::open(&url, &OpenOptions::default())
+            .unwrap()
+            .with_index_journal()
+            .unwrap()
+    };
+    let (a, b) = (journaling(), journaling());
+    let reader = RunStore::open(&url, &OpenOptions::default()).unwrap();
+    let id = run_id(0x7001);
+    create(&a, &id, "T1").await;
+    let body = json!({"run_id": id.as_str(), "meta_updates": {"k": 1}});
+    b.execute(&cmd(CommandKind::PatchMeta, body), &ctx())
+        .await
+        .unwrap();
+    let listed = |store: RunStore| async move {
+        walk(&store, ListQuery::default())
+            .await
+            .iter()
+            .map(|r| (r.run_id.clone(), r.revision))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(reader.clone()).await, vec![(id.clone(), 2)]);
+    // B folds first: revision 1's entries are not in the trees yet, so B keeps their removal.
+    b.fold_index_journal().await.unwrap();
+    assert_eq!(listed(reader.clone()).await, vec![(id.clone(), 2)]);
+    // A folds revision 1's entries into the trees afterwards.
+    a.fold_index_journal().await.unwrap();
+    assert_eq!(
+        listed(reader.clone()).await,
+        vec![(id.clone(), 2)],
+        "the carried removal hides them"
+    );
+    // B's next fold removes them from the trees.
+    b.fold_index_journal().await.unwrap();
+    a.fold_index_journal().await.unwrap();
+    let check = reader.reindex(true).await.unwrap();
+    assert!(check.consistent(), "{check:?}");
+    assert_eq!(check.journaled, 0, "{check:?}");
+    assert_eq!(listed(reader).await, vec![(id, 2)]);
+}

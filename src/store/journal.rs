@@ -23,7 +23,7 @@
 //! crash in the middle of one only repeats it. A line cut short by a crash has no newline and
 //! is ignored; its change's record was never reported written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -49,6 +49,9 @@ pub const FOLD_EVERY: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Default)]
 pub struct Pending {
     ops: BTreeMap<String, bool>,
+    /// Removals carried forward by a fold (`!<ms> <key>` lines), with when they were first
+    /// journaled (milliseconds since the Unix epoch).
+    carried: BTreeMap<String, u64>,
 }
 
 impl Pending {
@@ -110,17 +113,34 @@ impl Pending {
         (added, removed)
     }
 
+    /// Applies whole lines. **A removal wins**: an entry key names one revision of one run,
+    /// and once a later change has removed it nothing adds it again, so `-key` in any file
+    /// (of any writer, in whatever order the files are read) settles it. Two workers that
+    /// change one run one after the other journal into different files; only this rule,
+    /// not the files' order, makes the outcome right.
     fn apply(&mut self, text: &str) {
         // Only whole lines: the last one may have been cut short by a crash.
         let whole = text.rfind('\n').map_or("", |end| &text[..end]);
         for line in whole.split('\n') {
-            let (present, key) = match line.as_bytes().first() {
-                Some(b'+') => (true, &line[1..]),
-                Some(b'-') => (false, &line[1..]),
-                _ => continue,
-            };
-            if is_entry_key(key) {
-                self.ops.insert(key.to_owned(), present);
+            match line.as_bytes().first() {
+                Some(b'+') if is_entry_key(&line[1..]) => {
+                    self.ops.entry(line[1..].to_owned()).or_insert(true);
+                }
+                Some(b'-') if is_entry_key(&line[1..]) => {
+                    self.ops.insert(line[1..].to_owned(), false);
+                }
+                Some(b'!') => {
+                    let Some((ms, key)) = line[1..].split_once(' ') else {
+                        continue;
+                    };
+                    let (Ok(ms), true) = (ms.parse::<u64>(), is_entry_key(key)) else {
+                        continue;
+                    };
+                    self.ops.insert(key.to_owned(), false);
+                    let first = self.carried.entry(key.to_owned()).or_insert(ms);
+                    *first = (*first).min(ms);
+                }
+                _ => {}
             }
         }
     }
@@ -243,6 +263,21 @@ impl IndexJournal {
             return Err(e);
         }
         cur.lines += keys.len() as u64;
+        Ok(())
+    }
+
+    /// Appends removals a fold carries forward (`!<first ms> <key>`), see [`fold`].
+    fn carry(&self, removals: &[(String, u64)]) -> std::io::Result<()> {
+        if removals.is_empty() {
+            return Ok(());
+        }
+        let mut buf = String::new();
+        for (key, ms) in removals {
+            buf.push_str(&format!("!{ms} {key}\n"));
+        }
+        let mut cur = self.current.lock().map_err(|_| poisoned())?;
+        cur.file.write_all(buf.as_bytes())?;
+        cur.lines += removals.len() as u64;
         Ok(())
     }
 
@@ -385,6 +420,7 @@ pub fn fold(
     local: &LocalStore,
     prefix: &Path,
     dir: &FsPath,
+    journal: Option<&IndexJournal>,
     sealed: Option<Sealed>,
 ) -> std::io::Result<Folded> {
     // Every file to fold, locked, in name order: a writer's files in sequence order (a file
@@ -416,27 +452,46 @@ pub fn fold(
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    let mut done = Folded::default();
-    for f in &files {
-        fold_file(local, prefix, dir, f, &mut done)?;
-    }
-    Ok(done)
+    fold_files(local, prefix, dir, journal, &files)
 }
 
-fn fold_file(
+/// How long a fold carries forward a removal whose entry it did not find: the add may sit in
+/// a live writer's journal that is folded later (a worker frozen that long may leave a stale
+/// entry, which `reindex` removes).
+const CARRY_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// Folds `files` as one set: their changes (a removal wins, see [`Pending::apply`]) into the
+/// trees, the removals of entries not found carried forward into `journal`'s current file
+/// (if this process journals), one barrier, then the files removed.
+fn fold_files(
     local: &LocalStore,
     prefix: &Path,
     dir: &FsPath,
-    sealed: &Sealed,
-    done: &mut Folded,
-) -> std::io::Result<()> {
-    let mut bytes = Vec::new();
-    // From the start: the writer's own handle is at its end.
-    let mut file = &sealed.file;
-    file.seek(SeekFrom::Start(0))?;
-    file.read_to_end(&mut bytes)?;
+    journal: Option<&IndexJournal>,
+    files: &[Sealed],
+) -> std::io::Result<Folded> {
+    let mut done = Folded::default();
+    if files.is_empty() {
+        return Ok(done);
+    }
     let mut pending = Pending::default();
-    pending.apply(whole_text(&bytes));
+    let mut added_here: HashSet<String> = HashSet::new();
+    for sealed in files {
+        let mut bytes = Vec::new();
+        // From the start: the writer's own handle is at its end.
+        let mut file = &sealed.file;
+        file.seek(SeekFrom::Start(0))?;
+        file.read_to_end(&mut bytes)?;
+        let text = whole_text(&bytes);
+        pending.apply(text);
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        added_here.extend(
+            whole
+                .split('\n')
+                .filter_map(|l| l.strip_prefix('+'))
+                .map(str::to_owned),
+        );
+    }
     // Keys are plain relative paths (entry names need no escaping): map the index directory
     // once, not every key through the object store's URL-based mapping.
     let index_dir = local
@@ -453,25 +508,44 @@ fn fold_file(
             done.added += 1;
         }
     }
+    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    let mut carry: Vec<(String, u64)> = Vec::new();
     for (key, present) in &pending.ops {
-        if !*present {
-            local
-                .remove_object(&fs_path(key), &index_dir)
-                .map_err(std::io::Error::other)?;
-            done.removed += 1;
+        if *present {
+            continue;
+        }
+        let found = local
+            .remove_object(&fs_path(key), &index_dir)
+            .map_err(std::io::Error::other)?;
+        done.removed += 1;
+        // Removed before its add was folded, and the add is not in this set: it may still be
+        // in a live writer's journal, to be folded later. Keep the removal until then.
+        if !found && !added_here.contains(key) {
+            let first = pending.carried.get(key).copied().unwrap_or(now_ms);
+            if now_ms.saturating_sub(first) < CARRY_FOR_MS {
+                carry.push((key.clone(), first));
+            }
         }
     }
     done.cpu += thread_cpu().saturating_sub(cpu);
-    // The trees durable before the lines that describe them go.
+    if let Some(j) = journal {
+        j.carry(&carry)?;
+    }
+    // The trees (and the carried lines) durable before the lines that describe them go.
     local.barrier()?;
-    std::fs::remove_file(&sealed.path)?;
+    for sealed in files {
+        match std::fs::remove_file(&sealed.path) {
+            Ok(()) => done.files += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
     if local.fsync() {
-        // The removal durable before a later file is folded: a crash must not bring this
-        // file back to be folded again after a newer one.
+        // The removals durable before a later fold: a crash must not bring these files back
+        // to be folded again after newer ones.
         File::open(dir)?.sync_all()?;
     }
-    done.files += 1;
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -497,16 +571,26 @@ mod tests {
     }
 
     #[test]
-    fn the_last_whole_line_about_a_key_wins() {
+    fn whole_lines_count_and_a_removal_wins() {
         let key = id_key();
         let key = key.as_str();
         assert!(key.starts_with("index/by-id/"), "{key}");
         let mut p = Pending::default();
-        p.apply(&format!("+{key}\n-{key}\n+{key}\n-{key}"));
+        p.apply(&format!("junk\n+{key}"));
+        assert_eq!(p.state(key), None, "the cut-short last line is ignored");
+        p.apply(&format!("+{key}\n"));
+        assert_eq!(p.state(key), Some(true));
+        p.apply(&format!("-{key}\n+{key}\n"));
         assert_eq!(
             p.state(key),
-            Some(true),
-            "the cut-short last line is ignored"
+            Some(false),
+            "a removal wins, whatever comes after"
+        );
+        p.apply(&format!("!123 {key}\n!100 {key}\n"));
+        assert_eq!(
+            p.carried.get(key),
+            Some(&100),
+            "carried since the first time"
         );
         p.apply(&format!("-{key}\nnot a line\n+index/time/x\n+../{key}\n"));
         assert_eq!(p.state(key), Some(false));

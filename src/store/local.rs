@@ -147,11 +147,12 @@ impl LocalStore {
     }
 
     /// Removes the object at filesystem path `dest` without a barrier of its own; a missing
-    /// one is fine. Then removes the directories it leaves empty, up to (not including) `stop`.
-    pub fn remove_object(&self, dest: &FsPath, stop: &FsPath) -> Result<()> {
+    /// one is fine (`false`). Then removes the directories it leaves empty, up to (not
+    /// including) `stop`.
+    pub fn remove_object(&self, dest: &FsPath, stop: &FsPath) -> Result<bool> {
         match std::fs::remove_file(dest) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(generic(e)),
         }
         let mut dir = dest.parent();
@@ -161,7 +162,7 @@ impl LocalStore {
             }
             dir = d.parent();
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Where `location` is on the filesystem.

@@ -352,7 +352,7 @@ impl RunStore {
                 Some(j) => j.rotate()?,
                 None => None,
             };
-            journal::fold(&local, &prefix, &dir, sealed)
+            journal::fold(&local, &prefix, &dir, journal.as_deref(), sealed)
         })
         .await
         .map_err(|e| self.io_err(std::io::Error::other(e), "fold the index journal"))?
