@@ -14,14 +14,19 @@
 //! is written, exactly as with entry files.
 //!
 //! ```text
-//! index/journal/<writer>-<seq>.log    lines "+<entry key>" (added) and "-<entry key>" (removed)
+//! index/journal/<writer>-<seq>.log    lines "+<entry key>" (added), "-<entry key>" (removed),
+//!                                     "!<ms> <entry key>" (a removal a fold carries forward)
 //! ```
+//!
+//! Files of different writers are folded and read in no meaningful order, so **a removal
+//! wins** ([`Pending`]); a fold that removes an entry not yet in the trees carries the removal
+//! forward, in case its add is still in a live writer's file, folded later.
 //!
 //! A writer holds an exclusive `flock` on each of its files until that file is folded and
 //! removed. A file nobody holds belongs to a process that died: any worker (or `reindex`) folds
-//! it, in sequence order. Folding is idempotent (create-if-absent, remove-if-present), so a
-//! crash in the middle of one only repeats it. A line cut short by a crash has no newline and
-//! is ignored; its change's record was never reported written.
+//! it. Folding is idempotent (create-if-absent, remove-if-present), so a crash in the middle of
+//! one only repeats it. A line cut short by a crash has no newline and is ignored; its change's
+//! record was never reported written.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -45,7 +50,7 @@ pub const FOLD_EVERY: Duration = Duration::from_secs(1);
 
 /// The journal's pending changes, as readers merge them over the trees: for each entry key
 /// (relative to the store prefix), whether it is there (`true`, added) or not (`false`,
-/// removed). The last line about a key wins; files are read in name (= sequence) order.
+/// removed). A removal wins over an add, whatever the order of the lines and files.
 #[derive(Clone, Debug, Default)]
 pub struct Pending {
     ops: BTreeMap<String, bool>,
