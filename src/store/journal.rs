@@ -428,8 +428,8 @@ pub fn fold(
     journal: Option<&IndexJournal>,
     sealed: Option<Sealed>,
 ) -> std::io::Result<Folded> {
-    // Every file to fold, locked, in name order: a writer's files in sequence order (a file
-    // it gave up after a failed write comes before the one it sealed since).
+    // Every file to fold, locked; folded as one set, in which a removal wins, so their order
+    // does not matter (name order keeps a fold's work the same from run to run).
     let mut files: Vec<Sealed> = sealed.into_iter().collect();
     for path in journal_files(dir)? {
         if files.iter().any(|s| s.path == path) {
