@@ -136,8 +136,7 @@ impl LocalStore {
 
     /// Creates an empty object in place, without a barrier of its own (an index entry folded
     /// from the journal: the fold's [`LocalStore::barrier`] makes it durable). One that exists
-    /// is left as it is.
-    /// `dest` is the object's filesystem path ([`LocalStore::fs_path`]; a fold maps many keys
+    /// is left as it is. `dest` is the object's filesystem path ([`LocalStore::fs_path`]; a fold maps many keys
     /// under one directory it mapped once).
     pub fn create_empty_object(&self, dest: &FsPath) -> Result<()> {
         match self.create_empty(dest) {
@@ -155,13 +154,7 @@ impl LocalStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(generic(e)),
         }
-        let mut dir = dest.parent();
-        while let Some(d) = dir {
-            if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
-                break;
-            }
-            dir = d.parent();
-        }
+        prune_parents(dest, stop);
         Ok(true)
     }
 
@@ -194,13 +187,7 @@ impl LocalStore {
         ) else {
             return;
         };
-        let mut dir = file.parent();
-        while let Some(d) = dir {
-            if d == stop || !d.starts_with(&stop) || std::fs::remove_dir(d).is_err() {
-                break;
-            }
-            dir = d.parent();
-        }
+        prune_parents(&file, &stop);
     }
 
     /// Removes the directories under `location` (and it) that hold no file, deepest first:
@@ -352,6 +339,18 @@ impl LocalStore {
             },
             _ => generic(e),
         })
+    }
+}
+
+/// Removes the empty directories from `file`'s parent up to (not including) `stop`; one that
+/// is not empty (or was just refilled) stays.
+fn prune_parents(file: &FsPath, stop: &FsPath) {
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        if d == stop || !d.starts_with(stop) || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
     }
 }
 
