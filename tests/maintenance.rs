@@ -85,8 +85,12 @@ fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
             // The blob reference flag is each store's own: a copy is marked by its first
-            // reindex, not by the transfer.
-            if rel.starts_with(".locks") || rel.starts_with("_probe") || rel == "blobrefs/_complete"
+            // reindex, not by the transfer. So are the lock files and the empty file that empty
+            // objects are hard links to.
+            if rel.starts_with(".locks")
+                || rel.starts_with(".links")
+                || rel.starts_with("_probe")
+                || rel == "blobrefs/_complete"
             {
                 continue;
             }
