@@ -124,9 +124,7 @@ impl Pending {
     /// change one run one after the other journal into different files; only this rule,
     /// not the files' order, makes the outcome right.
     fn apply(&mut self, text: &str) {
-        // Only whole lines: the last one may have been cut short by a crash.
-        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
-        for line in whole.split('\n') {
+        for line in whole_lines(text) {
             match line.as_bytes().first() {
                 Some(b'+') if is_entry_key(&line[1..]) => {
                     self.ops.entry(line[1..].to_owned()).or_insert(true);
@@ -223,17 +221,11 @@ impl IndexJournal {
     pub fn open(dir: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         let writer = format!("{:016x}", rand::random::<u64>());
-        let (file, path) = new_file(&dir, &writer, 0)?;
+        let current = Mutex::new(Current::start(&dir, &writer, 0)?);
         Ok(Self {
             dir,
             writer,
-            current: Mutex::new(Current {
-                file,
-                path,
-                seq: 0,
-                lines: 0,
-                broken: false,
-            }),
+            current,
         })
     }
 
@@ -250,24 +242,22 @@ impl IndexJournal {
             buf.push_str(k);
             buf.push('\n');
         }
+        self.write_lines(&buf, keys.len())
+    }
+
+    /// Writes whole lines to the current file in one `write`. After a write that failed part
+    /// way, the next one starts a new file, so no line follows a fragment (the fragment's
+    /// file is left to the next fold; its last line has no newline).
+    fn write_lines(&self, buf: &str, lines: usize) -> std::io::Result<()> {
         let mut cur = self.current.lock().map_err(|_| poisoned())?;
         if cur.broken {
-            let seq = cur.seq + 1;
-            let (file, path) = new_file(&self.dir, &self.writer, seq)?;
-            // The fragment's file is left to the next fold (its last line has no newline).
-            *cur = Current {
-                file,
-                path,
-                seq,
-                lines: 0,
-                broken: false,
-            };
+            *cur = Current::start(&self.dir, &self.writer, cur.seq + 1)?;
         }
         if let Err(e) = cur.file.write_all(buf.as_bytes()) {
             cur.broken = true;
             return Err(e);
         }
-        cur.lines += keys.len() as u64;
+        cur.lines += lines as u64;
         Ok(())
     }
 
@@ -280,10 +270,7 @@ impl IndexJournal {
         for (key, ms) in removals {
             buf.push_str(&format!("!{ms} {key}\n"));
         }
-        let mut cur = self.current.lock().map_err(|_| poisoned())?;
-        cur.file.write_all(buf.as_bytes())?;
-        cur.lines += removals.len() as u64;
-        Ok(())
+        self.write_lines(&buf, removals.len())
     }
 
     /// Starts a new file and returns the previous one (still locked) to fold, if it has lines.
@@ -292,18 +279,8 @@ impl IndexJournal {
         if cur.lines == 0 && !cur.broken {
             return Ok(None);
         }
-        let seq = cur.seq + 1;
-        let (file, path) = new_file(&self.dir, &self.writer, seq)?;
-        let old = std::mem::replace(
-            &mut *cur,
-            Current {
-                file,
-                path,
-                seq,
-                lines: 0,
-                broken: false,
-            },
-        );
+        let next = Current::start(&self.dir, &self.writer, cur.seq + 1)?;
+        let old = std::mem::replace(&mut *cur, next);
         Ok(Some(Sealed {
             file: old.file,
             path: old.path,
@@ -315,20 +292,29 @@ fn poisoned() -> std::io::Error {
     std::io::Error::other("index journal lock poisoned")
 }
 
-fn new_file(dir: &FsPath, writer: &str, seq: u64) -> std::io::Result<(File, PathBuf)> {
-    let path = dir.join(format!("{writer}-{seq:08x}.log"));
-    let file = OpenOptions::new()
-        .append(true)
-        .read(true)
-        .create_new(true)
-        .open(&path)?;
-    file.try_lock().map_err(|e| match e {
-        std::fs::TryLockError::Error(e) => e,
-        std::fs::TryLockError::WouldBlock => {
-            std::io::Error::other(format!("{} is locked by another writer", path.display()))
-        }
-    })?;
-    Ok((file, path))
+impl Current {
+    /// Creates and locks file `seq` of `writer` in `dir`.
+    fn start(dir: &FsPath, writer: &str, seq: u64) -> std::io::Result<Self> {
+        let path = dir.join(format!("{writer}-{seq:08x}.log"));
+        let file = OpenOptions::new()
+            .append(true)
+            .read(true)
+            .create_new(true)
+            .open(&path)?;
+        file.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::Error(e) => e,
+            std::fs::TryLockError::WouldBlock => {
+                std::io::Error::other(format!("{} is locked by another writer", path.display()))
+            }
+        })?;
+        Ok(Self {
+            file,
+            path,
+            seq,
+            lines: 0,
+            broken: false,
+        })
+    }
 }
 
 /// The journal files in `dir`, in sequence order (missing directory: none).
@@ -410,6 +396,12 @@ pub fn read_pending(dir: &FsPath, state: &mut ReadState) -> std::io::Result<Arc<
     Ok(state.pending.clone())
 }
 
+/// The whole lines of `text`: the last one may have been cut short by a crash.
+fn whole_lines(text: &str) -> impl Iterator<Item = &str> {
+    let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+    whole.split('\n').filter(|l| !l.is_empty())
+}
+
 /// The UTF-8 text of a journal file up to anything a torn write left.
 fn whole_text(bytes: &[u8]) -> &str {
     match std::str::from_utf8(bytes) {
@@ -489,10 +481,8 @@ fn fold_files(
         file.read_to_end(&mut bytes)?;
         let text = whole_text(&bytes);
         pending.apply(text);
-        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
         added_here.extend(
-            whole
-                .split('\n')
+            whole_lines(text)
                 .filter_map(|l| l.strip_prefix('+'))
                 .map(str::to_owned),
         );
