@@ -581,8 +581,15 @@ impl GroupCommit {
                 Err(_) => return,
             };
             let root = self.root.clone();
-            if let Err(e) = tokio::task::spawn_blocking(move || run_batch(&root, batch)).await {
-                tracing::error!(error = %e, "group commit batch failed");
+            match tokio::task::spawn_blocking(move || run_batch(&root, batch)).await {
+                Ok(()) => {}
+                // The runtime is shutting down (the process is exiting, a start-up error may
+                // just have been printed as its last line): the waiters are told their write
+                // was dropped; nothing for the log.
+                Err(e) if e.is_cancelled() => {
+                    tracing::debug!(error = %e, "group commit batch cancelled at shutdown");
+                }
+                Err(e) => tracing::error!(error = %e, "group commit batch failed"),
             }
         }
     }
