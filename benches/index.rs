@@ -20,7 +20,11 @@
 //!   (`RunStore::without_index`), with it as `serve` keeps it (the index journal, folded in the
 //!   background and once more inside the cell's time), and with an entry file per tree on the
 //!   create's path; in fresh directories and in a store in steady state (filled first with
-//!   `BENCH_PREFILL` runs, 20,000 by default).
+//!   `BENCH_PREFILL` runs, 20,000 by default). A cell's runs are stamped with the clock, as
+//!   `serve` stamps them (`BENCH_STAMP_MS=30`: 30 ms apart, as the fill, whatever the rate).
+//!   Knobs: `BENCH_IN_FLIGHT=1,16,256`, `BENCH_KINDS=fresh,steady`, `BENCH_CELL_S=4`,
+//!   `BENCH_REPS=3`, `BENCH_FOLD_MS` (the journal's fold period), `BENCH_SIDES=plain,journal,
+//!   direct` (one side alone, for a profiler).
 //!
 //! `BENCH_SCAN_REPS=0` measures the index alone, without the scans (which take over an hour at
 //! 10^6 runs; their figures do not depend on the index).
@@ -90,10 +94,15 @@ fn create_body(i: u64) -> Value {
 }
 
 fn create_at(i: u64, base_ms: i64) -> (Command, Context) {
+    create_stamped(i, base_ms + i as i64 * 30)
+}
+
+/// Run `i`, created at `at_ms` (ms since the epoch).
+fn create_stamped(i: u64, at_ms: i64) -> (Command, Context) {
     let body = create_body(i);
     let cmd =
         Command::decode(CommandKind::Create, body.to_string().as_bytes(), None).expect("decode");
-    let at = chrono::DateTime::from_timestamp_millis(base_ms + i as i64 * 30).expect("time");
+    let at = chrono::DateTime::from_timestamp_millis(at_ms).expect("time");
     let ctx = Context {
         now: Timestamp(at),
         ..Context::now()
@@ -509,13 +518,36 @@ enum Indexing {
     Direct,
 }
 
-/// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (30 ms
-/// apart, as the fill does), and the first run number the cell did not create.
+/// When a creates cell's runs are created (their `created_at_utc`, which places them in the
+/// time trees): as `serve` stamps them, at the moment of the create, counted from `origin`
+/// (after every run a prefill made) on the clock since `clock`. `BENCH_STAMP_MS=30` stamps
+/// run `i` at `i` * 30 ms instead, as the fill does: a time leaf (256 ms) then holds ~8 runs
+/// whatever the rate, where at 2,000 creates/s a real one holds ~500.
+#[derive(Clone, Copy)]
+struct Stamps {
+    origin_ms: i64,
+    clock: Instant,
+    /// `BENCH_STAMP_MS`, if set.
+    step_ms: Option<i64>,
+}
+
+impl Stamps {
+    fn at(&self, i: u64, base_ms: i64) -> i64 {
+        match self.step_ms {
+            Some(step) => base_ms + i as i64 * step,
+            None => self.origin_ms + self.clock.elapsed().as_millis() as i64,
+        }
+    }
+}
+
+/// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (stamped
+/// by `stamps`), and the first run number the cell did not create.
 async fn creates_cell(
     dir: &Path,
     indexing: Indexing,
     in_flight: usize,
     first: u64,
+    stamps: Stamps,
 ) -> (f64, f64, u64) {
     // Start from a clean page cache: the fill (fsync off) and anything else on the machine
     // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
@@ -547,7 +579,7 @@ async fn creates_cell(
             async move {
                 while start.elapsed() < cell {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let (cmd, ctx) = create_at(i, base);
+                    let (cmd, ctx) = create_stamped(i, stamps.at(i, base));
                     store.execute(&cmd, &ctx).await.expect("create");
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -727,6 +759,14 @@ fn main() {
             "", "", "", "", "", "", ""
         );
         let mut cells = Vec::new();
+        // Cells' runs come after the prefill's (created 30 ms apart from this base), a minute on.
+        let stamps = Stamps {
+            origin_ms: 1_800_000_000_000 + prefill as i64 * 30 + 60_000,
+            clock: Instant::now(),
+            step_ms: std::env::var("BENCH_STAMP_MS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        };
         // Runs created by the steady-state cells so far (each cell continues the ids).
         let mut next = [prefill; 3];
         let reps = env_usize("BENCH_REPS", 3).max(1);
@@ -757,12 +797,20 @@ fn main() {
                 // Alternate, so drift on a shared machine hits every side alike; medians.
                 for rep in 0..reps {
                     for (side, (indexing, name)) in sides.iter().enumerate() {
+                        // `BENCH_SIDES=journal` (say) runs one side alone, for a profiler.
+                        if std::env::var("BENCH_SIDES")
+                            .is_ok_and(|v| !v.split(',').any(|p| p.trim() == *name))
+                        {
+                            samples[side].push((f64::NAN, f64::NAN));
+                            continue;
+                        }
                         let (rate, cpu) = if kind == "fresh" {
                             let (r, cpu, _) = rt.block_on(creates_cell(
                                 &root.join(format!("c{in_flight}-{name}-{rep}")),
                                 *indexing,
                                 in_flight,
                                 0,
+                                stamps,
                             ));
                             (r, cpu)
                         } else {
@@ -771,6 +819,7 @@ fn main() {
                                 *indexing,
                                 in_flight,
                                 next[side],
+                                stamps,
                             ));
                             // The cell's runs stay: the next cell starts after them.
                             next[side] = after;

@@ -328,26 +328,44 @@ fn unescape(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The entry name of a run in the tree whose lead digits are `lead`.
-fn entry_name(lead: &str, s: &RunSummary) -> String {
-    let fixed = format!(
-        "{lead}.{}.{}.{}.{}.{}.{}.{}",
-        s.run_id,
-        s.revision,
-        encode_time(&s.created_at_utc),
-        s.updated_at_utc
-            .as_ref()
-            .map_or("-".to_owned(), encode_time),
-        s.status.as_str(),
-        s.risk_level.map_or("-", RiskLevel::as_str),
-        s.explanation_status.as_str(),
-    );
-    let mode = escape(s.mode.as_str());
-    let tool = escape(s.tool_id.as_str());
-    if fixed.len() + mode.len() + tool.len() + 2 <= MAX_NAME {
-        format!("{fixed}.{mode}.{tool}")
-    } else {
-        format!("{fixed}.+.+")
+/// An entry's name after its lead digits, the same in every tree: the fixed fields
+/// (`.<run_id>.<revision>...`), and the mode and tool (`.<mode>.<tool>`) when a name of
+/// `lead` digits has room for them, else `.+.+`.
+struct EntryTail {
+    fixed: String,
+    text: String,
+}
+
+impl EntryTail {
+    fn of(s: &RunSummary) -> Self {
+        let fixed = format!(
+            ".{}.{}.{}.{}.{}.{}.{}",
+            s.run_id,
+            s.revision,
+            encode_time(&s.created_at_utc),
+            s.updated_at_utc
+                .as_ref()
+                .map_or("-".to_owned(), encode_time),
+            s.status.as_str(),
+            s.risk_level.map_or("-", RiskLevel::as_str),
+            s.explanation_status.as_str(),
+        );
+        let text = format!(
+            ".{}.{}",
+            escape(s.mode.as_str()),
+            escape(s.tool_id.as_str())
+        );
+        Self { fixed, text }
+    }
+
+    /// The entry name with lead digits `lead`.
+    fn name(&self, lead: &str) -> String {
+        let text = if lead.len() + self.fixed.len() + self.text.len() <= MAX_NAME {
+            self.text.as_str()
+        } else {
+            ".+.+"
+        };
+        format!("{lead}{}{text}", self.fixed)
     }
 }
 
@@ -395,21 +413,20 @@ pub fn parse_entry(name: &str) -> Option<Entry> {
     })
 }
 
-/// The key of a run's entry in `tree` (relative to the store prefix).
-fn entry_key(tree: &Tree, s: &RunSummary) -> String {
-    let digits = match tree {
-        Tree::Id => s.run_id.as_str()[4..].to_owned(),
-        _ => inverted_hex(time_ms(&s.created_at_utc)),
-    };
-    let (dirs, lead) = tree.split(&digits);
-    format!("{}/{}/{}", tree.root(), dirs.join("/"), entry_name(lead, s))
-}
-
 /// Every index key (relative to the store prefix) of a run with this summary: time, tool, id.
 pub fn entry_keys(s: &RunSummary) -> Vec<String> {
+    let tail = EntryTail::of(s);
+    let time = inverted_hex(time_ms(&s.created_at_utc));
     [Tree::Time, Tree::Tool(s.tool_id.clone()), Tree::Id]
         .iter()
-        .map(|t| entry_key(t, s))
+        .map(|tree| {
+            let digits = match tree {
+                Tree::Id => &s.run_id.as_str()[4..],
+                _ => time.as_str(),
+            };
+            let (dirs, lead) = tree.split(digits);
+            format!("{}/{}/{}", tree.root(), dirs.join("/"), tail.name(lead))
+        })
         .collect()
 }
 

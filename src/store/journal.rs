@@ -495,10 +495,11 @@ fn fold_files(
     let fs_path = |key: &str| index_dir.join(key.strip_prefix("index/").unwrap_or(key));
     let cpu = thread_cpu();
     // Additions first: a removal's prune then never takes a directory an addition needs.
+    let mut objects = local.empty_objects();
     for (key, present) in &pending.ops {
         if *present {
-            local
-                .create_empty_object(&fs_path(key))
+            objects
+                .create(&fs_path(key))
                 .map_err(std::io::Error::other)?;
             done.added += 1;
         }
