@@ -928,7 +928,9 @@ mod tests {
         std::fs::remove_dir(&leaf).unwrap();
         objects.create(&leaf.join("e3")).unwrap();
         objects.create(&leaf.join("e4")).unwrap();
-        objects.create(&tmp.path().join("index/by-id/012/e5")).unwrap();
+        objects
+            .create(&tmp.path().join("index/by-id/012/e5"))
+            .unwrap();
         let mut names: Vec<String> = std::fs::read_dir(&leaf)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
