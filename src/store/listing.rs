@@ -906,12 +906,21 @@ impl RunStore {
         // Entries whose run has no live record, or an older revision than its record, in any
         // tree (a crash may have left a time or tool entry without its id entry).
         let mut trees = vec![Tree::Time, Tree::Id];
-        for (name, is_dir) in self.children(index::TOOLS_ROOT).await? {
-            if is_dir {
-                // The directory name is the tool's escaped id; walk it as a tree root.
-                trees.push(Tree::ToolDir(name));
-            }
-        }
+        // Each directory name is a tool's escaped id; walk it as a tree root. A tool whose
+        // entries are all still in a journal has no directory yet: its name is in their keys.
+        let mut tool_dirs: BTreeSet<String> = self
+            .children(index::TOOLS_ROOT)
+            .await?
+            .into_iter()
+            .filter_map(|(name, is_dir)| is_dir.then_some(name))
+            .collect();
+        let (journaled, _) = self.pending_index()?.under(index::TOOLS_ROOT);
+        tool_dirs.extend(
+            journaled
+                .iter()
+                .filter_map(|rel| rel.split_once('/').map(|(dir, _)| dir.to_owned())),
+        );
+        trees.extend(tool_dirs.into_iter().map(Tree::ToolDir));
         for tree in trees {
             let root = tree.root();
             let mut scan = self.scan(&tree, false, None)?;
