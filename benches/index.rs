@@ -506,6 +506,89 @@ fn fold_every() -> Duration {
         .map_or(rmos_runs::store::journal::FOLD_EVERY, Duration::from_millis)
 }
 
+/// Folds `store`'s index journal every [`fold_every`], as `serve`'s `index-fold` task does,
+/// until aborted.
+async fn folding(store: RunStore) {
+    loop {
+        tokio::time::sleep(fold_every()).await;
+        store.fold_index_journal().await.expect("fold");
+    }
+}
+
+/// The first page, newest first, and the 0.1 % filter's first 50, while runs are created on
+/// the same store (16 in flight, fsync off, stamped with the clock: they are the newest, so
+/// the first page is made of them) and folded every second: each page merges the journaled
+/// changes not yet folded (up to a second of creates) over the trees. Returns the rows and
+/// the creates/s meanwhile.
+async fn pages_under_writes(store: &RunStore, first: u64) -> (Vec<Row>, f64) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let created = Arc::new(AtomicU64::new(0));
+    let folder = tokio::spawn(folding(store.clone()));
+    let writer = {
+        let (store, stop, created) = (store.clone(), stop.clone(), created.clone());
+        tokio::spawn(async move {
+            let next = AtomicU64::new(first);
+            futures::stream::iter(0..16)
+                .for_each_concurrent(16, |_| async {
+                    while !stop.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let now = chrono::Utc::now().timestamp_millis();
+                        let (cmd, ctx) = create_stamped(i, now);
+                        store.execute(&cmd, &ctx).await.expect("create");
+                        created.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+                .await;
+        })
+    };
+    // Into the steady rhythm of appends and folds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (t, before) = (Instant::now(), created.load(Ordering::Relaxed));
+    let newest = ListQuery {
+        limit: Some(50),
+        ..Default::default()
+    };
+    let selective = ListQuery {
+        limit: Some(50),
+        status: Some("ERROR".parse().expect("status")),
+        risk_level: Some("RED".parse().expect("risk")),
+        mode: Some("drill".parse().expect("mode")),
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    for (what, query) in [
+        ("first page, newest first", newest),
+        ("first 50 of ERROR, RED, drill (0.1 %, no tool)", selective),
+    ] {
+        let (index_ms, got) = median_ms(9, || async {
+            let mut q = query.clone();
+            let mut got = 0;
+            loop {
+                let page = store.list(&q).await.expect("list");
+                got += page.runs.len();
+                match page.next_cursor {
+                    Some(c) if got < 50 => q.cursor = Some(c),
+                    _ => break got,
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, 50, "{what}: a full page");
+        rows.push(Row {
+            what,
+            index_ms,
+            scan_ms: f64::NAN,
+            lists: None,
+        });
+    }
+    let rate = (created.load(Ordering::Relaxed) - before) as f64 / t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    writer.await.expect("writer");
+    folder.abort();
+    store.fold_index_journal().await.expect("fold");
+    (rows, rate)
+}
+
 /// How a creates cell keeps the index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Indexing {
@@ -564,15 +647,7 @@ async fn creates_cell(
     let cell = Duration::from_secs(env_usize("BENCH_CELL_S", 4) as u64);
     let start = Instant::now();
     let cpu = common::cpu_secs();
-    let folder = (indexing == Indexing::Journal).then(|| {
-        let store = store.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(fold_every()).await;
-                store.fold_index_journal().await.expect("fold");
-            }
-        })
-    });
+    let folder = (indexing == Indexing::Journal).then(|| tokio::spawn(folding(store.clone())));
     futures::stream::iter(0..in_flight)
         .for_each_concurrent(in_flight, |_| {
             let (store, next, done) = (&store, &next, &done);
@@ -625,9 +700,15 @@ fn main() {
         let dir = std::env::var("BENCH_LOCAL_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join("local"));
-        let store = local_store(&dir, false);
+        // Filled as `serve` fills a store: the index journaled, folded in the background.
+        let store = local_store(&dir, false)
+            .with_index_journal()
+            .expect("journal");
         let t = Instant::now();
+        let folder = rt.spawn(folding(store.clone()));
         rt.block_on(fill(&store, n as u64, base_ms));
+        folder.abort();
+        rt.block_on(store.fold_index_journal()).expect("fold");
         eprintln!(
             "  local store of {n} runs ready in {:.0} s",
             t.elapsed().as_secs_f64()
@@ -635,6 +716,13 @@ fn main() {
         let rows = rt.block_on(listing_rows(&store, n, None));
         print_rows("local filesystem", n, &rows);
         json.insert("local".into(), rows_json(n, &rows));
+        let (rows, rate) = rt.block_on(pages_under_writes(&store, n as u64));
+        print_rows(
+            &format!("local filesystem while {rate:.0} creates/s are journaled (16 in flight)"),
+            n,
+            &rows,
+        );
+        json.insert("local_under_writes".into(), rows_json(n, &rows));
     }
 
     // Opt-in only (not part of a default run).

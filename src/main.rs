@@ -484,8 +484,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Cmd::Reindex { check } => {
             let store = open_store(&cfg.store_url, &cfg, !check).await?;
-            let r = store.reindex(check).await.map_err(|e| anyhow!(e))?;
-            cli::print_report(&r, r.consistent() || !check, cli.json, "reindex")
+            if check {
+                let r = store.reindex(true).await.map_err(|e| anyhow!(e))?;
+                return cli::print_report(&r, r.consistent(), cli.json, "reindex");
+            }
+            // A repair journals its changes as a worker's commands do (local store), so that
+            // a worker's unfolded add of an entry the repair removes cannot bring it back at
+            // the worker's next fold (across journals a removal wins); folded every second
+            // as `serve` folds, so readers never hold more than a second of it.
+            let store = store.with_index_journal().map_err(|e| anyhow!(e))?;
+            let (stop, stopped) = watch::channel(false);
+            let folds = tokio::spawn(fold_loop(store.clone(), stopped));
+            let r = store.reindex(false).await;
+            let _ = stop.send(true);
+            folds
+                .await
+                .map_err(|e| anyhow!(e))?
+                .map_err(|e| anyhow!(e))?;
+            store.fold_index_journal().await.map_err(|e| anyhow!(e))?;
+            let r = r.map_err(|e| anyhow!(e))?;
+            cli::print_report(&r, true, cli.json, "reindex")
         }
         Cmd::Import { from_dir } => {
             let store = open_store(&cfg.store_url, &cfg, true).await?;

@@ -212,6 +212,62 @@ async fn list_all_orders_and_reindex() {
     assert_eq!(reindex(&["reindex", "--check"]).status.code(), Some(0));
 }
 
+/// `rmos-runs reindex` repairs while a worker holds, unfolded in its journal, the add of an
+/// entry no record backs: the repair's removal must outlive the worker's later fold of that
+/// add (the repair journals it, and across journals a removal wins), not be undone by it.
+#[tokio::test]
+async fn a_repair_s_removal_outlives_a_live_writer_s_unfolded_add() {
+    use rmos_runs::domain::artifact::{ExplanationStatus, RunStatus, Timestamp};
+    use rmos_runs::domain::ids::{Mode, RunId, ToolId};
+    use rmos_runs::store::index::entry_keys;
+    use rmos_runs::store::{OpenOptions, RunStore, RunSummary, StoreUrl};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ghost = RunSummary {
+        run_id: RunId::parse("run_00000000beef").unwrap(),
+        created_at_utc: Timestamp::parse("2026-04-01T00:00:00Z").unwrap(),
+        updated_at_utc: None,
+        revision: 1,
+        mode: Mode::parse("cam").unwrap(),
+        tool_id: ToolId::parse("T1").unwrap(),
+        status: RunStatus::Ok,
+        risk_level: None,
+        explanation_status: ExplanationStatus::None,
+    };
+    let keys = entry_keys(&ghost);
+    let journal_dir = dir.join(rmos_runs::store::journal::JOURNAL_DIR);
+    std::fs::create_dir_all(&journal_dir).unwrap();
+    // A live worker's journal file: locked (here, by the test) while the repair runs.
+    let live = journal_dir.join("00000000feedface-00000000.log");
+    let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
+    std::fs::write(&live, lines).unwrap();
+    let held = std::fs::File::open(&live).unwrap();
+    held.lock().unwrap();
+    let out = on_store(dir, &["reindex", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["stale"], 3, "{r}");
+    assert!(live.exists(), "the repair left the live file alone");
+    // The worker folds its file (the repair's carried removals are folded with it).
+    drop(held);
+    let store =
+        RunStore::open(&StoreUrl::Local(dir.to_path_buf()), &OpenOptions::default()).unwrap();
+    store.fold_index_journal().await.unwrap();
+    for k in &keys {
+        assert!(
+            !dir.join(k).exists(),
+            "{k} came back with the worker's fold"
+        );
+    }
+    let check = store.reindex(true).await.unwrap();
+    assert!(check.consistent(), "{check:?}");
+    assert_eq!(check.journaled, 0, "{check:?}");
+}
+
 /// The CLI run directly on the local store `dir` (maintenance commands), no broker.
 fn on_store(dir: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rmos-runs"))

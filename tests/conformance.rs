@@ -1627,13 +1627,19 @@ async fn reindex_walks_a_tool_tree_that_is_only_in_a_journal() {
         explanation_status: ExplanationStatus::None,
     };
     let keys = entry_keys(&ghost);
-    assert!(keys[1].starts_with("index/by-tool/T_ONLY_JOURNALED/"), "{keys:?}");
+    assert!(
+        keys[1].starts_with("index/by-tool/T_ONLY_JOURNALED/"),
+        "{keys:?}"
+    );
     let journal_dir = dir.path().join(rmos_runs::store::journal::JOURNAL_DIR);
     std::fs::create_dir_all(&journal_dir).unwrap();
     let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
     std::fs::write(journal_dir.join("00000000deadbeef-00000000.log"), lines).unwrap();
     let check = store.reindex(true).await.unwrap();
-    assert_eq!(check.stale, 3, "time, id and the journal-only tool tree: {check:?}");
+    assert_eq!(
+        check.stale, 3,
+        "time, id and the journal-only tool tree: {check:?}"
+    );
     assert_eq!(check.journaled, 3);
     let repair = store.reindex(false).await.unwrap();
     assert_eq!(repair.stale, 3, "{repair:?}");
