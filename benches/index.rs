@@ -471,7 +471,7 @@ fn print_rows(title: &str, n: usize, rows: &[Row]) {
             r.lists.map_or("-".to_owned(), |c| format!("{c:.1}"))
         );
     }
-    if let Some(w) = rows.last() {
+    if let Some(w) = rows.last().filter(|w| w.what.starts_with("walk")) {
         println!(
             "walk: {:.2} us per run by the index ({:.1} s for {n}); by scan {:.0} s (extrapolated)",
             w.index_ms * 1000.0 / n as f64,
