@@ -501,7 +501,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await
                 .map_err(|e| anyhow!(e))?
                 .map_err(|e| anyhow!(e))?;
-            store.fold_index_journal().await.map_err(|e| anyhow!(e))?;
+            store.close_index_journal().await.map_err(|e| anyhow!(e))?;
             let r = r.map_err(|e| anyhow!(e))?;
             cli::print_report(&r, true, cli.json, "reindex")
         }

@@ -209,6 +209,21 @@ async fn list_all_orders_and_reindex() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(entry.exists(), "reindex wrote the entry back");
+    // The repair's journal folded and removed, not left behind: every file there is held
+    // by the running worker.
+    for e in std::fs::read_dir(dir.join("index/journal")).unwrap() {
+        let path = e.unwrap().path();
+        let Ok(f) = std::fs::File::open(&path) else {
+            continue; // folded meanwhile
+        };
+        let held = matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock));
+        // Free because the worker folded and removed it between our open and our lock?
+        assert!(
+            held || !path.exists(),
+            "{} is held by no process",
+            path.display()
+        );
+    }
     assert_eq!(reindex(&["reindex", "--check"]).status.code(), Some(0));
 }
 
@@ -252,6 +267,15 @@ async fn a_repair_s_removal_outlives_a_live_writer_s_unfolded_add() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["stale"], 3, "{r}");
     assert!(live.exists(), "the repair left the live file alone");
+    let left: Vec<_> = std::fs::read_dir(&journal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        left.len(),
+        2,
+        "the live file, and the repair's with its carried removals: {left:?}"
+    );
     // The worker folds its file (the repair's carried removals are folded with it).
     drop(held);
     let store =

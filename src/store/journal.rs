@@ -174,8 +174,8 @@ struct Current {
     path: PathBuf,
     seq: u64,
     lines: u64,
-    /// A write failed part way: the next append starts a new file, so no line follows a
-    /// fragment.
+    /// A write failed part way (or the file was closed): the next append starts a new file,
+    /// so no line follows a fragment.
     broken: bool,
 }
 
@@ -285,6 +285,22 @@ impl IndexJournal {
             file: old.file,
             path: old.path,
         }))
+    }
+
+    /// Removes the current file if it holds nothing (what a process leaves after its last
+    /// fold; the next fold anywhere would remove it otherwise). A later append starts a new
+    /// file. For a process about to exit (`rmos-runs reindex`).
+    pub fn close(&self) -> std::io::Result<()> {
+        let mut cur = self.current.lock().map_err(|_| poisoned())?;
+        if cur.lines == 0 && !cur.broken {
+            match std::fs::remove_file(&cur.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            cur.broken = true;
+        }
+        Ok(())
     }
 }
 

@@ -359,6 +359,18 @@ impl RunStore {
         .map_err(|e| self.io_err(e, "fold the index journal"))
     }
 
+    /// Folds this store's journal a last time and removes its file if nothing is left in it
+    /// (a removal the fold carries forward stays, for the next fold anywhere). For a process
+    /// that journaled and is about to exit.
+    pub async fn close_index_journal(&self) -> Result<journal::Folded, StoreError> {
+        let folded = self.fold_index_journal().await?;
+        if let Some(j) = &self.journal {
+            j.close()
+                .map_err(|e| self.io_err(e, "close the index journal"))?;
+        }
+        Ok(folded)
+    }
+
     /// The index changes journals hold and the trees do not yet (local store only).
     /// Only what was appended since the last call is read.
     pub(crate) fn pending_index(&self) -> Result<Arc<journal::Pending>, StoreError> {
