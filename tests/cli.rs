@@ -232,30 +232,13 @@ async fn list_all_orders_and_reindex() {
 /// add (the repair journals it, and across journals a removal wins), not be undone by it.
 #[tokio::test]
 async fn a_repair_s_removal_outlives_a_live_writer_s_unfolded_add() {
-    use rmos_runs::domain::artifact::{ExplanationStatus, RunStatus, Timestamp};
-    use rmos_runs::domain::ids::{Mode, RunId, ToolId};
-    use rmos_runs::store::index::entry_keys;
-    use rmos_runs::store::{OpenOptions, RunStore, RunSummary, StoreUrl};
+    use rmos_runs::store::{OpenOptions, RunStore, StoreUrl};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ghost = RunSummary {
-        run_id: RunId::parse("run_00000000beef").unwrap(),
-        created_at_utc: Timestamp::parse("2026-04-01T00:00:00Z").unwrap(),
-        updated_at_utc: None,
-        revision: 1,
-        mode: Mode::parse("cam").unwrap(),
-        tool_id: ToolId::parse("T1").unwrap(),
-        status: RunStatus::Ok,
-        risk_level: None,
-        explanation_status: ExplanationStatus::None,
-    };
-    let keys = entry_keys(&ghost);
-    let journal_dir = dir.join(rmos_runs::store::journal::JOURNAL_DIR);
-    std::fs::create_dir_all(&journal_dir).unwrap();
+    let keys = support::ghost_entry_keys("run_00000000beef", "T1");
     // A live worker's journal file: locked (here, by the test) while the repair runs.
-    let live = journal_dir.join("00000000feedface-00000000.log");
-    let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
-    std::fs::write(&live, lines).unwrap();
+    let live = support::plant_journal(dir, "00000000feedface-00000000.log", &keys);
+    let journal_dir = live.parent().unwrap().to_path_buf();
     let held = std::fs::File::open(&live).unwrap();
     held.lock().unwrap();
     let out = on_store(dir, &["reindex", "--json"]);

@@ -1608,33 +1608,16 @@ async fn a_removal_wins_over_an_older_writer_s_later_fold() {
 /// tree from the journal too, and the repair remove them.
 #[tokio::test]
 async fn reindex_walks_a_tool_tree_that_is_only_in_a_journal() {
-    use rmos_runs::domain::artifact::{ExplanationStatus, RunStatus, Timestamp};
-    use rmos_runs::domain::ids::{Mode, ToolId};
-    use rmos_runs::store::index::entry_keys;
     let dir = tempfile::tempdir().unwrap();
     let url = StoreUrl::Local(dir.path().to_path_buf());
     let store = RunStore::open(&url, &OpenOptions::default()).unwrap();
     create(&store, &run_id(0x7101), "T1").await;
-    let ghost = RunSummary {
-        run_id: run_id(0x7102),
-        created_at_utc: Timestamp::parse("2026-04-01T00:00:00Z").unwrap(),
-        updated_at_utc: None,
-        revision: 1,
-        mode: Mode::parse("cam").unwrap(),
-        tool_id: ToolId::parse("T_ONLY_JOURNALED").unwrap(),
-        status: RunStatus::Ok,
-        risk_level: None,
-        explanation_status: ExplanationStatus::None,
-    };
-    let keys = entry_keys(&ghost);
+    let keys = support::ghost_entry_keys(run_id(0x7102).as_str(), "T_ONLY_JOURNALED");
     assert!(
         keys[1].starts_with("index/by-tool/T_ONLY_JOURNALED/"),
         "{keys:?}"
     );
-    let journal_dir = dir.path().join(rmos_runs::store::journal::JOURNAL_DIR);
-    std::fs::create_dir_all(&journal_dir).unwrap();
-    let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
-    std::fs::write(journal_dir.join("00000000deadbeef-00000000.log"), lines).unwrap();
+    support::plant_journal(dir.path(), "00000000deadbeef-00000000.log", &keys);
     let check = store.reindex(true).await.unwrap();
     assert_eq!(
         check.stale, 3,

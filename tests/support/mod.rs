@@ -1429,3 +1429,33 @@ impl Drop for NatsCluster {
         }
     }
 }
+
+/// The three index keys (time, tool, id) of a run that no record backs, created on
+/// 2026-04-01: long past the repairs' in-flight grace, so a repair finds them stale. For
+/// tests that plant such entries in a journal file.
+pub fn ghost_entry_keys(run: &str, tool: &str) -> Vec<String> {
+    use rmos_runs::domain::artifact::{ExplanationStatus, RunStatus, Timestamp};
+    use rmos_runs::domain::ids::{Mode, RunId, ToolId};
+    rmos_runs::store::index::entry_keys(&rmos_runs::store::RunSummary {
+        run_id: RunId::parse(run).expect("run id"),
+        created_at_utc: Timestamp::parse("2026-04-01T00:00:00Z").expect("time"),
+        updated_at_utc: None,
+        revision: 1,
+        mode: Mode::parse("cam").expect("mode"),
+        tool_id: ToolId::parse(tool).expect("tool"),
+        status: RunStatus::Ok,
+        risk_level: None,
+        explanation_status: ExplanationStatus::None,
+    })
+}
+
+/// Writes a journal file `name` into the local store at `root` that adds `keys` (`+key`
+/// lines), as a writer's journal would hold them; returns its path.
+pub fn plant_journal(root: &Path, name: &str, keys: &[String]) -> PathBuf {
+    let dir = root.join(rmos_runs::store::journal::JOURNAL_DIR);
+    std::fs::create_dir_all(&dir).expect("journal dir");
+    let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
+    let path = dir.join(name);
+    std::fs::write(&path, lines).expect("journal file");
+    path
+}
