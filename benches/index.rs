@@ -196,6 +196,22 @@ async fn scan_page(
     (found, last)
 }
 
+/// Follows `q`'s cursors until 50 runs are in hand (a selective filter may need more pages)
+/// or the listing ends; returns (runs, pages).
+async fn first_50(store: &RunStore, q: &ListQuery) -> (usize, usize) {
+    let mut q = q.clone();
+    let (mut got, mut pages) = (0, 0);
+    loop {
+        let page = store.list(&q).await.expect("list");
+        got += page.runs.len();
+        pages += 1;
+        match page.next_cursor {
+            Some(c) if got < 50 => q.cursor = Some(c),
+            _ => return (got, pages),
+        }
+    }
+}
+
 /// Every page of `q`; returns (runs, pages).
 async fn walk(store: &RunStore, mut q: ListQuery) -> (usize, usize) {
     let (mut runs, mut pages) = (0, 0);
@@ -362,21 +378,7 @@ async fn listing_rows(store: &RunStore, n: usize, counter: Option<&Counting>) ->
     // `BENCH_SCAN_REPS=0` skips the scans (at 10^6 runs they take over an hour).
     let scan_reps = env_usize("BENCH_SCAN_REPS", if counter.is_some() { 1 } else { 3 });
     for (what, query, filter) in cases {
-        // Follow cursors until 50 runs are in hand (a selective filter may need more pages).
-        let fetch = || async {
-            let mut q = query.clone();
-            let (mut got, mut pages) = (0, 0);
-            loop {
-                let page = store.list(&q).await.expect("list");
-                got += page.runs.len();
-                pages += 1;
-                match page.next_cursor {
-                    Some(c) if got < 50 => q.cursor = Some(c),
-                    _ => break,
-                }
-            }
-            pages
-        };
+        let fetch = || async { first_50(store, &query).await.1 };
         reset();
         let pages = fetch().await;
         let calls = lists().map(|c| c / pages as f64);
@@ -563,19 +565,7 @@ async fn pages_under_writes(store: &RunStore, first: u64) -> (Vec<Row>, f64) {
         ("first page, newest first", newest),
         ("first 50 of ERROR, RED, drill (0.1 %, no tool)", selective),
     ] {
-        let (index_ms, got) = median_ms(9, || async {
-            let mut q = query.clone();
-            let mut got = 0;
-            loop {
-                let page = store.list(&q).await.expect("list");
-                got += page.runs.len();
-                match page.next_cursor {
-                    Some(c) if got < 50 => q.cursor = Some(c),
-                    _ => break got,
-                }
-            }
-        })
-        .await;
+        let (index_ms, (got, _)) = median_ms(9, || first_50(store, &query)).await;
         assert_eq!(got, 50, "{what}: a full page");
         rows.push(Row {
             what,
