@@ -465,7 +465,7 @@ pub fn fold(
         }
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    fold_files(local, prefix, dir, journal, &files)
+    fold_files(local, prefix, journal, &files)
 }
 
 /// How long a fold carries forward a removal whose entry it did not find: the add may sit in
@@ -479,7 +479,6 @@ const CARRY_FOR_MS: u64 = 10 * 60 * 1000;
 fn fold_files(
     local: &LocalStore,
     prefix: &Path,
-    dir: &FsPath,
     journal: Option<&IndexJournal>,
     files: &[Sealed],
 ) -> std::io::Result<Folded> {
@@ -543,7 +542,8 @@ fn fold_files(
     if let Some(j) = journal {
         j.carry(&carry)?;
     }
-    // The trees (and the carried lines) durable before the lines that describe them go.
+    // The trees (and the carried lines) durable before the lines that describe them go. The
+    // barrier rides the records' group commit when one is running.
     local.barrier()?;
     for sealed in files {
         match std::fs::remove_file(&sealed.path) {
@@ -552,11 +552,10 @@ fn fold_files(
             Err(e) => return Err(e),
         }
     }
-    if local.fsync() {
-        // The removals durable before a later fold: a crash must not bring these files back
-        // to be folded again after newer ones.
-        File::open(dir)?.sync_all()?;
-    }
+    // The removals need no fsync of their own: a crash must not bring these files back to be
+    // folded after newer ones, and every later fold's barrier (a `syncfs`) makes them durable
+    // before it removes a file of its own. Until then, a file that came back is folded again
+    // with the later ones, as one set, to the same trees.
     Ok(done)
 }
 
