@@ -181,6 +181,10 @@ enum Cmd {
         /// Only report what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// Read every record instead of taking the runs created before the cutoff from the
+        /// index (also counts tombstones and reports corrupt records).
+        #[arg(long)]
+        full_scan: bool,
     },
     /// Copy the configured store to another store (incremental, verified, resumable).
     Backup {
@@ -458,6 +462,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Gc {
             older_than,
             dry_run,
+            full_scan,
         } => {
             let age = match older_than {
                 Some(s) => rmos_runs::config::parse_duration("--older-than", &s)?,
@@ -467,7 +472,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             maintenance::check_retention(age).map_err(|e| anyhow!("--older-than: {e}"))?;
             let store = open_store(&cfg.store_url, &cfg, !dry_run).await?;
-            let r = maintenance::gc(&store, &GcOptions::older_than(age, dry_run), None).await?;
+            let opts = GcOptions {
+                full_scan,
+                ..GcOptions::older_than(age, dry_run)
+            };
+            let r = maintenance::gc(&store, &opts, None).await?;
             cli::print_report(&r, r.ok(), cli.json, "gc")
         }
         Cmd::Backup { to, overwrite } => {

@@ -1547,7 +1547,11 @@ async fn a_dead_writer_s_journal_is_listed_then_folded() {
     assert_eq!(live.fold_index_journal().await.unwrap().files, 1);
     let pending = files();
     assert_eq!(pending.len(), 1);
-    assert_eq!(std::fs::metadata(&pending[0]).unwrap().len(), 0);
+    let left = std::fs::read_to_string(&pending[0]).unwrap();
+    assert!(
+        left.lines().all(|l| l.starts_with('#')),
+        "only its header: {left:?}"
+    );
     assert_eq!(walk(&other, ListQuery::default()).await, all);
     let check = other.reindex(true).await.unwrap();
     assert!(check.consistent(), "{check:?}");
@@ -1601,6 +1605,64 @@ async fn a_removal_wins_over_an_older_writer_s_later_fold() {
     assert!(check.consistent(), "{check:?}");
     assert_eq!(check.journaled, 0, "{check:?}");
     assert_eq!(listed(reader).await, vec![(id, 2)]);
+}
+
+/// A writer frozen (or found dead) longer than a carried removal lives: its journal file
+/// still adds an entry that another writer's later change removed, and the removal has since
+/// expired. The fold checks such an old file's adds against the records: the superseded
+/// revision's entries are dropped, an add whose record is not written yet is kept, and the
+/// same adds in a fresh file are folded as they are (no record read).
+#[tokio::test]
+async fn an_old_journal_file_s_superseded_adds_are_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = StoreUrl::Local(dir.path().to_path_buf());
+    let store = RunStore::open(&url, &OpenOptions::default()).unwrap();
+    let id = run_id(0x7201);
+    create(&store, &id, "T1").await;
+    let body = json!({"run_id": id.as_str(), "meta_updates": {"k": 1}});
+    store
+        .execute(&cmd(CommandKind::PatchMeta, body), &ctx())
+        .await
+        .unwrap();
+    // Revision 1's entries (its removal long expired) and a run whose record is in flight.
+    let superseded = support::ghost_entry_keys(id.as_str(), "T1");
+    let in_flight = support::ghost_entry_keys(run_id(0x7202).as_str(), "T1");
+    let old_ms = chrono::Utc::now().timestamp_millis()
+        - i64::try_from(rmos_runs::store::journal::CARRY_FOR_MS).unwrap()
+        - 60_000;
+    let plant = |name: &str, started_ms: i64| {
+        let path = support::plant_journal(
+            dir.path(),
+            name,
+            &[superseded.clone(), in_flight.clone()].concat(),
+        );
+        let lines = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("#{started_ms}\n{lines}")).unwrap();
+    };
+    plant("00000000f0f0f0f0-00000000.log", old_ms);
+    let folded = store.fold_index_journal().await.unwrap();
+    assert_eq!((folded.superseded, folded.added), (3, 3), "{folded:?}");
+    for key in &superseded {
+        assert!(!dir.path().join(key).exists(), "{key} was folded");
+    }
+    for key in &in_flight {
+        assert!(dir.path().join(key).exists(), "{key} was dropped");
+    }
+    let mut listed: Vec<_> = walk(&store, ListQuery::default())
+        .await
+        .iter()
+        .map(|r| (r.run_id.clone(), r.revision))
+        .collect();
+    listed.sort();
+    assert_eq!(listed, vec![(id.clone(), 2), (run_id(0x7202), 1)]);
+    // A fresh file is trusted: what the check prevents would happen without it.
+    plant(
+        "00000000f0f0f0f0-00000001.log",
+        chrono::Utc::now().timestamp_millis(),
+    );
+    let folded = store.fold_index_journal().await.unwrap();
+    assert_eq!(folded.superseded, 0, "{folded:?}");
+    assert!(dir.path().join(&superseded[0]).exists());
 }
 
 /// A dead writer's journal holds the only entries of a tool (its tree is made at the next

@@ -184,6 +184,47 @@ async fn gc_dry_run_changes_nothing_and_real_run_deletes_through_the_delete_path
 }
 
 #[tokio::test]
+async fn gc_takes_its_candidates_from_a_complete_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = local(dir.path());
+    create(&store, &run_id(1), OLD, "G21 a").await;
+    create(&store, &run_id(2), Some("2021-06-01T00:00:00Z"), "G21 b").await;
+    create(&store, &run_id(3), None, "G21 c").await;
+    store.reindex(false).await.unwrap();
+    assert!(store.index_complete().await.unwrap());
+    // A record the index does not know: not the index pass's to find.
+    std::fs::write(dir.path().join("run_00000000000f.json"), b"{ not json").unwrap();
+
+    let opts = GcOptions::older_than(Duration::from_secs(30 * 86_400), false);
+    let r = maintenance::gc(&store, &opts, None).await.unwrap();
+    assert!(r.from_index, "{r}");
+    assert_eq!(
+        r.examined, 2,
+        "only the expired runs' records are read: {r}"
+    );
+    assert_eq!(r.deleted, vec![run_id(1), run_id(2)], "{r}");
+    assert!(r.ok(), "{r}");
+    assert!(r.to_string().contains("from the index"), "{r}");
+    assert!(store.get(&run_id(3)).await.is_ok());
+
+    // Again: the deleted runs left the index, nothing is read.
+    let r = maintenance::gc(&store, &opts, None).await.unwrap();
+    assert_eq!((r.examined, r.deleted.len()), (0, 0), "{r}");
+
+    // A full scan reads every record: it counts the tombstones and reports the corrupt one.
+    let full = GcOptions {
+        full_scan: true,
+        ..opts
+    };
+    let r = maintenance::gc(&store, &full, None).await.unwrap();
+    assert!(!r.from_index, "{r}");
+    assert_eq!((r.examined, r.tombstones), (4, 2), "{r}");
+    assert_eq!(r.errors.len(), 1, "{r}");
+    assert_eq!(r.errors[0].key, "run_00000000000f.json");
+    assert!(dir.path().join("run_00000000000f.json").exists());
+}
+
+#[tokio::test]
 async fn gc_releases_blobs_only_the_expired_runs_referenced() {
     let dir = tempfile::tempdir().unwrap();
     let store = local(dir.path());
@@ -610,12 +651,28 @@ async fn cli_gc_dry_run_json_and_import_exit_codes() {
     );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["dry_run"], true);
+    assert_eq!(r["from_index"], false, "this store's index was never built");
     assert_eq!(r["examined"], 2);
     assert_eq!(r["would_delete"], json!([run_id(1).as_str()]));
     assert!(
         store.get(&run_id(1)).await.is_ok(),
         "dry run deletes nothing"
     );
+    // Once the index is complete, a pass reads only the expired runs, unless told to scan.
+    store.reindex(false).await.unwrap();
+    for (flags, from_index, examined) in [(&[][..], true, 1), (&["--full-scan"][..], false, 2)] {
+        let mut args = vec!["gc", "--older-than", "30d", "--dry-run", "--json"];
+        args.extend(flags);
+        let out = bin(dir.path(), &args);
+        assert_eq!(out.status.code(), Some(0));
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (&r["from_index"], &r["examined"]),
+            (&json!(from_index), &json!(examined)),
+            "{flags:?}"
+        );
+        assert_eq!(r["would_delete"], json!([run_id(1).as_str()]));
+    }
 
     let out = bin(dir.path(), &["gc", "--older-than", "90", "--dry-run"]);
     assert_eq!(out.status.code(), Some(1));

@@ -14,13 +14,18 @@
 //! is written, exactly as with entry files.
 //!
 //! ```text
-//! index/journal/<writer>-<seq>.log    lines "+<entry key>" (added), "-<entry key>" (removed),
+//! index/journal/<writer>-<seq>.log    lines "#<ms>" (first: when the file was started),
+//!                                     "+<entry key>" (added), "-<entry key>" (removed),
 //!                                     "!<ms> <entry key>" (a removal a fold carries forward)
 //! ```
 //!
 //! Files of different writers are folded and read in no meaningful order, so **a removal
 //! wins** ([`Pending`]); a fold that removes an entry not yet in the trees carries the removal
-//! forward, in case its add is still in a live writer's file, folded later.
+//! forward, in case its add is still in a live writer's file, folded later. It carries it for
+//! [`CARRY_FOR_MS`]; a file started longer ago than [`CHECK_AFTER_MS`] (its writer was frozen,
+//! or died and was found late) may hold adds whose removal has expired, so its adds are checked
+//! against their runs' records before they are folded (one record read each, only for such a
+//! file): an add the record has moved past (a later revision, a tombstone) is dropped.
 //!
 //! A writer holds an exclusive `flock` on each of its files until that file is folded and
 //! removed. A file nobody holds belongs to a process that died: any worker (or `reindex`) folds
@@ -40,6 +45,7 @@ use object_store::path::Path;
 
 use super::index;
 use super::local::LocalStore;
+use crate::domain::artifact::StoredRecord;
 
 /// Directory of the journal files, relative to the store prefix.
 pub const JOURNAL_DIR: &str = "index/journal";
@@ -195,6 +201,9 @@ pub struct Folded {
     pub added: usize,
     /// Entries removed from the trees.
     pub removed: usize,
+    /// Adds from old files (see [`CHECK_AFTER_MS`]) dropped because their run's record had
+    /// moved past them.
+    pub superseded: usize,
     /// CPU time the fold's thread spent applying them (the barrier not included).
     pub cpu: Duration,
 }
@@ -309,10 +318,10 @@ fn poisoned() -> std::io::Error {
 }
 
 impl Current {
-    /// Creates and locks file `seq` of `writer` in `dir`.
+    /// Creates and locks file `seq` of `writer` in `dir`, headed by the time it was started.
     fn start(dir: &FsPath, writer: &str, seq: u64) -> std::io::Result<Self> {
         let path = dir.join(format!("{writer}-{seq:08x}.log"));
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .append(true)
             .read(true)
             .create_new(true)
@@ -323,6 +332,9 @@ impl Current {
                 std::io::Error::other(format!("{} is locked by another writer", path.display()))
             }
         })?;
+        // Durable with the first line's barrier; a file torn before it is empty, and a
+        // file without it counts as started at its last change.
+        file.write_all(format!("#{}\n", now_ms()).as_bytes())?;
         Ok(Self {
             file,
             path,
@@ -471,7 +483,55 @@ pub fn fold(
 /// How long a fold carries forward a removal whose entry it did not find: the add may sit in
 /// a live writer's journal that is folded later (a worker frozen that long may leave a stale
 /// entry, which `reindex` removes).
-const CARRY_FOR_MS: u64 = 10 * 60 * 1000;
+pub const CARRY_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// Age of a journal file past which a fold checks its adds against the records: half of
+/// [`CARRY_FOR_MS`], so that a removal the file's adds may have outlived is never trusted to
+/// still be carried.
+pub const CHECK_AFTER_MS: u64 = CARRY_FOR_MS / 2;
+
+fn now_ms() -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// When a journal file was started: its `#<ms>` first line, or (a file of an earlier version,
+/// which has none) its last change.
+fn started_ms(text: &str, file: &File) -> std::io::Result<u64> {
+    if let Some(ms) = text
+        .strip_prefix('#')
+        .and_then(|t| t.split_once('\n'))
+        .and_then(|(ms, _)| ms.parse().ok())
+    {
+        return Ok(ms);
+    }
+    let modified = file.metadata()?.modified()?;
+    let since_epoch = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(u64::try_from(since_epoch.as_millis()).unwrap_or(0))
+}
+
+/// Whether the record of the run that entry `key` describes has moved past it: a tombstone,
+/// or a later revision. A missing record (its write may be in flight), one that does not
+/// decode (for `verify`) or an older one keeps the entry.
+fn superseded(local: &LocalStore, prefix: &Path, key: &str) -> std::io::Result<bool> {
+    let Some(entry) = key.rsplit('/').next().and_then(index::parse_entry) else {
+        return Ok(false);
+    };
+    let record = local
+        .fs_path(&index::under(prefix, &format!("{}.json", entry.run_id)))
+        .map_err(std::io::Error::other)?;
+    let bytes = match std::fs::read(&record) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(match StoredRecord::decode(&bytes) {
+        Ok(StoredRecord::Deleted(_)) => true,
+        Ok(r) => r.revision() > entry.revision,
+        Err(_) => false,
+    })
+}
 
 /// Folds `files` as one set: their changes (a removal wins, see [`Pending::apply`]) into the
 /// trees, the removals of entries not found carried forward into `journal`'s current file
@@ -488,6 +548,9 @@ fn fold_files(
     }
     let mut pending = Pending::default();
     let mut added_here: HashSet<String> = HashSet::new();
+    // Adds of files old enough that a removal of theirs may have expired: checked below.
+    let mut to_check: HashSet<String> = HashSet::new();
+    let now_ms = now_ms();
     for sealed in files {
         let mut bytes = Vec::new();
         // From the start: the writer's own handle is at its end.
@@ -496,11 +559,11 @@ fn fold_files(
         file.read_to_end(&mut bytes)?;
         let text = whole_text(&bytes);
         pending.apply(text);
-        added_here.extend(
-            whole_lines(text)
-                .filter_map(|l| l.strip_prefix('+'))
-                .map(str::to_owned),
-        );
+        let adds = || whole_lines(text).filter_map(|l| l.strip_prefix('+'));
+        if now_ms.saturating_sub(started_ms(text, file)?) > CHECK_AFTER_MS {
+            to_check.extend(adds().map(str::to_owned));
+        }
+        added_here.extend(adds().map(str::to_owned));
     }
     // Keys are plain relative paths (entry names need no escaping): map the index directory
     // once, not every key through the object store's URL-based mapping.
@@ -513,13 +576,16 @@ fn fold_files(
     let mut objects = local.empty_objects();
     for (key, present) in &pending.ops {
         if *present {
+            if to_check.contains(key) && superseded(local, prefix, key)? {
+                done.superseded += 1;
+                continue;
+            }
             objects
                 .create(&fs_path(key))
                 .map_err(std::io::Error::other)?;
             done.added += 1;
         }
     }
-    let now_ms = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
     let mut carry: Vec<(String, u64)> = Vec::new();
     for (key, present) in &pending.ops {
         if *present {

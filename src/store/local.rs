@@ -675,7 +675,12 @@ impl GroupCommit {
         };
         if start_leader {
             let this = self.clone();
-            tokio::spawn(async move { this.lead().await });
+            let mut guard = LeaderGuard(Some(self.clone()));
+            tokio::spawn(async move {
+                this.lead().await;
+                // Ended with the queue empty and `leading` cleared: nothing to fail.
+                guard.disarm();
+            });
         }
         Ok(rx)
     }
@@ -703,6 +708,29 @@ impl GroupCommit {
                 }
                 Err(e) => tracing::error!(error = %e, "group commit batch failed"),
             }
+        }
+    }
+}
+
+/// Fails the writes still queued when a leader task is dropped before it ends (the runtime
+/// shutting down, or refusing a new task): a bare barrier waits for its batch on a blocking
+/// thread, which would otherwise wait forever, and the runtime's shutdown with it.
+struct LeaderGuard(Option<Arc<GroupCommit>>);
+
+impl LeaderGuard {
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take()
+            && let Ok(mut st) = group.state.lock()
+        {
+            st.leading = false;
+            // The senders dropped: their waiters learn the write was dropped.
+            st.queue.clear();
         }
     }
 }
@@ -936,6 +964,36 @@ mod tests {
     use super::*;
 
     use std::os::unix::fs::MetadataExt;
+
+    /// A barrier on a blocking thread rides the group commit; when the runtime shuts down
+    /// before the batch's leader ever runs, the barrier fails instead of waiting forever (and
+    /// the runtime's shutdown, which waits for blocking threads, with it).
+    #[test]
+    fn a_barrier_whose_leader_is_dropped_fails_instead_of_hanging() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path(), true).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let group = store.group.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // Detached: the runtime's drop waits for it all the same.
+                drop(tokio::task::spawn_blocking(move || store.barrier()));
+                // Hold the runtime's only thread until the barrier has queued and a leader
+                // was spawned, so the leader never runs before the shutdown.
+                while !group.state.lock().unwrap().leading {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            });
+            drop(rt);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the runtime's shutdown hung on the barrier");
+    }
 
     /// A fold's additions: new and existing directories, an existing object, and a cached
     /// directory removed (and made again) between two links into it.

@@ -4,8 +4,11 @@
 //!
 //! * **Retention** deletes each expired run through [`RunStore::execute`] with a `delete`
 //!   command (reason `retention`), exactly like the `delete` subject: the run becomes a
-//!   tombstone and the blobs only it referenced are released. Corrupt records are reported,
-//!   never deleted.
+//!   tombstone and the blobs only it referenced are released. On a store whose index is
+//!   complete, a pass finds its candidates in the index (the runs created before the cutoff,
+//!   oldest first) and reads only their records, so its cost follows what expires, not the
+//!   store's size; a full scan (`--full-scan`, or an index still being built) reads every
+//!   record and also counts tombstones and reports corrupt records, which are never deleted.
 //! * **Transfer** copies blobs, then blob-reference markers, then run records (live and
 //!   tombstones), then dead letters, so that an interrupted copy never leaves a record whose
 //!   blob is missing at the destination. Every object is read and checked at the source
@@ -31,7 +34,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{RunStore, StoreError, Versioned};
+use super::{ListQuery, MAX_PAGE, Order, RunStore, StoreError, Versioned};
 use crate::domain::artifact::{Sha256Hex, StoredRecord, Timestamp};
 use crate::domain::command::{Command, Context, DeleteRun};
 use crate::domain::hashing::sha256_bytes;
@@ -70,6 +73,8 @@ pub struct GcOptions {
     pub dry_run: bool,
     /// The tombstones' `reason`.
     pub reason: String,
+    /// Read every record instead of asking the index for the runs created before the cutoff.
+    pub full_scan: bool,
 }
 
 impl GcOptions {
@@ -85,6 +90,7 @@ impl GcOptions {
             cutoff: Timestamp(cutoff),
             dry_run,
             reason: "retention".to_owned(),
+            full_scan: false,
         }
     }
 }
@@ -105,9 +111,13 @@ pub struct GcReport {
     pub cutoff: Timestamp,
     /// True when nothing was changed.
     pub dry_run: bool,
+    /// True when the candidates came from the index (only the records of runs created before
+    /// the cutoff were read); false when every record was read (a full scan).
+    pub from_index: bool,
     /// Run records read.
     pub examined: usize,
-    /// Records that were already tombstones.
+    /// Records that were already tombstones (a full scan counts them all; the index lists
+    /// only live runs, so a pass from the index counts those deleted meanwhile).
     pub tombstones: usize,
     /// Runs deleted by this pass.
     pub deleted: Vec<RunId>,
@@ -138,11 +148,16 @@ impl fmt::Display for GcReport {
         };
         writeln!(
             f,
-            "gc{} cutoff {}: examined {} runs ({} already tombstones), {verb} {} (and {} history \
-             revisions), {} errors{}",
+            "gc{} cutoff {}: examined {} runs {}({} already tombstones), {verb} {} (and {} \
+             history revisions), {} errors{}",
             if self.dry_run { " (dry run)" } else { "" },
             self.cutoff,
             self.examined,
+            if self.from_index {
+                "created before it, from the index "
+            } else {
+                "(every record) "
+            },
             self.tombstones,
             ids.len(),
             self.history_removed,
@@ -201,7 +216,12 @@ pub async fn gc(
     opts: &GcOptions,
     stop: Option<watch::Receiver<bool>>,
 ) -> Result<GcReport, StoreError> {
-    let ids = run_ids(store).await?;
+    let from_index = !opts.full_scan && store.index_complete().await?;
+    let ids = if from_index {
+        created_before(store, opts.cutoff).await?
+    } else {
+        run_ids(store).await?
+    };
     let stopped = move || stop.as_ref().is_some_and(|s| *s.borrow());
     let stopped_in_stream = stopped.clone();
     let items: Vec<GcItem> = futures::stream::iter(ids)
@@ -213,6 +233,7 @@ pub async fn gc(
     let mut report = GcReport {
         cutoff: opts.cutoff,
         dry_run: opts.dry_run,
+        from_index,
         examined: 0,
         tombstones: 0,
         deleted: Vec::new(),
@@ -238,6 +259,32 @@ pub async fn gc(
     report.would_delete.sort();
     report.errors.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(report)
+}
+
+/// The runs the index lists as created before `cutoff`, oldest first, sorted by id: a
+/// listing's pages, so one `LIST` per 1,000 runs on S3, whatever the store's size.
+async fn created_before(store: &RunStore, cutoff: Timestamp) -> Result<Vec<RunId>, StoreError> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(&ListQuery {
+                limit: Some(MAX_PAGE),
+                order: Some(Order::Oldest),
+                until: Some(cutoff),
+                cursor,
+                ..Default::default()
+            })
+            .await?;
+        ids.extend(page.runs.into_iter().map(|r| r.run_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    // In id order, as a full scan takes them.
+    ids.sort();
+    Ok(ids)
 }
 
 async fn gc_one(store: &RunStore, opts: &GcOptions, id: RunId) -> GcItem {
