@@ -440,7 +440,8 @@ fn whole_text(bytes: &[u8]) -> &str {
 }
 
 /// Folds `sealed` (if given: this writer's previous file) and then every file in `dir` no live
-/// process holds (left by one that died), into the trees. Blocking: run it off the runtime.
+/// process holds (left by one that died), into the trees. Blocking: inside a runtime, run it
+/// from `spawn_blocking` (its barrier waits there for the records' group commit).
 pub fn fold(
     local: &LocalStore,
     prefix: &Path,
@@ -481,8 +482,8 @@ pub fn fold(
 }
 
 /// How long a fold carries forward a removal whose entry it did not find: the add may sit in
-/// a live writer's journal that is folded later (a worker frozen that long may leave a stale
-/// entry, which `reindex` removes).
+/// a live writer's journal that is folded later (a file folded that late, its writer frozen,
+/// has its adds checked against the records instead: [`CHECK_AFTER_MS`]).
 pub const CARRY_FOR_MS: u64 = 10 * 60 * 1000;
 
 /// Age of a journal file past which a fold checks its adds against the records: half of

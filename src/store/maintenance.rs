@@ -261,8 +261,8 @@ pub async fn gc(
     Ok(report)
 }
 
-/// The runs the index lists as created before `cutoff`, oldest first, sorted by id: a
-/// listing's pages, so one `LIST` per 1,000 runs on S3, whatever the store's size.
+/// The runs the index lists as created before `cutoff`, sorted by id: a listing's pages of
+/// 1,000, oldest first, each costing what a page costs (README), whatever the store's size.
 async fn created_before(store: &RunStore, cutoff: Timestamp) -> Result<Vec<RunId>, StoreError> {
     let mut ids = Vec::new();
     let mut cursor = None;
