@@ -1631,13 +1631,12 @@ async fn an_old_journal_file_s_superseded_adds_are_dropped() {
         - i64::try_from(rmos_runs::store::journal::CARRY_FOR_MS).unwrap()
         - 60_000;
     let plant = |name: &str, started_ms: i64| {
-        let path = support::plant_journal(
+        support::plant_journal_started(
             dir.path(),
             name,
+            started_ms,
             &[superseded.clone(), in_flight.clone()].concat(),
         );
-        let lines = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, format!("#{started_ms}\n{lines}")).unwrap();
     };
     plant("00000000f0f0f0f0-00000000.log", old_ms);
     let folded = store.fold_index_journal().await.unwrap();

@@ -1450,12 +1450,23 @@ pub fn ghost_entry_keys(run: &str, tool: &str) -> Vec<String> {
 }
 
 /// Writes a journal file `name` into the local store at `root` that adds `keys` (`+key`
-/// lines), as a writer's journal would hold them; returns its path.
+/// lines), as a writer's journal would hold them, without the start-time header (as an earlier
+/// version wrote them); returns its path.
 pub fn plant_journal(root: &Path, name: &str, keys: &[String]) -> PathBuf {
+    write_journal(root, name, String::new(), keys)
+}
+
+/// [`plant_journal`] with the `#<ms>` header a writer starts each file with: started at
+/// `started_ms` (Unix milliseconds).
+pub fn plant_journal_started(root: &Path, name: &str, started_ms: i64, keys: &[String]) -> PathBuf {
+    write_journal(root, name, format!("#{started_ms}\n"), keys)
+}
+
+fn write_journal(root: &Path, name: &str, header: String, keys: &[String]) -> PathBuf {
     let dir = root.join(rmos_runs::store::journal::JOURNAL_DIR);
     std::fs::create_dir_all(&dir).expect("journal dir");
     let lines: String = keys.iter().map(|k| format!("+{k}\n")).collect();
     let path = dir.join(name);
-    std::fs::write(&path, lines).expect("journal file");
+    std::fs::write(&path, header + &lines).expect("journal file");
     path
 }
