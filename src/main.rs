@@ -637,7 +637,9 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         .probe()
         .await
         .map_err(|e| anyhow!("store {}: {e}", cfg.store_url))?;
-    spawn_index_build(&store).await?;
+    // Checked before the broker, so a store error is the first reported; built only once the
+    // worker is ready, so a start-up that fails later leaves no build behind to report on.
+    let build_index = index_build_needed(&store).await?;
     let client = connect::connect(&cfg, "rmos-runs worker")
         .await
         .map_err(|e| Failure {
@@ -826,6 +828,7 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
         }));
     }
     let mut tasks: futures::stream::FuturesUnordered<_> = tasks.into_iter().collect();
+    let index_build = build_index.then(|| spawn_index_build(store.clone(), stop_rx.clone()));
     tracing::info!(store = %cfg.store_url, nats = %cfg.nats_urls.join(","), prefix = %cfg.subject_prefix, inbox = %cfg.inbox_prefix,
         ingest = ?cfg.ingest, "rmos-runs worker ready");
 
@@ -856,6 +859,9 @@ async fn serve(cfg: Config) -> Result<(), Failure> {
     }
     for task in http {
         let _ = task.await;
+    }
+    if let Some(build) = index_build {
+        let _ = build.await;
     }
     client.flush().await.ok();
     client.drain().await.ok();
@@ -997,40 +1003,48 @@ fn raise_open_files_limit() {
     }
 }
 
-/// A store without a complete index (one written before the index existed, or the JSON data
-/// directory of the original FastAPI service) gets it built in the background; listings say
-/// `index_complete: false` until then. A new, empty store is complete at once.
-/// The same pass marks every live run's blob references, on a store not yet flagged as fully
-/// marked (until then deletes keep the blobs they would release).
-async fn spawn_index_build(store: &RunStore) -> Result<(), Failure> {
+/// Whether the store needs its index built: one written before the index existed, or the
+/// JSON data directory of the original FastAPI service (a new, empty store is complete at
+/// once), or one not yet flagged as having every live run's blob references marked (until
+/// then deletes keep the blobs they would release).
+async fn index_build_needed(store: &RunStore) -> Result<bool, Failure> {
     let complete = async {
         Ok::<bool, rmos_runs::store::StoreError>(
             store.index_complete().await? && store.blob_refs_complete().await?,
         )
     };
-    if complete
+    Ok(!complete
         .await
-        .map_err(|e| anyhow!("store {}: {e}", store.url()))?
-    {
-        return Ok(());
-    }
-    let store = store.clone();
+        .map_err(|e| anyhow!("store {}: {e}", store.url()))?)
+}
+
+/// Builds the index (and marks blob references) in the background; listings say
+/// `index_complete: false` until then. Stops at shutdown: a build is idempotent, and the
+/// next start runs it again.
+fn spawn_index_build(
+    store: RunStore,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         tracing::warn!(store = %store.url(), "the listing index is incomplete: building it");
-        match store.reindex(false).await {
-            Ok(r) => tracing::info!(
-                records = r.records,
-                live = r.live,
-                written = r.missing,
-                removed = r.stale,
-                "listing index built"
+        tokio::select! {
+            r = store.reindex(false) => match r {
+                Ok(r) => tracing::info!(
+                    records = r.records,
+                    live = r.live,
+                    written = r.missing,
+                    removed = r.stale,
+                    "listing index built"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "building the listing index failed; run `rmos-runs reindex`")
+                }
+            },
+            _ = stop.wait_for(|stopped| *stopped) => tracing::info!(
+                "building the listing index stopped at shutdown; the next start builds it again"
             ),
-            Err(e) => {
-                tracing::error!(error = %e, "building the listing index failed; run `rmos-runs reindex`")
-            }
         }
-    });
-    Ok(())
+    })
 }
 
 async fn shutdown_signal() {

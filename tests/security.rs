@@ -2065,6 +2065,12 @@ async fn creds_refused_at_start_up(
         last.contains("broker credentials:"),
         "{tag}: last line does not say why: {last:?}; log:\n{log}"
     );
+    // The index of the new store is built only once the worker is ready: a build started
+    // before the broker refused could report its own failure after the reason, at exit.
+    assert!(
+        !log.contains("listing index"),
+        "{tag}: an index build started before the broker connection; log:\n{log}"
+    );
     assert!(
         !log.contains("retrying"),
         "{tag}: the worker retried; log:\n{log}"
