@@ -1003,10 +1003,10 @@ fn raise_open_files_limit() {
     }
 }
 
-/// Whether the store needs its index built: one written before the index existed, or the
-/// JSON data directory of the original FastAPI service (a new, empty store is complete at
-/// once), or one not yet flagged as having every live run's blob references marked (until
-/// then deletes keep the blobs they would release).
+/// Whether the store needs its index built: one written before the index existed, the JSON
+/// data directory of the original FastAPI service, a new store (whose build finds nothing and
+/// ends at once), or one not yet flagged as having every live run's blob references marked
+/// (until then deletes keep the blobs they would release).
 async fn index_build_needed(store: &RunStore) -> Result<bool, Failure> {
     let complete = async {
         Ok::<bool, rmos_runs::store::StoreError>(
