@@ -1026,7 +1026,21 @@ fn spawn_index_build(
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        tracing::warn!(store = %store.url(), "the listing index is incomplete: building it");
+        // A store with runs lists them partially until the build is done: worth a warning. A
+        // new store has nothing to build; its index is marked complete at once.
+        match store.holds_runs().await {
+            Ok(false) => {
+                tracing::info!(store = %store.url(), "new store: marking the listing index complete")
+            }
+            Ok(true) => {
+                tracing::warn!(store = %store.url(), "the listing index is incomplete: building it")
+            }
+            Err(e) => tracing::warn!(
+                store = %store.url(),
+                error = %e,
+                "the listing index is incomplete: building it"
+            ),
+        }
         tokio::select! {
             r = store.reindex(false) => match r {
                 Ok(r) => tracing::info!(

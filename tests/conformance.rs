@@ -1056,6 +1056,41 @@ async fn an_index_of_an_earlier_layout_is_rebuilt(store: RunStore) {
     assert!(page.index_complete);
 }
 
+/// `holds_runs` (what `serve` asks before warning of an index build) counts records only:
+/// not the index, blobs or history, and a tombstone is a record.
+async fn holds_runs_counts_records_only(store: RunStore) {
+    let prefixed = |rel: &str| {
+        let p = if store.url().starts_with("s3") {
+            format!("runs/{rel}")
+        } else {
+            rel.to_owned()
+        };
+        object_store::path::Path::from(p.as_str())
+    };
+    assert!(!store.holds_runs().await.unwrap(), "a new store");
+    for k in [
+        "index/_built",
+        "blobs/00ff",
+        "history/run_00000000ffff/1.json",
+        "zz.json",
+    ] {
+        store
+            .object_store()
+            .put(&prefixed(k), PutPayload::from_static(b"1\n"))
+            .await
+            .unwrap();
+    }
+    assert!(
+        !store.holds_runs().await.unwrap(),
+        "other objects are not runs"
+    );
+    let id = run_id(0x6001);
+    create(&store, &id, "T1").await;
+    assert!(store.holds_runs().await.unwrap(), "one run");
+    delete(&store, &id).await;
+    assert!(store.holds_runs().await.unwrap(), "a tombstone");
+}
+
 // ---------------------------------------------------------------------------------------------
 // History: every revision kept, a hash chain
 // ---------------------------------------------------------------------------------------------
@@ -1451,6 +1486,7 @@ macro_rules! suite {
                 index_pages_hold_under_concurrent_changes,
                 index_recovers_from_a_crash_between_entries_and_record,
                 an_index_of_an_earlier_layout_is_rebuilt,
+                holds_runs_counts_records_only,
                 history_keeps_every_revision_chained,
                 tampering_with_the_history_is_reported,
                 a_claimed_revision_is_rolled_forward,

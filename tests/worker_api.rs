@@ -85,6 +85,57 @@ async fn create_get_list_verify() {
     drop(worker);
 }
 
+/// Lists until the page says the index is complete (the field is left out when it is).
+async fn wait_index_complete(env: &Env, worker: &Worker) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, page) = env.request("list", &rid("list"), "{}").await;
+        assert_eq!(status, None, "{page}");
+        if page.get("index_complete").is_none() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "index never complete; log:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A worker on a new store marks the index complete without a warning; on a store that holds
+/// runs but no complete index, it warns that listings are partial while it builds one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_build_warns_only_on_a_store_with_runs() {
+    const WARNING: &str = "the listing index is incomplete";
+    let env = Env::new().await;
+    let worker = env.worker("new").await;
+    wait_index_complete(&env, &worker).await;
+    assert!(
+        !worker.log().contains(WARNING),
+        "a new store warned; log:\n{}",
+        worker.log()
+    );
+    let events = env.events().await;
+    let r = rid("create");
+    env.publish("create", &r, bytes_of(&create_payload(None, "T1")))
+        .await;
+    assert_eq!(events.one(&r, EVENT_TIMEOUT, &worker).await.kind, "stored");
+    drop(worker);
+
+    // As a store written before the index existed: runs, no marker.
+    std::fs::remove_file(env.runs_dir().join("index/_built")).expect("remove the marker");
+    let worker = env.worker("old").await;
+    wait_index_complete(&env, &worker).await;
+    assert!(
+        worker.log().contains(WARNING),
+        "no warning while building; log:\n{}",
+        worker.log()
+    );
+    let (_, page) = env.request("list", &rid("list"), "{}").await;
+    assert_eq!(page["runs"].as_array().map(Vec::len), Some(1), "{page}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_pages_over_120_runs() {
     let env = Env::new().await;

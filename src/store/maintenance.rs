@@ -34,7 +34,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{ListQuery, MAX_PAGE, Order, RunStore, StoreError, Versioned};
+use super::{ListQuery, MAX_PAGE, Order, RunStore, StoreError, Versioned, index};
 use crate::domain::artifact::{Sha256Hex, StoredRecord, Timestamp};
 use crate::domain::command::{Command, Context, DeleteRun};
 use crate::domain::hashing::sha256_bytes;
@@ -187,6 +187,58 @@ enum GcItem {
     Error(KeyError),
 }
 
+/// The name of a run's record (`<run_id>.json`), if `name` is one.
+fn record_name(name: &str) -> Option<RunId> {
+    RunId::parse(name.strip_suffix(".json")?).ok()
+}
+
+impl RunStore {
+    /// Whether the store holds at least one run's record (live, tombstone or corrupt). Cheap
+    /// at any size: on the local store one directory read that stops at the first record;
+    /// elsewhere one LIST from the first key a record can have (records are the last keys at
+    /// the top level).
+    pub async fn holds_runs(&self) -> Result<bool, StoreError> {
+        if let Some(local) = &self.local {
+            let dir = if self.prefix.as_ref().is_empty() {
+                local.root().to_path_buf()
+            } else {
+                local
+                    .fs_path(&self.prefix)
+                    .map_err(|e| self.os_err(e, "locate the store"))?
+            };
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(self.io_err(e, "list runs")),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.io_err(e, "list runs"))?;
+                if entry.file_name().to_str().and_then(record_name).is_some() {
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
+        }
+        let prefix = (!self.prefix.as_ref().is_empty()).then_some(&self.prefix);
+        let depth = self.prefix.parts().count() + 1;
+        // Every key before `run_` at the top level is a directory (blobs/, index/, ...).
+        let offset = index::under(&self.prefix, "run_");
+        let mut listed = self.store.list_with_offset(prefix, &offset);
+        while let Some(meta) = listed
+            .try_next()
+            .await
+            .map_err(|e| self.os_err(e, "list runs"))?
+        {
+            if meta.location.parts().count() == depth
+                && meta.location.filename().and_then(record_name).is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
 /// Every run id with a record at the top level of the store (live, tombstone or corrupt).
 pub(super) async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> {
     let prefix = (!store.prefix.as_ref().is_empty()).then_some(&store.prefix);
@@ -200,10 +252,7 @@ pub(super) async fn run_ids(store: &RunStore) -> Result<Vec<RunId>, StoreError> 
         .objects
         .iter()
         .filter(|m| m.location.parts().count() == depth)
-        .filter_map(|m| {
-            let name = m.location.filename()?;
-            RunId::parse(name.strip_suffix(".json")?).ok()
-        })
+        .filter_map(|m| record_name(m.location.filename()?))
         .collect();
     ids.sort();
     Ok(ids)
