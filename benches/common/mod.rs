@@ -35,3 +35,35 @@ pub fn cpu_secs() -> f64 {
     let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 * 1e-6;
     t(u.ru_utime) + t(u.ru_stime)
 }
+
+/// A warning to print with the figures when `dir` lies on ext4 without a journal: there, an
+/// inode freed in the last minutes is skipped by every allocation in its group, each skip a
+/// read of its inode-table block, so deleting many files (an old benchmark store, say) taxes
+/// every file created for minutes after (see docs/benchmarks.md, "A fourth machine").
+#[allow(dead_code)]
+pub fn fs_warning(dir: &std::path::Path) -> Option<String> {
+    let dir = dir.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    // The mount holding `dir`: the longest mount point it lies under.
+    let (device, _) = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (device, point, kind) = (f.next()?, f.next()?, f.next()?);
+            (kind == "ext4" && dir.starts_with(point)).then_some((device, point.len()))
+        })
+        .max_by_key(|(_, len)| *len)?;
+    let name = device.strip_prefix("/dev/")?;
+    // A journaled ext4 file system has its journal's statistics here.
+    let journaled = std::path::Path::new("/proc/fs/jbd2")
+        .join(format!("{name}-8"))
+        .exists();
+    (!journaled).then(|| {
+        format!(
+            "# note: {} is on ext4 without a journal ({device}): files deleted in the last \
+             minutes slow every file created; leave the machine five minutes without large \
+             deletions before measuring",
+            dir.display()
+        )
+    })
+}
