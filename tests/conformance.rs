@@ -131,6 +131,16 @@ async fn raw(store: &RunStore, key: &object_store::path::Path) -> bytes::Bytes {
         .unwrap()
 }
 
+/// The key of `rel` (a path relative to the store prefix) in `store`'s object store: the S3
+/// backend of this suite keeps its store under `runs/`.
+fn prefixed(store: &RunStore, rel: &str) -> object_store::path::Path {
+    if store.url().starts_with("s3") {
+        object_store::path::Path::from(format!("runs/{rel}").as_str())
+    } else {
+        object_store::path::Path::from(rel)
+    }
+}
+
 fn run_id(n: u32) -> RunId {
     RunId::parse(&format!("run_{n:012x}")).unwrap()
 }
@@ -862,26 +872,17 @@ async fn index_pages_hold_under_concurrent_changes(store: RunStore) {
 /// brings the index back in line: the redelivery of the command, or `reindex`.
 async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore) {
     use rmos_runs::store::index::entry_keys;
-    let put_raw = |key: String| {
+    let put_raw = |key: object_store::path::Path| {
         let store = store.clone();
         async move {
             store
                 .object_store()
-                .put(
-                    &object_store::path::Path::from(key.as_str()),
-                    PutPayload::new(),
-                )
+                .put(&key, PutPayload::new())
                 .await
                 .unwrap();
         }
     };
-    let prefixed = |rel: &str| {
-        if store.url().starts_with("s3") {
-            format!("runs/{rel}")
-        } else {
-            rel.to_owned()
-        }
-    };
+    let prefixed = |rel: &str| prefixed(&store, rel);
     // 1. A create died after its entries, before its record: the redelivered create (stamped
     //    later) must leave one entry set, the record's.
     let id = run_id(0x4001);
@@ -955,11 +956,7 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
     //    a second pass has nothing to do.
     settle(&store).await;
     for k in entry_keys(&page.runs[0]) {
-        store
-            .object_store()
-            .delete(&object_store::path::Path::from(prefixed(&k).as_str()))
-            .await
-            .unwrap();
+        store.object_store().delete(&prefixed(&k)).await.unwrap();
     }
     assert!(
         store
@@ -995,14 +992,7 @@ async fn index_recovers_from_a_crash_between_entries_and_record(store: RunStore)
 /// check reports the old entries as drift, and `reindex` builds the current layout, removes
 /// the old trees and records the current version.
 async fn an_index_of_an_earlier_layout_is_rebuilt(store: RunStore) {
-    let prefixed = |rel: &str| {
-        let p = if store.url().starts_with("s3") {
-            format!("runs/{rel}")
-        } else {
-            rel.to_owned()
-        };
-        object_store::path::Path::from(p.as_str())
-    };
+    let prefixed = |rel: &str| prefixed(&store, rel);
     let id = run_id(0x5001);
     create(&store, &id, "T1").await;
     let a = store.get(&id).await.unwrap();
@@ -1059,14 +1049,7 @@ async fn an_index_of_an_earlier_layout_is_rebuilt(store: RunStore) {
 /// `holds_runs` (what `serve` asks before warning of an index build) counts records only:
 /// not the index, blobs or history, and a tombstone is a record.
 async fn holds_runs_counts_records_only(store: RunStore) {
-    let prefixed = |rel: &str| {
-        let p = if store.url().starts_with("s3") {
-            format!("runs/{rel}")
-        } else {
-            rel.to_owned()
-        };
-        object_store::path::Path::from(p.as_str())
-    };
+    let prefixed = |rel: &str| prefixed(&store, rel);
     assert!(!store.holds_runs().await.unwrap(), "a new store");
     for k in [
         "index/_built",
