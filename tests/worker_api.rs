@@ -87,20 +87,14 @@ async fn create_get_list_verify() {
 
 /// Lists until the page says the index is complete (the field is left out when it is).
 async fn wait_index_complete(env: &Env, worker: &Worker) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    support::eventually(Duration::from_secs(60), async || {
         let (status, page) = env.request("list", &rid("list"), "{}").await;
         assert_eq!(status, None, "{page}");
-        if page.get("index_complete").is_none() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "index never complete; log:\n{}",
-            worker.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        support::ensure(page.get("index_complete").is_none(), || {
+            format!("index never complete; log:\n{}", worker.log())
+        })
+    })
+    .await;
 }
 
 /// A worker on a new store marks the index complete without a warning; on a store that holds
