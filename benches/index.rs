@@ -25,9 +25,13 @@
 //!   create's path; in fresh directories and in a store in steady state (filled first with
 //!   `BENCH_PREFILL` runs, 20,000 by default). A cell's runs are stamped with the clock, as
 //!   `serve` stamps them (`BENCH_STAMP_MS=30`: 30 ms apart, as the fill, whatever the rate).
+//!   Each round runs one cell per side, in turn (reversed every other round); a ratio is the
+//!   median of the rounds' ratios, with the lowest and highest beside it: on a shared machine
+//!   the spread says more than any one figure. Each cell also reports the process's CPU and
+//!   the KB the disk took (`/proc/diskstats`) per create: costs that move less with the noise.
 //!   Knobs: `BENCH_IN_FLIGHT=1,16,256`, `BENCH_KINDS=fresh,steady`, `BENCH_CELL_S=4`,
 //!   `BENCH_REPS=3`, `BENCH_FOLD_MS` (the journal's fold period), `BENCH_SIDES=plain,journal,
-//!   direct` (one side alone, for a profiler).
+//!   direct` (those sides alone, for a profiler or a shorter run).
 //!
 //! `BENCH_SCAN_REPS=0` measures the index alone, without the scans (which take over an hour at
 //! 10^6 runs; their figures do not depend on the index).
@@ -616,18 +620,33 @@ impl Stamps {
     }
 }
 
+/// What one creates cell measured.
+#[derive(Clone, Copy, Debug)]
+struct Cell {
+    /// Durable creates/s.
+    rate: f64,
+    /// The process's CPU (user + system) per create, µs.
+    cpu_us: f64,
+    /// Block-device write requests per create (NaN where the directory is on none).
+    writes: f64,
+    /// KB written to the block device per create.
+    kb: f64,
+}
+
 /// Durable creates/s over a 4 s cell on the store in `dir`, creating runs `first..` (stamped
-/// by `stamps`), and the first run number the cell did not create.
+/// by `stamps`), what each create cost, and the first run number the cell did not create.
 async fn creates_cell(
     dir: &Path,
     indexing: Indexing,
     in_flight: usize,
     first: u64,
     stamps: Stamps,
-) -> (f64, f64, u64) {
+) -> (Cell, u64) {
     // Start from a clean page cache: the fill (fsync off) and anything else on the machine
     // leave dirty pages that the cell's first `syncfs` would otherwise pay for.
     let _ = std::process::Command::new("sync").status();
+    std::fs::create_dir_all(dir).expect("cell dir");
+    let disk = common::disk_writes(dir);
     let store = local_store(dir, true);
     let store = match indexing {
         Indexing::Off => store.without_index(),
@@ -667,11 +686,22 @@ async fn creates_cell(
         );
     }
     let done = done.load(Ordering::Relaxed) as f64;
-    (
-        done / start.elapsed().as_secs_f64(),
-        (common::cpu_secs() - cpu) * 1e6 / done.max(1.0),
-        next.load(Ordering::Relaxed),
-    )
+    let rate = done / start.elapsed().as_secs_f64();
+    let cpu_us = (common::cpu_secs() - cpu) * 1e6 / done.max(1.0);
+    let (writes, kb) = match (disk, common::disk_writes(dir)) {
+        (Some((w0, s0)), Some((w1, s1))) => (
+            (w1 - w0) as f64 / done.max(1.0),
+            (s1 - s0) as f64 * 0.5 / done.max(1.0),
+        ),
+        _ => (f64::NAN, f64::NAN),
+    };
+    let cell = Cell {
+        rate,
+        cpu_us,
+        writes,
+        kb,
+    };
+    (cell, next.load(Ordering::Relaxed))
 }
 
 fn main() {
@@ -821,15 +851,24 @@ fn main() {
             );
             dir
         };
-        let steady_dirs = [
-            steady("plain", false),
-            steady("journal", true),
-            steady("direct", true),
+        let sides = [
+            (Indexing::Off, "plain"),
+            (Indexing::Journal, "journal"),
+            (Indexing::Direct, "direct"),
         ];
+        // `BENCH_SIDES=journal` (say) runs one side alone, for a profiler.
+        let wanted = |name: &str| {
+            std::env::var("BENCH_SIDES").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
+        };
+        let steady_dirs = sides
+            .map(|(indexing, name)| wanted(name).then(|| steady(name, indexing != Indexing::Off)));
         println!("\n## durable creates/s (fsync on), with and without the index");
-        println!("(creates/s, and the process's CPU µs per create: user + system, folds included)");
         println!(
-            "| {:<28} | {:>9} | {:>15} | {:>15} | {:>15} | {:>15} | {:>14} |",
+            "(creates/s; per create: the process's CPU µs, user + system, folds included, and KB \
+             written to the disk; ratio: the median of the paired cells' ratios, [lowest, highest])"
+        );
+        println!(
+            "| {:<28} | {:>9} | {:>22} | {:>22} | {:>22} | {:>22} | {:>22} |",
             "store",
             "in flight",
             "without",
@@ -839,7 +878,7 @@ fn main() {
             "direct/without"
         );
         println!(
-            "|{:-<30}|{:->11}|{:->17}|{:->17}|{:->17}|{:->17}|{:->16}|",
+            "|{:-<30}|{:->11}|{:->24}|{:->24}|{:->24}|{:->24}|{:->24}|",
             "", "", "", "", "", "", ""
         );
         let mut cells = Vec::new();
@@ -855,14 +894,10 @@ fn main() {
         let mut next = [prefill; 3];
         let reps = env_usize("BENCH_REPS", 3).max(1);
         println!(
-            "(medians of {reps} alternated {} s cells; a journal cell's time includes its final fold)",
+            "({reps} rounds of {} s cells, one per side, in turn; a journal cell's time includes \
+             its final fold)",
             env_usize("BENCH_CELL_S", 4)
         );
-        let sides = [
-            (Indexing::Off, "plain"),
-            (Indexing::Journal, "journal"),
-            (Indexing::Direct, "direct"),
-        ];
         let in_flights: Vec<usize> = std::env::var("BENCH_IN_FLIGHT")
             .map_or(vec![1, 16, 256], |v| {
                 v.split(',').filter_map(|n| n.trim().parse().ok()).collect()
@@ -877,61 +912,89 @@ fn main() {
                 } else {
                     label.to_owned()
                 };
-                let mut samples: [Vec<(f64, f64)>; 3] = Default::default();
-                // Alternate, so drift on a shared machine hits every side alike; medians.
+                let mut samples: [Vec<Cell>; 3] = Default::default();
                 for rep in 0..reps {
-                    for (side, (indexing, name)) in sides.iter().enumerate() {
-                        // `BENCH_SIDES=journal` (say) runs one side alone, for a profiler.
-                        if std::env::var("BENCH_SIDES")
-                            .is_ok_and(|v| !v.split(',').any(|p| p.trim() == *name))
-                        {
-                            samples[side].push((f64::NAN, f64::NAN));
+                    // Sides in turn, so that drift on a shared machine hits each alike, and in
+                    // reverse every other round, so that none always follows another.
+                    let mut order: Vec<usize> = (0..sides.len()).collect();
+                    if rep % 2 == 1 {
+                        order.reverse();
+                    }
+                    for side in order {
+                        let (indexing, name) = sides[side];
+                        if !wanted(name) {
                             continue;
                         }
-                        let (rate, cpu) = if kind == "fresh" {
-                            let (r, cpu, _) = rt.block_on(creates_cell(
+                        let cell = if kind == "fresh" {
+                            rt.block_on(creates_cell(
                                 &root.join(format!("c{in_flight}-{name}-{rep}")),
-                                *indexing,
+                                indexing,
                                 in_flight,
                                 0,
                                 stamps,
-                            ));
-                            (r, cpu)
+                            ))
+                            .0
                         } else {
-                            let (r, cpu, after) = rt.block_on(creates_cell(
-                                &steady_dirs[side],
-                                *indexing,
-                                in_flight,
-                                next[side],
-                                stamps,
+                            let dir = steady_dirs[side].as_ref().expect("steady dir");
+                            let (cell, after) = rt.block_on(creates_cell(
+                                dir, indexing, in_flight, next[side], stamps,
                             ));
                             // The cell's runs stay: the next cell starts after them.
                             next[side] = after;
-                            (r, cpu)
+                            cell
                         };
-                        samples[side].push((rate, cpu));
+                        samples[side].push(cell);
                     }
                 }
-                let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
-                    let mut x: Vec<f64> = v.iter().map(f).collect();
+                let median = |mut x: Vec<f64>| {
                     x.sort_by(f64::total_cmp);
-                    x[x.len() / 2]
+                    x.get(x.len() / 2).copied().unwrap_or(f64::NAN)
                 };
-                let rates = samples.clone().map(|v| median(&v, |p| p.0));
-                let cpus = samples.map(|v| median(&v, |p| p.1));
-                let [without, journal, direct] = rates;
-                let cell = |i: usize| format!("{:.0} ({:.0} µs)", rates[i], cpus[i]);
+                let of = |side: usize, f: fn(&Cell) -> f64| {
+                    median(samples[side].iter().map(f).collect())
+                };
+                let show = |side: usize| {
+                    format!(
+                        "{:.0} ({:.0} µs, {:.1} KB)",
+                        of(side, |c| c.rate),
+                        of(side, |c| c.cpu_us),
+                        of(side, |c| c.kb)
+                    )
+                };
+                // Each round's two cells ran back to back: their ratio is the measure least
+                // moved by the machine's drift, and its spread over the rounds says how far
+                // the median can be trusted.
+                let ratios = |side: usize| -> Vec<f64> {
+                    samples[side]
+                        .iter()
+                        .zip(&samples[0])
+                        .map(|(c, base)| c.rate / base.rate)
+                        .collect()
+                };
+                let spread = |side: usize| {
+                    let r = ratios(side);
+                    if r.is_empty() {
+                        return "-".to_owned();
+                    }
+                    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    format!("{:.2} [{lo:.2}, {hi:.2}]", median(r))
+                };
                 println!(
-                    "| {label:<28} | {in_flight:>9} | {:>15} | {:>15} | {:>15} | {:>15.2} | {:>14.2} |",
-                    cell(0),
-                    cell(1),
-                    cell(2),
-                    journal / without,
-                    direct / without
+                    "| {label:<28} | {in_flight:>9} | {:>22} | {:>22} | {:>22} | {:>22} | {:>22} |",
+                    show(0),
+                    show(1),
+                    show(2),
+                    spread(1),
+                    spread(2)
                 );
+                let side_json = |side: usize| {
+                    json!({"rate": of(side, |c| c.rate), "cpu_us": of(side, |c| c.cpu_us),
+                        "writes": of(side, |c| c.writes), "kb": of(side, |c| c.kb),
+                        "ratios": ratios(side)})
+                };
                 cells.push(json!({"store": kind, "in_flight": in_flight,
-                    "without": without, "journal": journal, "direct": direct,
-                    "cpu_us": {"without": cpus[0], "journal": cpus[1], "direct": cpus[2]}}));
+                    "without": side_json(0), "journal": side_json(1), "direct": side_json(2)}));
             }
         }
         json.insert("creates".into(), Value::Array(cells));

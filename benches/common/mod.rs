@@ -42,17 +42,10 @@ pub fn cpu_secs() -> f64 {
 /// every file created for minutes after (see docs/benchmarks.md, "A fourth machine").
 #[allow(dead_code)]
 pub fn fs_warning(dir: &std::path::Path) -> Option<String> {
-    let dir = dir.canonicalize().ok()?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    // The mount holding `dir`: the longest mount point it lies under.
-    let (device, _) = mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (device, point, kind) = (f.next()?, f.next()?, f.next()?);
-            (kind == "ext4" && dir.starts_with(point)).then_some((device, point.len()))
-        })
-        .max_by_key(|(_, len)| *len)?;
+    let (device, kind) = mount_of(dir)?;
+    if kind != "ext4" {
+        return None;
+    }
     let name = device.strip_prefix("/dev/")?;
     // A journaled ext4 file system has its journal's statistics here.
     let journaled = std::path::Path::new("/proc/fs/jbd2")
@@ -65,5 +58,39 @@ pub fn fs_warning(dir: &std::path::Path) -> Option<String> {
              deletions before measuring",
             dir.display()
         )
+    })
+}
+
+/// The device and file system type of the mount holding `dir` (the longest mount point it
+/// lies under).
+fn mount_of(dir: &std::path::Path) -> Option<(String, String)> {
+    let dir = dir.canonicalize().ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (device, point, kind) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(point)
+                .then(|| (device.to_owned(), kind.to_owned(), point.len()))
+        })
+        .max_by_key(|(_, _, len)| *len)
+        .map(|(device, kind, _)| (device, kind))
+}
+
+/// Write requests and 512-byte sectors the block device under `dir` has completed since boot
+/// (`/proc/diskstats`), or `None` where `dir` is not on a block device. Differences around a
+/// cell give what the cell wrote: a cost that, unlike a rate, barely moves with the load
+/// others put on a shared machine's CPUs.
+#[allow(dead_code)]
+pub fn disk_writes(dir: &std::path::Path) -> Option<(u64, u64)> {
+    let (device, _) = mount_of(dir)?;
+    let name = device.strip_prefix("/dev/")?;
+    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
+    stats.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // major minor name reads merged sectors ms writes merged sectors ...
+        (f.get(2) == Some(&name))
+            .then(|| Some((f.get(7)?.parse().ok()?, f.get(9)?.parse().ok()?)))?
     })
 }
