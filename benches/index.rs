@@ -948,7 +948,12 @@ fn main() {
                 }
                 let median = |mut x: Vec<f64>| {
                     x.sort_by(f64::total_cmp);
-                    x.get(x.len() / 2).copied().unwrap_or(f64::NAN)
+                    let n = x.len();
+                    match n {
+                        0 => f64::NAN,
+                        _ if n % 2 == 1 => x[n / 2],
+                        _ => (x[n / 2 - 1] + x[n / 2]) / 2.0,
+                    }
                 };
                 let of = |side: usize, f: fn(&Cell) -> f64| {
                     median(samples[side].iter().map(f).collect())
@@ -989,9 +994,14 @@ fn main() {
                     spread(2)
                 );
                 let side_json = |side: usize| {
-                    json!({"rate": of(side, |c| c.rate), "cpu_us": of(side, |c| c.cpu_us),
-                        "writes": of(side, |c| c.writes), "kb": of(side, |c| c.kb),
-                        "ratios": ratios(side)})
+                    let mut v = json!({"rate": of(side, |c| c.rate),
+                        "cpu_us": of(side, |c| c.cpu_us),
+                        "writes": of(side, |c| c.writes), "kb": of(side, |c| c.kb)});
+                    // Each round's ratio to the unindexed cell beside it.
+                    if side != 0 {
+                        v["ratios"] = json!(ratios(side));
+                    }
+                    v
                 };
                 cells.push(json!({"store": kind, "in_flight": in_flight,
                     "without": side_json(0), "journal": side_json(1), "direct": side_json(2)}));
