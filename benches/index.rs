@@ -715,8 +715,8 @@ fn main() {
         "# {COMMAND}  (BENCH_RUNS, BENCH_S3_RUNS, BENCH_ONLY; dirs under {})",
         root.display()
     );
-    if let Some(w) = common::fs_warning(&bench_root()) {
-        println!("{w}");
+    for note in common::fs_notes(&bench_root()) {
+        println!("{note}");
     }
     let mut json = serde_json::Map::new();
     let base_ms = 1_790_000_000_000;

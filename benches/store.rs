@@ -652,8 +652,8 @@ fn main() {
     if fs_name == "tmpfs" {
         println!("# WARNING: tmpfs: fsync is free here, the store figures do not describe a disk");
     }
-    if let Some(w) = common::fs_warning(&root) {
-        println!("{w}");
+    for note in common::fs_notes(&root) {
+        println!("{note}");
     }
 
     println!("\n## hashing (MB = 10^6 bytes; single thread)");

@@ -36,29 +36,57 @@ pub fn cpu_secs() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-/// A warning to print with the figures when `dir` lies on ext4 without a journal: there, an
-/// inode freed in the last minutes is skipped by every allocation in its group, each skip a
-/// read of its inode-table block, so deleting many files (an old benchmark store, say) taxes
-/// every file created for minutes after (see docs/benchmarks.md, "A fourth machine").
+/// Notes to print with the figures about the file system under `dir`:
+///
+/// - on ext4 without a journal, an inode freed in the last minutes is skipped by every
+///   allocation in its group, each skip a read of its inode-table block, so deleting many
+///   files (an old benchmark store, say) taxes every file created for minutes after (see
+///   docs/benchmarks.md, "A fourth machine");
+/// - with under a fifth of its inodes free, ext4 places new directories (a run's history
+///   directory) and files further and further from their parents, and a create costs more
+///   than on a roomier file system; the benchmarks never delete their stores, so a day of
+///   runs can get there (docs/benchmarks.md, "A fifth machine").
 #[allow(dead_code)]
-pub fn fs_warning(dir: &std::path::Path) -> Option<String> {
-    let (device, kind) = mount_of(dir)?;
-    if kind != "ext4" {
-        return None;
+pub fn fs_notes(dir: &std::path::Path) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some((device, kind)) = mount_of(dir) {
+        let name = device.strip_prefix("/dev/").unwrap_or(&device);
+        // A journaled ext4 file system has its journal's statistics here.
+        let journaled = std::path::Path::new("/proc/fs/jbd2")
+            .join(format!("{name}-8"))
+            .exists();
+        if kind == "ext4" && !journaled {
+            notes.push(format!(
+                "# note: {} is on ext4 without a journal ({device}): files deleted in the last \
+                 minutes slow every file created; leave the machine five minutes without large \
+                 deletions before measuring",
+                dir.display()
+            ));
+        }
     }
-    let name = device.strip_prefix("/dev/")?;
-    // A journaled ext4 file system has its journal's statistics here.
-    let journaled = std::path::Path::new("/proc/fs/jbd2")
-        .join(format!("{name}-8"))
-        .exists();
-    (!journaled).then(|| {
-        format!(
-            "# note: {} is on ext4 without a journal ({device}): files deleted in the last \
-             minutes slow every file created; leave the machine five minutes without large \
-             deletions before measuring",
+    if let Some((free, total)) = inodes(dir)
+        && total > 0
+        && free * 5 < total
+    {
+        notes.push(format!(
+            "# note: only {:.0} % of the inodes of the file system under {} are free: creates \
+             cost more than on a roomier one (old stores under target/bench-tmp: remove them, \
+             then wait five minutes)",
+            free as f64 * 100.0 / total as f64,
             dir.display()
-        )
-    })
+        ));
+    }
+    notes
+}
+
+/// Free and total inodes of the file system under `dir`.
+fn inodes(dir: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) fills a properly sized out-parameter from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    (rc == 0).then_some((st.f_favail as u64, st.f_files as u64))
 }
 
 /// The device and file system type of the mount holding `dir` (the longest mount point it
