@@ -45,7 +45,9 @@ pub fn cpu_secs() -> f64 {
 /// - with under a fifth of its inodes free, ext4 places new directories (a run's history
 ///   directory) and files further and further from their parents, and a create costs more
 ///   than on a roomier file system; the benchmarks never delete their stores, so a day of
-///   runs can get there (docs/benchmarks.md, "A fifth machine").
+///   runs can get there (docs/benchmarks.md, "A fifth machine");
+/// - with little disk space left: the same day of runs can fill the disk, and then the test
+///   suite's brokers fail too.
 #[allow(dead_code)]
 pub fn fs_notes(dir: &std::path::Path) -> Vec<String> {
     let mut notes = Vec::new();
@@ -64,29 +66,48 @@ pub fn fs_notes(dir: &std::path::Path) -> Vec<String> {
             ));
         }
     }
-    if let Some((free, total)) = inodes(dir)
-        && total > 0
-        && free * 5 < total
-    {
-        notes.push(format!(
-            "# note: only {:.0} % of the inodes of the file system under {} are free: creates \
-             cost more than on a roomier one (old stores under target/bench-tmp: remove them, \
-             then wait five minutes)",
-            free as f64 * 100.0 / total as f64,
-            dir.display()
-        ));
+    if let Some(room) = room(dir) {
+        if room.total_inodes > 0 && room.free_inodes * 5 < room.total_inodes {
+            notes.push(format!(
+                "# note: only {:.0} % of the inodes of the file system under {} are free: \
+                 creates cost more than on a roomier one (old stores under target/bench-tmp: \
+                 remove them, then wait five minutes)",
+                room.free_inodes as f64 * 100.0 / room.total_inodes as f64,
+                dir.display()
+            ));
+        }
+        if room.free_bytes < 20 << 30 {
+            notes.push(format!(
+                "# note: only {:.1} GB free under {}: a run at 10^6 runs needs some 10 GB, and \
+                 a full disk fails the test suite's brokers too (old stores under \
+                 target/bench-tmp: remove them)",
+                room.free_bytes as f64 / 1e9,
+                dir.display()
+            ));
+        }
     }
     notes
 }
 
-/// Free and total inodes of the file system under `dir`.
-fn inodes(dir: &std::path::Path) -> Option<(u64, u64)> {
+/// Free room of a file system, as an unprivileged process may use it.
+struct Room {
+    free_inodes: u64,
+    total_inodes: u64,
+    free_bytes: u64,
+}
+
+/// The free room of the file system under `dir`.
+fn room(dir: &std::path::Path) -> Option<Room> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
     // SAFETY: statvfs(3) fills a properly sized out-parameter from a NUL-terminated path.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    (rc == 0).then_some((st.f_favail as u64, st.f_files as u64))
+    (rc == 0).then(|| Room {
+        free_inodes: st.f_favail as u64,
+        total_inodes: st.f_files as u64,
+        free_bytes: st.f_bavail as u64 * st.f_frsize as u64,
+    })
 }
 
 /// The device and file system type of the mount holding `dir` (the longest mount point it
