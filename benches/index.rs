@@ -966,9 +966,9 @@ fn main() {
                         of(side, |c| c.kb)
                     )
                 };
-                // Each round's two cells ran back to back: their ratio is the measure least
-                // moved by the machine's drift, and its spread over the rounds says how far
-                // the median can be trusted.
+                // A side's cell and the unindexed one ran in the same round, seconds apart:
+                // their ratio is the measure least moved by the machine's drift, and its
+                // spread over the rounds says how far the median can be trusted.
                 let ratios = |side: usize| -> Vec<f64> {
                     samples[side]
                         .iter()

@@ -42,10 +42,10 @@ pub fn cpu_secs() -> f64 {
 ///   allocation in its group, each skip a read of its inode-table block, so deleting many
 ///   files (an old benchmark store, say) taxes every file created for minutes after (see
 ///   docs/benchmarks.md, "A fourth machine");
-/// - with under a fifth of its inodes free, ext4 places new directories (a run's history
-///   directory) and files further and further from their parents, and a create costs more
-///   than on a roomier file system; the benchmarks never delete their stores, so a day of
-///   runs can get there (docs/benchmarks.md, "A fifth machine");
+/// - with under a fifth of its inodes free, ext4 walks more block groups to place each new
+///   directory (every create makes one, its run's history directory), and a create costs
+///   more than on a roomier file system; the benchmarks never delete their stores, so a day
+///   of runs can get there (docs/benchmarks.md, "A fifth machine");
 /// - with little disk space left: the same day of runs can fill the disk, and then the test
 ///   suite's brokers fail too.
 #[allow(dead_code)]
@@ -78,9 +78,9 @@ pub fn fs_notes(dir: &std::path::Path) -> Vec<String> {
         }
         if room.free_bytes < 20 << 30 {
             notes.push(format!(
-                "# note: only {:.1} GB free under {}: a run at 10^6 runs needs some 10 GB, and \
-                 a full disk fails the test suite's brokers too (old stores under \
-                 target/bench-tmp: remove them)",
+                "# note: only {:.1} GB free under {}: a store of 10^6 runs takes some 15 GB \
+                 (3-5 blocks of 4 KB a run), and a full disk fails the test suite's brokers \
+                 too (old stores under target/bench-tmp: remove them)",
                 room.free_bytes as f64 / 1e9,
                 dir.display()
             ));
