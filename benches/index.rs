@@ -690,8 +690,8 @@ async fn creates_cell(
     let cpu_us = (common::cpu_secs() - cpu) * 1e6 / done.max(1.0);
     let (writes, kb) = match (disk, common::disk_writes(dir)) {
         (Some((w0, s0)), Some((w1, s1))) => (
-            (w1 - w0) as f64 / done.max(1.0),
-            (s1 - s0) as f64 * 0.5 / done.max(1.0),
+            w1.saturating_sub(w0) as f64 / done.max(1.0),
+            s1.saturating_sub(s0) as f64 * 0.5 / done.max(1.0),
         ),
         _ => (f64::NAN, f64::NAN),
     };
