@@ -946,17 +946,8 @@ fn main() {
                         samples[side].push(cell);
                     }
                 }
-                let median = |mut x: Vec<f64>| {
-                    x.sort_by(f64::total_cmp);
-                    let n = x.len();
-                    match n {
-                        0 => f64::NAN,
-                        _ if n % 2 == 1 => x[n / 2],
-                        _ => (x[n / 2 - 1] + x[n / 2]) / 2.0,
-                    }
-                };
                 let of = |side: usize, f: fn(&Cell) -> f64| {
-                    median(samples[side].iter().map(f).collect())
+                    common::median(samples[side].iter().map(f).collect())
                 };
                 let show = |side: usize| {
                     format!(
@@ -983,7 +974,7 @@ fn main() {
                     }
                     let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
                     let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    format!("{:.2} [{lo:.2}, {hi:.2}]", median(r))
+                    format!("{:.2} [{lo:.2}, {hi:.2}]", common::median(r))
                 };
                 println!(
                     "| {label:<28} | {in_flight:>9} | {:>22} | {:>22} | {:>22} | {:>22} | {:>22} |",

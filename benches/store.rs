@@ -733,10 +733,6 @@ fn main() {
             "CPU +us",
             "revision B/cmd"
         );
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         for fsync in [true, false] {
             for op in [Op::Create, Op::Update] {
                 for concurrency in CONCURRENCY {
@@ -760,10 +756,11 @@ fn main() {
                             with.push(pair(true));
                         }
                     }
-                    let rate =
-                        |rows: &[StoreRow]| median(rows.iter().map(StoreRow::ops_per_s).collect());
+                    let rate = |rows: &[StoreRow]| {
+                        common::median(rows.iter().map(StoreRow::ops_per_s).collect())
+                    };
                     let cpu_us = |rows: &[StoreRow]| {
-                        median(
+                        common::median(
                             rows.iter()
                                 .map(|r| r.cpu * 1e6 / r.ops.max(1) as f64)
                                 .collect(),

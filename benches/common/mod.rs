@@ -26,6 +26,18 @@ pub fn record(i: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The median of `x` (the mean of the middle two for an even count; NaN for none).
+#[allow(dead_code)]
+pub fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    let n = x.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => x[n / 2],
+        _ => (x[n / 2 - 1] + x[n / 2]) / 2.0,
+    }
+}
+
 /// CPU seconds (user + system) this process has used.
 #[allow(dead_code)]
 pub fn cpu_secs() -> f64 {
